@@ -1,0 +1,94 @@
+//! Smooth weighted round robin, precomputed.
+//!
+//! nginx's smooth algorithm spreads a heavy node's turns through the cycle (weights 5:1:1 give
+//! `a a b a c a a`, not `a a a a a b c`). Running it once per snapshot and storing the cycle turns
+//! a pick into one `fetch_add` and an index, and makes the guarantee exact under concurrency:
+//! over any window of sum(weights) consecutive picks, every node gets exactly its weight.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::pool::Backend;
+
+#[derive(Debug)]
+pub struct RoundRobin {
+    /// One full cycle of backend indices; each index appears `weight / gcd` times.
+    cycle: Box<[u32]>,
+    cursor: AtomicUsize,
+}
+
+impl RoundRobin {
+    pub fn new(backends: &[Backend]) -> Self {
+        let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+        Self {
+            cycle: smooth_cycle(&weights).into_boxed_slice(),
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn pick(&self, backends: &[Backend]) -> Option<usize> {
+        let len = self.cycle.len();
+        // Skipping unroutable nodes keeps the others in their relative order; after one full
+        // cycle of misses nothing is routable.
+        for _ in 0..len {
+            let turn = self.cursor.fetch_add(1, Ordering::Relaxed) % len;
+            let index = self.cycle[turn] as usize;
+            if backends[index].node.is_routable() {
+                return Some(index);
+            }
+        }
+        None
+    }
+}
+
+/// One cycle of smooth weighted round robin over `weights`, reduced by their gcd.
+pub(crate) fn smooth_cycle(weights: &[u32]) -> Vec<u32> {
+    let divisor = weights.iter().copied().fold(0, gcd).max(1);
+    let weights: Vec<i64> = weights.iter().map(|&w| i64::from(w / divisor)).collect();
+    let total: i64 = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut cycle = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, w) in weights.iter().enumerate() {
+            current[i] += w;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        cycle.push(best as u32);
+    }
+    cycle
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cycle_is_smooth_and_exact() {
+        assert_eq!(smooth_cycle(&[5, 1, 1]), [0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(smooth_cycle(&[1, 1, 1]), [0, 1, 2]);
+        // Reduced by the gcd: 2:4:6 is 1:2:3.
+        assert_eq!(smooth_cycle(&[2, 4, 6]).len(), 6);
+        assert!(smooth_cycle(&[]).is_empty());
+    }
+
+    #[test]
+    fn every_window_of_sum_weights_is_exact() {
+        let weights = [1, 2, 3, 7];
+        let cycle = smooth_cycle(&weights);
+        let total = cycle.len();
+        for start in 0..total {
+            let mut counts = [0u32; 4];
+            for k in 0..total {
+                counts[cycle[(start + k) % total] as usize] += 1;
+            }
+            assert_eq!(counts, weights, "window starting at {start}");
+        }
+    }
+}

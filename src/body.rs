@@ -1,0 +1,147 @@
+//! Body types of the proxy path.
+//!
+//! [`ProxyBody`] is what clients receive: a backend's streamed body carrying the request's
+//! [`InFlight`] guard, so the node counts as busy until the last byte is sent or the client goes
+//! away (hyper drops the body then), or a small body fulcrum answers itself.
+//! [`RequestBody`] is what backends receive: the client's streamed body, cut off at the
+//! listener's `max_body_bytes`.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+
+use crate::pool::InFlight;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pin_project! {
+    #[project = ProxyBodyProj]
+    pub enum ProxyBody {
+        Upstream {
+            #[pin]
+            body: Incoming,
+            // Dropped at end of stream, so the count falls as soon as the body is done even if
+            // the client keeps the connection open.
+            in_flight: Option<InFlight>,
+        },
+        Local {
+            data: Option<Bytes>,
+        },
+    }
+}
+
+impl ProxyBody {
+    pub fn upstream(body: Incoming, in_flight: InFlight) -> Self {
+        ProxyBody::Upstream {
+            body,
+            in_flight: Some(in_flight),
+        }
+    }
+
+    pub fn local(data: impl Into<Bytes>) -> Self {
+        ProxyBody::Local {
+            data: Some(data.into()),
+        }
+    }
+
+    pub fn empty() -> Self {
+        ProxyBody::Local { data: None }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.project() {
+            ProxyBodyProj::Upstream { body, in_flight } => {
+                let frame = ready!(body.poll_frame(cx));
+                if !matches!(frame, Some(Ok(_))) {
+                    in_flight.take();
+                }
+                Poll::Ready(frame)
+            }
+            ProxyBodyProj::Local { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Local { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Local { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+/// The client's body stream exceeded the listener's `max_body_bytes`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the limit of {limit} bytes")]
+pub struct BodyTooLarge {
+    pub limit: u64,
+}
+
+pin_project! {
+    pub struct RequestBody {
+        #[pin]
+        body: Incoming,
+        limit: Option<u64>,
+        seen: u64,
+    }
+}
+
+impl RequestBody {
+    pub fn new(body: Incoming, limit: Option<u64>) -> Self {
+        Self {
+            body,
+            limit,
+            seen: 0,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let frame = ready!(this.body.poll_frame(cx));
+        if let (Some(Ok(frame)), Some(limit)) = (&frame, *this.limit)
+            && let Some(data) = frame.data_ref()
+        {
+            *this.seen += data.len() as u64;
+            if *this.seen > limit {
+                return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
+            }
+        }
+        Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}

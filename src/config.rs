@@ -1,0 +1,896 @@
+//! The configuration file: serde structs that mirror the TOML, and the validation that turns
+//! them into a [`Config`] the rest of the balancer can trust.
+//!
+//! Every mistake is reported as `file:line:col: key: message`, and validation collects all of
+//! them in one pass so an operator fixes a file in one read, not one error per run.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// HAProxy's ceiling too: large enough for any real ratio, small enough that the precomputed
+/// round-robin sequence (sum of weights long) stays a few hundred KiB at 300 backends.
+pub const MAX_WEIGHT: u32 = 256;
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub shutdown_grace: Duration,
+    pub listeners: Vec<ListenerConfig>,
+    pub admin: Option<AdminConfig>,
+    pub registry: Option<RegistryConfig>,
+    pub pools: BTreeMap<String, PoolConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    pub trusted_proxies: Vec<IpNet>,
+    pub max_body_bytes: Option<u64>,
+    pub forwarded: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistryConfig {
+    pub bind: SocketAddr,
+    pub pool: String,
+    pub heartbeat_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    RoundRobin,
+    LeastConnections,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::LeastConnections => "least_connections",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    pub strategy: Strategy,
+    pub slow_start: Option<Duration>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub retries: u32,
+    pub idle_pool_timeout: Duration,
+    pub backends: Vec<BackendConfig>,
+    pub health: HealthConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// The node's identity: stable across address changes, used in metrics and sticky ids.
+    pub name: String,
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub fall: u32,
+    pub rise: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    /// Lower-cased, without a port.
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    pub pool: String,
+}
+
+/// All the problems found in one config file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// One problem, located in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    /// 1-based; 0 when the problem has no place in the file (it could not be read).
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if self.key.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.diagnostics.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            diagnostics: vec![Diagnostic {
+                file: path.to_owned(),
+                line: 0,
+                column: 0,
+                key: String::new(),
+                message: format!("cannot read config: {e}"),
+            }],
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `file` (the name only labels errors).
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let mut ctx = Validator {
+            file,
+            text,
+            diagnostics: Vec::new(),
+        };
+        let raw: RawConfig = match toml::de::Deserializer::parse(text)
+            .map_err(|e| (String::new(), e))
+            .and_then(|de| {
+                serde_path_to_error::deserialize(de)
+                    .map_err(|e| (e.path().to_string(), e.into_inner()))
+            }) {
+            Ok(raw) => raw,
+            Err((path, e)) => {
+                let key = if path == "." { String::new() } else { path };
+                ctx.error(e.span(), key, e.message().to_owned());
+                return Err(ctx.finish());
+            }
+        };
+        let config = ctx.validate(raw);
+        if ctx.diagnostics.is_empty() {
+            Ok(config)
+        } else {
+            Err(ctx.finish())
+        }
+    }
+
+    /// The pool a single-pool config sends everything to when it has no routes.
+    pub fn default_pool(&self) -> Option<&str> {
+        if self.routes.is_empty() && self.pools.len() == 1 {
+            self.pools.keys().next().map(String::as_str)
+        } else {
+            None
+        }
+    }
+}
+
+// ---- raw serde mirror of the file ------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    shutdown_grace: Option<Spanned<String>>,
+    #[serde(default)]
+    listeners: Vec<Spanned<RawListener>>,
+    admin: Option<Spanned<RawAdmin>>,
+    registry: Option<Spanned<RawRegistry>>,
+    #[serde(default)]
+    pools: BTreeMap<Spanned<String>, Spanned<RawPool>>,
+    #[serde(default)]
+    routes: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Option<Spanned<String>>,
+    bind: Spanned<String>,
+    header_read_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    max_header_bytes: Option<Spanned<u64>>,
+    max_connections: Option<Spanned<u64>>,
+    #[serde(default)]
+    trusted_proxies: Vec<Spanned<String>>,
+    max_body_bytes: Option<Spanned<u64>>,
+    #[serde(default)]
+    forwarded: bool,
+    tls: Option<Spanned<RawTls>>,
+    tls_handshake_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // the shape is accepted now so a config written for TLS gets one clear error
+struct RawTls {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    #[serde(default)]
+    sni: Vec<Spanned<RawSni>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // see RawTls
+struct RawSni {
+    names: Vec<String>,
+    cert: String,
+    key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    bind: Spanned<String>,
+    token: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    bind: Spanned<String>,
+    pool: Spanned<String>,
+    heartbeat_interval: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    strategy: Option<Spanned<String>>,
+    slow_start: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    response_timeout: Option<Spanned<String>>,
+    retries: Option<Spanned<u32>>,
+    idle_pool_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    backends: Vec<Spanned<RawBackend>>,
+    health: Option<Spanned<RawHealth>>,
+    #[allow(dead_code)] // accepted for shape until sticky_cookie is built
+    sticky: Option<Spanned<RawSticky>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<String>,
+    weight: Option<Spanned<i64>>,
+    name: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    path: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    fall: Option<Spanned<u32>>,
+    rise: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // accepted for shape; sticky_cookie itself is not built yet
+struct RawSticky {
+    cookie: Option<String>,
+    fallback: Option<String>,
+    secret: Option<String>,
+    max_age: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    host: Option<Spanned<String>>,
+    path_prefix: Option<Spanned<String>>,
+    pool: Spanned<String>,
+}
+
+// ---- validation ------------------------------------------------------------------------------
+
+struct Validator<'a> {
+    file: &'a Path,
+    text: &'a str,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl Validator<'_> {
+    fn error(
+        &mut self,
+        span: Option<Range<usize>>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let (line, column) = span.map_or((0, 0), |s| line_col(self.text, s.start));
+        self.diagnostics.push(Diagnostic {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn finish(&mut self) -> ConfigError {
+        self.diagnostics.sort_by_key(|d| (d.line, d.column));
+        ConfigError {
+            diagnostics: std::mem::take(&mut self.diagnostics),
+        }
+    }
+
+    fn duration(
+        &mut self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        let Some(value) = value else { return default };
+        match humantime::parse_duration(value.get_ref().trim()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.error(Some(value.span()), key, "must be greater than zero");
+                default
+            }
+            Err(e) => {
+                self.error(
+                    Some(value.span()),
+                    key,
+                    format!(
+                        "`{}` is not a duration ({e}); write e.g. \"250ms\" or \"5s\"",
+                        value.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, value: &Spanned<String>, key: &str) -> Option<SocketAddr> {
+        match value.get_ref().parse::<SocketAddr>() {
+            Ok(addr) if addr.port() == 0 && key.ends_with("address") => {
+                self.error(Some(value.span()), key, "port 0 is not a backend port");
+                None
+            }
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.error(
+                    Some(value.span()),
+                    key,
+                    format!("`{}` is not an IP:port address (e.g. \"127.0.0.1:8080\" or \"[::1]:8080\")", value.get_ref()),
+                );
+                None
+            }
+        }
+    }
+
+    fn validate(&mut self, raw: RawConfig) -> Config {
+        let shutdown_grace = self.duration(
+            &raw.shutdown_grace,
+            "shutdown_grace",
+            Duration::from_secs(30),
+        );
+
+        if raw.listeners.is_empty() {
+            self.error(
+                Some(0..0),
+                "listeners",
+                "at least one [[listeners]] is required",
+            );
+        }
+        let mut listener_names = HashSet::new();
+        let mut binds = HashSet::new();
+        let mut listeners = Vec::new();
+        for (i, l) in raw.listeners.iter().enumerate() {
+            if let Some(listener) = self.listener(i, l, &mut listener_names, &mut binds) {
+                listeners.push(listener);
+            }
+        }
+
+        let admin = raw.admin.as_ref().and_then(|a| {
+            let a = a.get_ref();
+            let bind = self.socket_addr(&a.bind, "admin.bind")?;
+            let token = a.token.as_ref().map(|t| t.get_ref().clone());
+            if let Some(t) = &a.token
+                && t.get_ref().is_empty()
+            {
+                self.error(Some(t.span()), "admin.token", "must not be empty (leave it out instead)");
+            }
+            if !bind.ip().is_loopback() && token.is_none() {
+                self.error(
+                    Some(a.bind.span()),
+                    "admin.bind",
+                    "a non-loopback admin bind needs admin.token: the admin API can change the pools",
+                );
+            }
+            if !binds.insert(bind) {
+                self.error(Some(a.bind.span()), "admin.bind", format!("{bind} is already used by a listener"));
+            }
+            Some(AdminConfig { bind, token })
+        });
+
+        let mut pools = BTreeMap::new();
+        if raw.pools.is_empty() {
+            self.error(Some(0..0), "pools", "at least one [pools.NAME] is required");
+        }
+        for (name, pool) in &raw.pools {
+            let pool_config = self.pool(name.get_ref(), pool.get_ref());
+            pools.insert(name.get_ref().clone(), pool_config);
+        }
+
+        let registry = raw.registry.as_ref().and_then(|r| {
+            let r = r.get_ref();
+            let bind = self.socket_addr(&r.bind, "registry.bind");
+            if !raw.pools.keys().any(|p| p.get_ref() == r.pool.get_ref()) {
+                self.error(
+                    Some(r.pool.span()),
+                    "registry.pool",
+                    format!("no pool named `{}`", r.pool.get_ref()),
+                );
+            }
+            let heartbeat_interval = self.duration(
+                &r.heartbeat_interval,
+                "registry.heartbeat_interval",
+                Duration::from_secs(5),
+            );
+            Some(RegistryConfig {
+                bind: bind?,
+                pool: r.pool.get_ref().clone(),
+                heartbeat_interval,
+            })
+        });
+
+        let mut routes = Vec::new();
+        for (i, route) in raw.routes.iter().enumerate() {
+            let route = route.get_ref();
+            let key = |field: &str| format!("routes[{i}].{field}");
+            if !pools.contains_key(route.pool.get_ref()) {
+                self.error(
+                    Some(route.pool.span()),
+                    key("pool"),
+                    format!("no pool named `{}`", route.pool.get_ref()),
+                );
+            }
+            if let Some(prefix) = &route.path_prefix
+                && !prefix.get_ref().starts_with('/')
+            {
+                self.error(
+                    Some(prefix.span()),
+                    key("path_prefix"),
+                    "must start with `/`",
+                );
+            }
+            let host = route.host.as_ref().map(|h| {
+                let host = h.get_ref().trim().to_ascii_lowercase();
+                if host.is_empty() || host.contains('/') {
+                    self.error(
+                        Some(h.span()),
+                        key("host"),
+                        format!("`{}` is not a host name", h.get_ref()),
+                    );
+                }
+                strip_port(&host).to_owned()
+            });
+            routes.push(RouteConfig {
+                host,
+                path_prefix: route.path_prefix.as_ref().map(|p| p.get_ref().clone()),
+                pool: route.pool.get_ref().clone(),
+            });
+        }
+        if routes.is_empty() && pools.len() > 1 {
+            self.error(
+                Some(0..0),
+                "routes",
+                "several pools need [[routes]] saying which traffic goes where",
+            );
+        }
+
+        Config {
+            shutdown_grace,
+            listeners,
+            admin,
+            registry,
+            pools,
+            routes,
+        }
+    }
+
+    fn listener(
+        &mut self,
+        index: usize,
+        spanned: &Spanned<RawListener>,
+        names: &mut HashSet<String>,
+        binds: &mut HashSet<SocketAddr>,
+    ) -> Option<ListenerConfig> {
+        let l = spanned.get_ref();
+        let key = |field: &str| format!("listeners[{index}].{field}");
+        let bind = self.socket_addr(&l.bind, &key("bind"));
+        let name = l
+            .name
+            .as_ref()
+            .map_or_else(|| l.bind.get_ref().clone(), |n| n.get_ref().clone());
+        if !names.insert(name.clone()) {
+            let span = l.name.as_ref().map_or(l.bind.span(), |n| n.span());
+            self.error(
+                Some(span),
+                key("name"),
+                format!("duplicate listener name `{name}`"),
+            );
+        }
+        if let Some(bind) = bind
+            && bind.port() != 0
+            && !binds.insert(bind)
+        {
+            self.error(
+                Some(l.bind.span()),
+                key("bind"),
+                format!("{bind} is bound by another listener"),
+            );
+        }
+        if let Some(tls) = &l.tls {
+            self.error(
+                Some(tls.span()),
+                key("tls"),
+                "TLS termination is not available in this build yet; terminate TLS in front of fulcrum or remove [listeners.tls]",
+            );
+        }
+        let _ = self.duration(
+            &l.tls_handshake_timeout,
+            &key("tls_handshake_timeout"),
+            Duration::from_secs(10),
+        );
+        let header_read_timeout = self.duration(
+            &l.header_read_timeout,
+            &key("header_read_timeout"),
+            Duration::from_secs(10),
+        );
+        let idle_timeout = self.duration(
+            &l.idle_timeout,
+            &key("idle_timeout"),
+            Duration::from_secs(60),
+        );
+        let max_header_bytes = match &l.max_header_bytes {
+            None => 65536,
+            // Below this a browser's ordinary cookies would be refused.
+            Some(v) if !(1024..=1 << 20).contains(v.get_ref()) => {
+                self.error(
+                    Some(v.span()),
+                    key("max_header_bytes"),
+                    "must be between 1024 and 1048576",
+                );
+                65536
+            }
+            Some(v) => *v.get_ref() as usize,
+        };
+        let max_connections = match &l.max_connections {
+            None => 100_000,
+            Some(v) if *v.get_ref() == 0 => {
+                self.error(Some(v.span()), key("max_connections"), "must be at least 1");
+                100_000
+            }
+            Some(v) => *v.get_ref() as usize,
+        };
+        let mut trusted_proxies = Vec::new();
+        for cidr in &l.trusted_proxies {
+            let text = cidr.get_ref().trim();
+            let parsed = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(net) => trusted_proxies.push(net),
+                Err(_) => self.error(
+                    Some(cidr.span()),
+                    key("trusted_proxies"),
+                    format!("`{text}` is not a CIDR or IP address"),
+                ),
+            }
+        }
+        let max_body_bytes = l.max_body_bytes.as_ref().map(|v| *v.get_ref());
+        Some(ListenerConfig {
+            name,
+            bind: bind?,
+            header_read_timeout,
+            idle_timeout,
+            max_header_bytes,
+            max_connections,
+            trusted_proxies,
+            max_body_bytes,
+            forwarded: l.forwarded,
+        })
+    }
+
+    fn pool(&mut self, name: &str, raw: &RawPool) -> PoolConfig {
+        let key = |field: &str| format!("pools.{name}.{field}");
+        let strategy = match &raw.strategy {
+            None => Strategy::RoundRobin,
+            Some(s) => match s.get_ref().as_str() {
+                "round_robin" => Strategy::RoundRobin,
+                "least_connections" => Strategy::LeastConnections,
+                "sticky_cookie" | "ip_hash" => {
+                    self.error(
+                        Some(s.span()),
+                        key("strategy"),
+                        format!("`{}` is not available in this build yet; use round_robin or least_connections", s.get_ref()),
+                    );
+                    Strategy::RoundRobin
+                }
+                other => {
+                    self.error(
+                        Some(s.span()),
+                        key("strategy"),
+                        format!("unknown strategy `{other}`; expected round_robin, least_connections, sticky_cookie or ip_hash"),
+                    );
+                    Strategy::RoundRobin
+                }
+            },
+        };
+        let slow_start = raw
+            .slow_start
+            .as_ref()
+            .map(|_| self.duration(&raw.slow_start, &key("slow_start"), Duration::ZERO));
+        let connect_timeout = self.duration(
+            &raw.connect_timeout,
+            &key("connect_timeout"),
+            Duration::from_secs(2),
+        );
+        let response_timeout = self.duration(
+            &raw.response_timeout,
+            &key("response_timeout"),
+            Duration::from_secs(30),
+        );
+        let idle_pool_timeout = self.duration(
+            &raw.idle_pool_timeout,
+            &key("idle_pool_timeout"),
+            Duration::from_secs(90),
+        );
+        let retries = raw.retries.as_ref().map_or(2, |r| *r.get_ref());
+
+        let mut backends = Vec::new();
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for (i, b) in raw.backends.iter().enumerate() {
+            let b = b.get_ref();
+            let bkey = |field: &str| format!("pools.{name}.backends[{i}].{field}");
+            let address = self.socket_addr(&b.address, &bkey("address"));
+            let weight = match &b.weight {
+                None => 1,
+                Some(w) if (1..=i64::from(MAX_WEIGHT)).contains(w.get_ref()) => *w.get_ref() as u32,
+                Some(w) => {
+                    self.error(
+                        Some(w.span()),
+                        bkey("weight"),
+                        format!("must be between 1 and {MAX_WEIGHT} (got {})", w.get_ref()),
+                    );
+                    1
+                }
+            };
+            let node_name = b
+                .name
+                .as_ref()
+                .map_or_else(|| b.address.get_ref().clone(), |n| n.get_ref().clone());
+            if node_name.is_empty() {
+                let span = b.name.as_ref().map(|n| n.span());
+                self.error(span, bkey("name"), "must not be empty");
+            }
+            if !names.insert(node_name.clone()) {
+                let span = b.name.as_ref().map_or(b.address.span(), |n| n.span());
+                self.error(
+                    Some(span),
+                    bkey("name"),
+                    format!("duplicate backend `{node_name}` in pool `{name}`"),
+                );
+            }
+            if let Some(address) = address {
+                if !addresses.insert(address) {
+                    self.error(
+                        Some(b.address.span()),
+                        bkey("address"),
+                        format!("duplicate backend address {address} in pool `{name}`"),
+                    );
+                }
+                backends.push(BackendConfig {
+                    name: node_name,
+                    address,
+                    weight,
+                });
+            }
+        }
+
+        let health = self.health(name, raw.health.as_ref());
+        PoolConfig {
+            strategy,
+            slow_start,
+            connect_timeout,
+            response_timeout,
+            retries,
+            idle_pool_timeout,
+            backends,
+            health,
+        }
+    }
+
+    fn health(&mut self, pool: &str, raw: Option<&Spanned<RawHealth>>) -> HealthConfig {
+        let key = |field: &str| format!("pools.{pool}.health.{field}");
+        let mut health = HealthConfig {
+            path: "/healthz".to_owned(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            fall: 3,
+            rise: 3,
+        };
+        let Some(raw) = raw.map(Spanned::get_ref) else {
+            return health;
+        };
+        if let Some(path) = &raw.path {
+            if !path.get_ref().starts_with('/') {
+                self.error(Some(path.span()), key("path"), "must start with `/`");
+            }
+            health.path = path.get_ref().clone();
+        }
+        health.interval = self.duration(&raw.interval, &key("interval"), health.interval);
+        health.timeout = self.duration(&raw.timeout, &key("timeout"), health.timeout);
+        for (value, field, slot) in [
+            (&raw.fall, "fall", &mut health.fall),
+            (&raw.rise, "rise", &mut health.rise),
+        ] {
+            if let Some(v) = value {
+                if *v.get_ref() == 0 {
+                    self.error(Some(v.span()), key(field), "must be at least 1");
+                } else {
+                    *slot = *v.get_ref();
+                }
+            }
+        }
+        health
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..text.floor_char_boundary(offset)];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// `example.com:8080` -> `example.com`; `[::1]:80` -> `[::1]`.
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    match host.rfind(':') {
+        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    const MINIMAL: &str = r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+
+[pools.web]
+backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight = 2, name = "b" }]
+"#;
+
+    #[test]
+    fn minimal_config_gets_contract_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        let l = &config.listeners[0];
+        assert_eq!(l.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(l.idle_timeout, Duration::from_secs(60));
+        assert_eq!(l.max_header_bytes, 65536);
+        let pool = &config.pools["web"];
+        assert_eq!(pool.strategy, Strategy::RoundRobin);
+        assert_eq!(pool.connect_timeout, Duration::from_secs(2));
+        assert_eq!(pool.retries, 2);
+        assert_eq!(pool.backends[0].name, "127.0.0.1:9001");
+        assert_eq!(pool.backends[1].weight, 2);
+        assert_eq!((pool.health.fall, pool.health.rise), (3, 3));
+        assert_eq!(config.default_pool(), Some("web"));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let err = parse("[[listeners]]\nbind = \"127.0.0.1:0\"\nbnd = 1\n").unwrap_err();
+        let d = &err.diagnostics[0];
+        assert_eq!((d.line, d.column), (3, 1), "{err}");
+        assert!(d.message.contains("bnd"), "{err}");
+    }
+
+    #[test]
+    fn all_validation_errors_are_reported_at_once() {
+        let text = r#"
+[[listeners]]
+bind = "nope"
+
+[pools.web]
+strategy = "fastest"
+backends = [{ address = "127.0.0.1:1", weight = 0 }, { address = "127.0.0.1:1" }]
+
+[[routes]]
+pool = "missing"
+"#;
+        let err = parse(text).unwrap_err().to_string();
+        for expected in [
+            "test.toml:3:8: listeners[0].bind:",
+            "test.toml:6:12: pools.web.strategy: unknown strategy",
+            "pools.web.backends[0].weight: must be between 1 and 256",
+            "pools.web.backends[1].name: duplicate backend",
+            "pools.web.backends[1].address: duplicate backend address",
+            "test.toml:10:8: routes[0].pool: no pool named `missing`",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn non_loopback_admin_needs_a_token() {
+        let text = format!("{MINIMAL}\n[admin]\nbind = \"0.0.0.0:9090\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("admin.bind: a non-loopback admin bind needs admin.token"),
+            "{err}"
+        );
+        let ok = format!("{MINIMAL}\n[admin]\nbind = \"0.0.0.0:9090\"\ntoken = \"s3cret\"\n");
+        assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        assert_eq!(line_col("ab\ncdé\nx", 8), (3, 1));
+        assert_eq!(line_col("ab\ncdé", 5), (2, 3));
+    }
+
+    #[test]
+    fn strip_port_handles_ipv6() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+    }
+}

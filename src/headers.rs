@@ -1,0 +1,275 @@
+//! Header rules of the proxy path, as pure functions over `http` types.
+//!
+//! Hop-by-hop headers describe one connection and must not cross the proxy (RFC 9110 §7.6.1);
+//! the `X-Forwarded-*` family (and RFC 7239 `Forwarded` when enabled) tells the backend who the
+//! client was.
+
+use std::net::IpAddr;
+
+use bytes::{BufMut, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Version, request};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes hop-by-hop headers, including every header the `Connection` header names.
+///
+/// `TE: trailers` survives on requests when `keep_te_trailers` is set: it is end-to-end in
+/// practice (gRPC needs it to reach the server).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    // Collected first: the names borrow from the Connection values we are about to remove.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let te_trailers = keep_te_trailers
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    for name in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Who is asking, as the backend should be told.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardedFor {
+    /// The peer of the client connection (what `X-Forwarded-For` appends).
+    pub peer: IpAddr,
+    /// `"http"` or `"https"`.
+    pub proto: &'static str,
+    /// Also write an RFC 7239 `Forwarded` element.
+    pub rfc7239: bool,
+}
+
+/// Turns a client request head into the head sent to `backend`: origin-form HTTP/1.1 with the
+/// client's Host preserved, hop-by-hop headers removed and forwarding headers set.
+pub fn upstream_head(parts: &mut request::Parts, backend: &Authority, fwd: ForwardedFor) {
+    // HTTP/2 clients send :authority instead of Host; HTTP/1.1 backends need Host.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(header::HOST, host);
+    }
+    if parts.version == Version::HTTP_2 {
+        join_cookies(&mut parts.headers);
+    }
+    remove_hop_by_hop(&mut parts.headers, true);
+    // fulcrum already answered `100 Continue` when it started reading the body.
+    parts.headers.remove(header::EXPECT);
+    set_forwarding(&mut parts.headers, fwd);
+
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(backend.clone());
+    uri.path_and_query = Some(path);
+    parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a valid URI");
+    parts.version = Version::HTTP_11;
+}
+
+/// Appends the peer to `X-Forwarded-For`, sets `X-Forwarded-Proto` and `X-Forwarded-Host`, and
+/// appends a `Forwarded` element when enabled.
+pub fn set_forwarding(headers: &mut HeaderMap, fwd: ForwardedFor) {
+    let host = headers.get(header::HOST).cloned();
+
+    let peer = fwd.peer.to_string();
+    let mut xff = BytesMut::new();
+    for value in headers.get_all(&X_FORWARDED_FOR) {
+        xff.put_slice(value.as_bytes());
+        xff.put_slice(b", ");
+    }
+    xff.put_slice(peer.as_bytes());
+    headers.insert(X_FORWARDED_FOR.clone(), header_value(xff));
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(fwd.proto),
+    );
+    match &host {
+        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
+
+    if fwd.rfc7239 {
+        let mut element = BytesMut::new();
+        for value in headers.get_all(header::FORWARDED) {
+            element.put_slice(value.as_bytes());
+            element.put_slice(b", ");
+        }
+        match fwd.peer {
+            IpAddr::V4(_) => element.put_slice(format!("for={peer}").as_bytes()),
+            // IPv6 contains ':' and must be a quoted, bracketed string (RFC 7239 §6).
+            IpAddr::V6(_) => element.put_slice(format!("for=\"[{peer}]\"").as_bytes()),
+        }
+        element.put_slice(b";proto=");
+        element.put_slice(fwd.proto.as_bytes());
+        if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok())
+            && !host.contains('"')
+        {
+            element.put_slice(format!(";host=\"{host}\"").as_bytes());
+        }
+        headers.insert(header::FORWARDED, header_value(element));
+    }
+}
+
+/// HTTP/2 may split `Cookie` into several fields; HTTP/1.1 wants one joined by "; "
+/// (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let mut joined = BytesMut::new();
+    for (i, value) in headers.get_all(header::COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.put_slice(b"; ");
+        }
+        joined.put_slice(value.as_bytes());
+    }
+    headers.insert(header::COOKIE, header_value(joined));
+}
+
+/// Built only from bytes of existing header values plus ASCII, so always valid.
+fn header_value(bytes: BytesMut) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes.freeze()).expect("joined header values stay valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv6Addr;
+
+    fn head(raw: &[(&str, &str)]) -> request::Parts {
+        let mut builder = http::Request::builder().uri("/path?q=1");
+        for (k, v) in raw {
+            builder = builder.header(*k, *v);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    const FWD: ForwardedFor = ForwardedFor {
+        peer: IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7)),
+        proto: "http",
+        rfc7239: false,
+    };
+
+    #[test]
+    fn removes_hop_by_hop_and_connection_named_headers() {
+        let mut parts = head(&[
+            ("host", "example.com:8080"),
+            ("connection", "keep-alive, X-Secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("upgrade", "h2c"),
+            ("te", "gzip, trailers"),
+            ("trailer", "x-checksum"),
+            ("x-kept", "yes"),
+        ]);
+        upstream_head(&mut parts, &Authority::from_static("127.0.0.1:9001"), FWD);
+        for gone in [
+            "connection",
+            "x-secret",
+            "keep-alive",
+            "proxy-connection",
+            "upgrade",
+            "trailer",
+        ] {
+            assert!(
+                !parts.headers.contains_key(gone),
+                "{gone} should be removed"
+            );
+        }
+        assert_eq!(parts.headers["te"], "trailers");
+        assert_eq!(parts.headers["x-kept"], "yes");
+        assert_eq!(parts.headers["host"], "example.com:8080");
+        assert_eq!(parts.headers["x-forwarded-host"], "example.com:8080");
+        assert_eq!(parts.uri, "http://127.0.0.1:9001/path?q=1");
+        assert_eq!(parts.version, Version::HTTP_11);
+    }
+
+    #[test]
+    fn te_without_trailers_is_removed() {
+        let mut headers = head(&[("te", "gzip")]).headers;
+        remove_hop_by_hop(&mut headers, true);
+        assert!(!headers.contains_key("te"));
+    }
+
+    #[test]
+    fn appends_to_existing_forwarded_for() {
+        let mut parts = head(&[
+            ("host", "a"),
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
+        ]);
+        upstream_head(&mut parts, &Authority::from_static("b:1"), FWD);
+        assert_eq!(
+            parts.headers["x-forwarded-for"],
+            "1.1.1.1, 2.2.2.2, 10.0.0.7"
+        );
+        assert_eq!(parts.headers["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn rfc7239_quotes_ipv6() {
+        let mut headers = head(&[("host", "example.com")]).headers;
+        let fwd = ForwardedFor {
+            peer: IpAddr::V6(Ipv6Addr::LOCALHOST),
+            proto: "https",
+            rfc7239: true,
+        };
+        set_forwarding(&mut headers, fwd);
+        assert_eq!(
+            headers["forwarded"],
+            "for=\"[::1]\";proto=https;host=\"example.com\""
+        );
+    }
+
+    #[test]
+    fn http2_cookies_are_joined_and_host_comes_from_authority() {
+        let mut parts = http::Request::builder()
+            .version(Version::HTTP_2)
+            .uri("https://shop.example/cart")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        upstream_head(&mut parts, &Authority::from_static("127.0.0.1:9001"), FWD);
+        assert_eq!(parts.headers["cookie"], "a=1; b=2");
+        assert_eq!(parts.headers["host"], "shop.example");
+        assert_eq!(parts.uri, "http://127.0.0.1:9001/cart");
+    }
+}

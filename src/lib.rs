@@ -1,0 +1,251 @@
+//! fulcrum: a Layer-7 reverse-proxy load balancer.
+//!
+//! How a request flows:
+//!
+//! ```text
+//! client ──TCP──▶ server.rs   accept (max_connections), hyper HTTP/1.1 or h2c connection,
+//!                             header-read and idle timeouts, graceful drain
+//!                     │
+//!                     ▼
+//!                 proxy.rs    route (host, path prefix → pool)
+//!                             pick   (pool.rs snapshot + balance/*: one ArcSwap load, atomics)
+//!                             forward (headers.rs rewrites the head; pooled upstream client)
+//!                             respond (body.rs streams the backend's body and holds the
+//!                                      in-flight count until it ends)
+//!                     │
+//!                     ▼
+//!                 backend ──▶ response streamed back the same way
+//! ```
+//!
+//! Errors on that path all pass through `ProxyError::into_response`, the single place that
+//! picks a status (502/503/504/413/404), counts the metric and logs the cause.
+
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod headers;
+pub mod health_report;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod server;
+pub mod webnode;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::admin::AdminState;
+use crate::config::Config;
+use crate::proxy::{ConnInfo, ListenerInfo, Router};
+use crate::server::ConnLimits;
+
+/// How often histogram samples are folded into the exporter's buckets when nobody scrapes.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot bind listener `{name}` to {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A running balancer.
+#[derive(Debug)]
+pub struct Running {
+    listeners: Vec<(String, SocketAddr)>,
+    admin: Option<SocketAddr>,
+    router: Arc<ArcSwap<Router>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    grace: Duration,
+}
+
+/// Binds every listener of `config` (all or nothing), then serves them on the current runtime.
+pub async fn start(config: &Config) -> Result<Running, StartError> {
+    crate::metrics::recorder();
+    let router = Arc::new(ArcSwap::from_pointee(Router::new(config)));
+
+    let mut bound = Vec::new();
+    for l in &config.listeners {
+        bound.push((l, bind(&l.name, l.bind).await?));
+    }
+    let admin_listener = match &config.admin {
+        Some(admin) => Some(bind("admin", admin.bind).await?),
+        None => None,
+    };
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let client_connections = Arc::new(AtomicU64::new(0));
+    let mut listeners = Vec::new();
+    for (l, tcp) in bound {
+        let addr = tcp.local_addr().expect("a bound socket has an address");
+        info!(listener = %l.name, %addr, "listening");
+        listeners.push((l.name.clone(), addr));
+        let info = Arc::new(ListenerInfo {
+            name: Arc::from(l.name.as_str()),
+            proto: "http",
+            forwarded: l.forwarded,
+            max_body_bytes: l.max_body_bytes,
+            router: router.clone(),
+        });
+        let limits = ConnLimits {
+            header_read_timeout: l.header_read_timeout,
+            idle_timeout: l.idle_timeout,
+            max_header_bytes: l.max_header_bytes,
+            max_connections: l.max_connections,
+        };
+        server::spawn_accept_loop(
+            tcp,
+            info.name.clone(),
+            limits,
+            move |peer| {
+                let conn = Arc::new(ConnInfo {
+                    peer,
+                    listener: info.clone(),
+                });
+                hyper::service::service_fn(move |req| {
+                    let conn = conn.clone();
+                    async move { Ok::<_, std::convert::Infallible>(proxy::handle(req, &conn).await) }
+                })
+            },
+            client_connections.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        );
+    }
+
+    let admin =
+        admin_listener.map(|tcp| {
+            let addr = tcp.local_addr().expect("a bound socket has an address");
+            info!(listener = "admin", %addr, "admin listening");
+            let state = Arc::new(AdminState {
+                cpu: health_report::CpuMeter::new(),
+                client_connections: client_connections.clone(),
+            });
+            let limits = ConnLimits {
+                header_read_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(60),
+                max_header_bytes: 16 * 1024,
+                max_connections: 1024,
+            };
+            server::spawn_accept_loop(
+                tcp,
+                Arc::from("admin"),
+                limits,
+                move |_peer| {
+                    let state = state.clone();
+                    hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(admin::handle(req, &state).await)
+                        }
+                    })
+                },
+                Arc::new(AtomicU64::new(0)),
+                shutdown.clone(),
+                tracker.clone(),
+            );
+            addr
+        });
+
+    let upkeep_stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(METRICS_UPKEEP);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => crate::metrics::recorder().run_upkeep(),
+                () = upkeep_stop.cancelled() => break,
+            }
+        }
+    });
+
+    Ok(Running {
+        listeners,
+        admin,
+        router,
+        shutdown,
+        tracker,
+        grace: config.shutdown_grace,
+    })
+}
+
+async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            name: name.to_owned(),
+            addr,
+            source,
+        })
+}
+
+impl Running {
+    /// The address a listener is bound to (the real port when the config said port 0).
+    pub fn addr(&self, listener: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == listener)
+            .map(|(_, a)| *a)
+    }
+
+    pub fn listeners(&self) -> &[(String, SocketAddr)] {
+        &self.listeners
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// The routing table, for tools that inspect pools (tests, the admin API).
+    pub fn router(&self) -> arc_swap::Guard<Arc<Router>> {
+        self.router.load()
+    }
+
+    /// Stops accepting, lets in-flight requests finish within `shutdown_grace`, and returns
+    /// how many connections were cut off when it ran out.
+    pub async fn shutdown(self) -> usize {
+        info!(grace = ?self.grace, "shutting down: no new connections, finishing in-flight requests");
+        self.shutdown.cancel();
+        server::drain(&self.tracker, self.grace).await
+    }
+}
+
+/// Resolves on Ctrl-C or, on Unix, SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,148 @@
+//! The `fulcrum` command line. `anyhow` and exit codes live here and nowhere else.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use fulcrum::config::Config;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "fulcrum",
+    version,
+    about = "A Layer-7 reverse-proxy load balancer"
+)]
+struct Cli {
+    /// Config file (for `run` and `check`).
+    #[arg(short, long, global = true, default_value = "config/fulcrum.toml")]
+    config: PathBuf,
+    /// Log format on stderr; the level comes from RUST_LOG (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the balancer (the default).
+    Run,
+    /// Validate a config, print a summary, exit 1 with file:line:col errors.
+    Check,
+    /// Start 3 demo web nodes and the balancer from an embedded config.
+    Demo,
+    /// The demo/test backend.
+    Webnode {
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        listen: SocketAddr,
+        #[arg(long)]
+        id: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Check => return check(&cli.config),
+        Command::Run => runtime().and_then(|rt| rt.block_on(run(&cli.config))),
+        Command::Demo => runtime().and_then(|rt| rt.block_on(fulcrum::demo::run())),
+        Command::Webnode { listen, id } => runtime().and_then(|rt| {
+            rt.block_on(fulcrum::webnode::run(fulcrum::webnode::WebNodeOptions {
+                listen,
+                id,
+            }))
+            .context("web node failed")
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fulcrum: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+    let running = fulcrum::start(&config).await?;
+    fulcrum::shutdown_signal().await;
+    let cut_off = running.shutdown().await;
+    if cut_off > 0 {
+        tracing::warn!(
+            connections = cut_off,
+            "exited with connections cut off by shutdown_grace"
+        );
+    }
+    Ok(())
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            println!("{}: ok", path.display());
+            for l in &config.listeners {
+                println!("  listener {:<12} {}", l.name, l.bind);
+            }
+            if let Some(admin) = &config.admin {
+                let auth = if admin.token.is_some() {
+                    "token set"
+                } else {
+                    "no token"
+                };
+                println!("  admin    {:<12} {} ({auth})", "", admin.bind);
+            }
+            for (name, pool) in &config.pools {
+                println!(
+                    "  pool     {name:<12} {} backends, {}",
+                    pool.backends.len(),
+                    pool.strategy.as_str()
+                );
+                for b in &pool.backends {
+                    println!("    {:<20} {:<22} weight {}", b.name, b.address, b.weight);
+                }
+            }
+            for r in &config.routes {
+                println!(
+                    "  route    host={} path_prefix={} -> {}",
+                    r.host.as_deref().unwrap_or("*"),
+                    r.path_prefix.as_deref().unwrap_or("*"),
+                    r.pool
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! Pools of backends and the state that outlives a swap.
+//!
+//! A [`Pool`] is one `ArcSwap<PoolState>`: the backend list, the strategy's precomputed state and
+//! the upstream client, built together off the request path and published with one store. A
+//! request loads the snapshot once and picks from it with atomics only. What must survive a swap
+//! (health, in-flight counts, metric handles) lives in [`Node`], keyed by the backend's name, and
+//! is carried over by [`Pool::replace`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::uri::Authority;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::balance::Balancer;
+use crate::body::RequestBody;
+use crate::config::{PoolConfig, Strategy};
+use crate::metrics::{BackendMetrics, PoolMetrics};
+
+/// The pooled HTTP/1.1 client a pool forwards with.
+pub type UpstreamClient = Client<HttpConnector, RequestBody>;
+
+/// Whether the balancer may send new requests to a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    Up = 0,
+    Down = 1,
+}
+
+/// A backend's identity and the state that must survive pool swaps.
+#[derive(Debug)]
+pub struct Node {
+    pub name: Arc<str>,
+    health: AtomicU8,
+    in_flight: AtomicU32,
+    requests: AtomicU64,
+    pub metrics: BackendMetrics,
+}
+
+impl Node {
+    fn new(pool: &Arc<str>, name: Arc<str>) -> Self {
+        Self {
+            metrics: BackendMetrics::new(pool, &name),
+            name,
+            health: AtomicU8::new(Health::Up as u8),
+            in_flight: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    pub fn health(&self) -> Health {
+        match self.health.load(Ordering::Relaxed) {
+            0 => Health::Up,
+            _ => Health::Down,
+        }
+    }
+
+    pub fn set_health(&self, health: Health) {
+        self.health.store(health as u8, Ordering::Relaxed);
+    }
+
+    pub fn is_routable(&self) -> bool {
+        self.health() == Health::Up
+    }
+
+    /// Requests sent to this node whose response body has not ended yet.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests ever sent to this node.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+/// One entry of a snapshot: where a node is and how much traffic it takes.
+///
+/// The weight lives here, not in [`Node`], so a weight change is a new snapshot that keeps the
+/// node's health and counters.
+#[derive(Debug)]
+pub struct Backend {
+    pub node: Arc<Node>,
+    pub address: SocketAddr,
+    pub weight: u32,
+    /// `address` ready to put in an upstream URI without formatting per request.
+    pub authority: Authority,
+}
+
+/// Per-pool settings the proxy path reads.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub strategy: Strategy,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub idle_pool_timeout: Duration,
+}
+
+/// Everything a request needs from a pool, published as one unit.
+#[derive(Debug)]
+pub struct PoolState {
+    pub settings: PoolSettings,
+    pub backends: Box<[Backend]>,
+    pub client: UpstreamClient,
+    balancer: Balancer,
+}
+
+impl PoolState {
+    /// Chooses a routable backend, or `None` when the pool has none (a 503).
+    pub fn pick(&self) -> Option<&Backend> {
+        self.balancer
+            .pick(&self.backends)
+            .map(|i| &self.backends[i])
+    }
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    pub name: Arc<str>,
+    pub metrics: PoolMetrics,
+    state: ArcSwap<PoolState>,
+}
+
+impl Pool {
+    pub fn new(name: &str, config: &PoolConfig) -> Self {
+        let name: Arc<str> = Arc::from(name);
+        let state = build_state(&name, config, &HashMap::new(), None);
+        Self {
+            metrics: PoolMetrics::new(&name),
+            name,
+            state: ArcSwap::from_pointee(state),
+        }
+    }
+
+    /// The current snapshot; a request holds it until its response is sent.
+    pub fn snapshot(&self) -> Arc<PoolState> {
+        self.state.load_full()
+    }
+
+    /// Publishes a new backend list and settings. Nodes whose name is unchanged keep their
+    /// health, counters and metric handles; requests in flight finish on the old snapshot.
+    pub fn replace(&self, config: &PoolConfig) {
+        let current = self.state.load();
+        let nodes: HashMap<Arc<str>, Arc<Node>> = current
+            .backends
+            .iter()
+            .map(|b| (b.node.name.clone(), b.node.clone()))
+            .collect();
+        let reusable_client = (current.settings.connect_timeout == config.connect_timeout
+            && current.settings.idle_pool_timeout == config.idle_pool_timeout)
+            .then(|| current.client.clone());
+        let next = build_state(&self.name, config, &nodes, reusable_client);
+        self.state.store(Arc::new(next));
+    }
+}
+
+fn build_state(
+    pool: &Arc<str>,
+    config: &PoolConfig,
+    existing: &HashMap<Arc<str>, Arc<Node>>,
+    client: Option<UpstreamClient>,
+) -> PoolState {
+    let backends: Box<[Backend]> = config
+        .backends
+        .iter()
+        .map(|b| {
+            let node = existing
+                .get(b.name.as_str())
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Node::new(pool, Arc::from(b.name.as_str()))));
+            Backend {
+                node,
+                address: b.address,
+                weight: b.weight,
+                authority: Authority::try_from(b.address.to_string())
+                    .expect("a socket address is a valid authority"),
+            }
+        })
+        .collect();
+    let settings = PoolSettings {
+        strategy: config.strategy,
+        connect_timeout: config.connect_timeout,
+        response_timeout: config.response_timeout,
+        idle_pool_timeout: config.idle_pool_timeout,
+    };
+    PoolState {
+        balancer: Balancer::new(config.strategy, &backends),
+        client: client.unwrap_or_else(|| upstream_client(&settings)),
+        settings,
+        backends,
+    }
+}
+
+fn upstream_client(settings: &PoolSettings) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(settings.connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(settings.idle_pool_timeout)
+        // The proxy writes Host itself: the client's Host is preserved, not the backend's address.
+        .set_host(false)
+        .build(connector)
+}
+
+/// Counts a request against its node from pick until the response body ends or the client
+/// goes away, which is what least connections must see for streaming responses.
+#[derive(Debug)]
+pub struct InFlight {
+    node: Arc<Node>,
+    started: Instant,
+}
+
+impl InFlight {
+    pub fn start(node: Arc<Node>, started: Instant) -> Self {
+        node.in_flight.fetch_add(1, Ordering::Relaxed);
+        node.requests.fetch_add(1, Ordering::Relaxed);
+        node.metrics.in_flight.increment(1.0);
+        Self { node, started }
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.node.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.node.metrics.in_flight.decrement(1.0);
+        self.node.metrics.duration.record(self.started.elapsed());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendConfig, HealthConfig};
+
+    fn pool_config(backends: &[(&str, u16, u32)]) -> PoolConfig {
+        PoolConfig {
+            strategy: Strategy::RoundRobin,
+            slow_start: None,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(30),
+            retries: 2,
+            idle_pool_timeout: Duration::from_secs(90),
+            backends: backends
+                .iter()
+                .map(|&(name, port, weight)| BackendConfig {
+                    name: name.to_owned(),
+                    address: SocketAddr::from(([127, 0, 0, 1], port)),
+                    weight,
+                })
+                .collect(),
+            health: HealthConfig {
+                path: "/healthz".into(),
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(1),
+                fall: 3,
+                rise: 3,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn replace_keeps_state_of_unchanged_names() {
+        let pool = Pool::new("replace-test", &pool_config(&[("a", 1, 1), ("b", 2, 1)]));
+        let a = pool.snapshot().backends[0].node.clone();
+        a.set_health(Health::Down);
+        let guard = InFlight::start(a.clone(), Instant::now());
+
+        // `a` moves and changes weight; `b` leaves; `c` arrives.
+        pool.replace(&pool_config(&[("a", 11, 5), ("c", 3, 1)]));
+        let snapshot = pool.snapshot();
+        let names: Vec<_> = snapshot
+            .backends
+            .iter()
+            .map(|b| b.node.name.to_string())
+            .collect();
+        assert_eq!(names, ["a", "c"]);
+        assert!(
+            Arc::ptr_eq(&snapshot.backends[0].node, &a),
+            "same identity, same node"
+        );
+        assert_eq!(snapshot.backends[0].weight, 5);
+        assert_eq!(snapshot.backends[0].node.health(), Health::Down);
+        assert_eq!(snapshot.backends[0].node.in_flight(), 1);
+        drop(guard);
+        assert_eq!(a.in_flight(), 0);
+        assert_eq!(snapshot.backends[1].node.health(), Health::Up);
+    }
+}

@@ -1,0 +1,366 @@
+//! The request path after a connection is up: route → pick → forward → respond.
+//!
+//! [`handle`] is the whole story of a request. Everything that can go wrong becomes a
+//! [`ProxyError`], and [`ProxyError::into_response`] is the one place that turns errors into
+//! statuses, metrics and log lines.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use tracing::{debug, warn};
+
+use crate::body::{BodyTooLarge, ProxyBody, RequestBody};
+use crate::config::{Config, strip_port};
+use crate::headers::{self, ForwardedFor};
+use crate::metrics::{ErrorKind, NONE, ResponseCounters};
+use crate::pool::{InFlight, Node, Pool};
+
+/// What one listener tells the proxy path about its connections.
+#[derive(Debug)]
+pub struct ListenerInfo {
+    pub name: Arc<str>,
+    /// `"http"` or `"https"`, for `X-Forwarded-Proto`.
+    pub proto: &'static str,
+    pub forwarded: bool,
+    pub max_body_bytes: Option<u64>,
+    pub router: Arc<ArcSwap<Router>>,
+}
+
+/// One client connection.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub listener: Arc<ListenerInfo>,
+}
+
+/// Routes in file order, first match wins.
+#[derive(Debug)]
+pub struct Router {
+    routes: Vec<Route>,
+    pools: Vec<Arc<Pool>>,
+    /// `fulcrum_requests_total{pool="none",backend="none"}`: requests no route matched.
+    unrouted: ResponseCounters,
+}
+
+#[derive(Debug)]
+struct Route {
+    /// Lower-case, without port.
+    host: Option<String>,
+    path_prefix: Option<String>,
+    pool: Arc<Pool>,
+}
+
+impl Router {
+    pub fn new(config: &Config) -> Self {
+        let pools: Vec<Arc<Pool>> = config
+            .pools
+            .iter()
+            .map(|(name, pool)| Arc::new(Pool::new(name, pool)))
+            .collect();
+        let find = |name: &str| {
+            pools
+                .iter()
+                .find(|p| &*p.name == name)
+                .cloned()
+                .expect("validated config routes only to existing pools")
+        };
+        let mut routes: Vec<Route> = config
+            .routes
+            .iter()
+            .map(|r| Route {
+                host: r.host.clone(),
+                path_prefix: r.path_prefix.clone(),
+                pool: find(&r.pool),
+            })
+            .collect();
+        if let Some(pool) = config.default_pool() {
+            routes.push(Route {
+                host: None,
+                path_prefix: None,
+                pool: find(pool),
+            });
+        }
+        Self {
+            routes,
+            pools,
+            unrouted: ResponseCounters::new(Arc::from(NONE), Arc::from(NONE)),
+        }
+    }
+
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Pool>> {
+        let host = host.map(strip_port);
+        self.routes
+            .iter()
+            .find(|r| {
+                r.host
+                    .as_deref()
+                    .is_none_or(|want| host.is_some_and(|h| h.eq_ignore_ascii_case(want)))
+                    && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+            })
+            .map(|r| &r.pool)
+    }
+
+    pub fn pools(&self) -> &[Arc<Pool>] {
+        &self.pools
+    }
+}
+
+/// Serves one request: the whole request path after the connection layer.
+pub async fn handle(req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let pool = {
+        let router = conn.listener.router.load();
+        match router.route(request_host(&req), req.uri().path()) {
+            Some(pool) => pool.clone(),
+            None => return ProxyError::NoRoute.into_response(&router.unrouted),
+        }
+    };
+    match forward(req, &pool, conn, started).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(&pool.metrics.responses),
+    }
+}
+
+async fn forward(
+    req: Request<Incoming>,
+    pool: &Pool,
+    conn: &ConnInfo,
+    started: Instant,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let limit = conn.listener.max_body_bytes;
+    if let Some(limit) = limit
+        && declared_length(&req).is_some_and(|len| len > limit)
+    {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+
+    let state = pool.snapshot();
+    let Some(backend) = state.pick() else {
+        pool.metrics.no_backend.increment(1);
+        return Err(ProxyError::NoBackend);
+    };
+    let in_flight = InFlight::start(backend.node.clone(), started);
+
+    let (mut head, body) = req.into_parts();
+    let fwd = ForwardedFor {
+        peer: conn.peer.ip(),
+        proto: conn.listener.proto,
+        rfc7239: conn.listener.forwarded,
+    };
+    headers::upstream_head(&mut head, &backend.authority, fwd);
+    let upstream = Request::from_parts(head, RequestBody::new(body, limit));
+
+    let timeout = state.settings.response_timeout;
+    let node = &backend.node;
+    let response = match tokio::time::timeout(timeout, state.client.request(upstream)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(source)) => return Err(ProxyError::upstream(node.clone(), source)),
+        Err(_) => {
+            return Err(ProxyError::Timeout {
+                node: node.clone(),
+                after: timeout,
+            });
+        }
+    };
+
+    let (mut head, body) = response.into_parts();
+    headers::remove_hop_by_hop(&mut head.headers, false);
+    node.metrics.responses.record(head.status.as_u16());
+    Ok(Response::from_parts(
+        head,
+        ProxyBody::upstream(body, in_flight),
+    ))
+}
+
+/// The host a request is for: the URI's authority (HTTP/2, absolute-form) or its Host header.
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    req.uri().host().or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
+}
+
+fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Everything that stops a request from getting a backend's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches the request")]
+    NoRoute,
+    #[error("no routable backend in the pool")]
+    NoBackend,
+    #[error("request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("connecting to backend {} failed", node.name)]
+    Connect {
+        node: Arc<Node>,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("backend {} failed before answering", node.name)]
+    Reset {
+        node: Arc<Node>,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("backend {} sent no response headers within {after:?}", node.name)]
+    Timeout { node: Arc<Node>, after: Duration },
+}
+
+impl ProxyError {
+    fn upstream(node: Arc<Node>, source: hyper_util::client::legacy::Error) -> Self {
+        if let Some(limit) = find_source::<BodyTooLarge>(&source).map(|e| e.limit) {
+            return ProxyError::BodyTooLarge { limit };
+        }
+        if source.is_connect() {
+            ProxyError::Connect { node, source }
+        } else {
+            ProxyError::Reset { node, source }
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Connect { .. } | ProxyError::Reset { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The backend at fault and the `kind` label, for errors that are a backend's doing.
+    fn blame(&self) -> Option<(&Node, ErrorKind)> {
+        match self {
+            ProxyError::NoRoute | ProxyError::NoBackend | ProxyError::BodyTooLarge { .. } => None,
+            ProxyError::Connect { node, .. } => Some((node, ErrorKind::Connect)),
+            ProxyError::Reset { node, .. } => Some((node, ErrorKind::Reset)),
+            ProxyError::Timeout { node, .. } => Some((node, ErrorKind::Timeout)),
+        }
+    }
+
+    /// The one funnel: status, metrics and a log line for every failed request.
+    fn into_response(self, unattributed: &ResponseCounters) -> Response<ProxyBody> {
+        let status = self.status();
+        match self.blame() {
+            Some((node, kind)) => {
+                node.metrics.error(kind);
+                node.metrics.responses.record(status.as_u16());
+                warn!(backend = %node.name, kind = kind.as_str(), status = status.as_u16(), error = %ErrorChain(&self), "upstream request failed");
+            }
+            None => {
+                unattributed.record(status.as_u16());
+                debug!(status = status.as_u16(), error = %self, "request answered by fulcrum");
+            }
+        }
+        local_response(status, &self.to_string())
+    }
+}
+
+/// A short plain-text answer from fulcrum itself.
+pub fn local_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::local(format!("{message}\n")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn find_source<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// Formats an error with its whole source chain, `outer: inner: root`.
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn router(text: &str) -> Router {
+        Router::new(&Config::parse(Path::new("t.toml"), text).unwrap())
+    }
+
+    #[test]
+    fn routes_match_in_file_order_by_host_and_prefix() {
+        let r = router(
+            r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+[pools.api]
+[pools.web]
+[pools.fallback]
+[[routes]]
+host = "API.example.com"
+path_prefix = "/v1/"
+pool = "api"
+[[routes]]
+path_prefix = "/static"
+pool = "web"
+[[routes]]
+pool = "fallback"
+"#,
+        );
+        let pool = |host, path| r.route(host, path).map(|p| p.name.to_string());
+        assert_eq!(
+            pool(Some("api.EXAMPLE.com:8443"), "/v1/users").as_deref(),
+            Some("api")
+        );
+        assert_eq!(
+            pool(Some("api.example.com"), "/v2/users").as_deref(),
+            Some("fallback")
+        );
+        assert_eq!(pool(Some("other"), "/staticx").as_deref(), Some("web"));
+        assert_eq!(pool(None, "/").as_deref(), Some("fallback"));
+    }
+
+    #[test]
+    fn no_match_without_a_catch_all() {
+        let r = router(
+            r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+[pools.api]
+[[routes]]
+host = "api.example.com"
+pool = "api"
+"#,
+        );
+        assert!(r.route(Some("www.example.com"), "/").is_none());
+        assert!(r.route(None, "/").is_none());
+    }
+}
