@@ -1,0 +1,226 @@
+//! Shared pieces of the integration tests: real web nodes, real balancers and real clients on
+//! `127.0.0.1:0`. Nothing here is a mock.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fulcrum::Running;
+use fulcrum::config::Config;
+use fulcrum::webnode::{self, WebNode, WebNodeOptions};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// `n` web nodes named `web-1` … `web-n`.
+pub async fn webnodes(n: usize) -> Vec<WebNode> {
+    let mut nodes = Vec::new();
+    for i in 1..=n {
+        let opts = WebNodeOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            id: format!("web-{i}"),
+        };
+        nodes.push(webnode::spawn(opts).await.expect("web node starts"));
+    }
+    nodes
+}
+
+/// A config with one listener and an admin listener on ephemeral ports and one pool.
+/// `pool_extra` is appended inside the `[pools.NAME]` table.
+pub fn single_pool(
+    pool: &str,
+    strategy: &str,
+    backends: &[(&str, SocketAddr, u32)],
+    pool_extra: &str,
+) -> String {
+    let backends: Vec<String> = backends
+        .iter()
+        .map(|(name, addr, weight)| {
+            format!("{{ name = \"{name}\", address = \"{addr}\", weight = {weight} }}")
+        })
+        .collect();
+    format!(
+        r#"
+shutdown_grace = "5s"
+[[listeners]]
+name = "http"
+bind = "127.0.0.1:0"
+[admin]
+bind = "127.0.0.1:0"
+[pools.{pool}]
+strategy = "{strategy}"
+backends = [{}]
+{pool_extra}
+"#,
+        backends.join(", ")
+    )
+}
+
+/// Backends for [`single_pool`] from web nodes, all with weight 1.
+pub fn nodes_as_backends(nodes: &[WebNode]) -> Vec<(&str, SocketAddr, u32)> {
+    nodes.iter().map(|n| (n.id(), n.local_addr(), 1)).collect()
+}
+
+pub async fn balancer(toml: &str) -> Running {
+    let config = Config::parse(Path::new("test.toml"), toml)
+        .unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
+    fulcrum::start(&config).await.expect("balancer starts")
+}
+
+pub fn url(running: &Running, path: &str) -> String {
+    format!(
+        "http://{}{path}",
+        running.addr("http").expect("listener `http`")
+    )
+}
+
+/// A keep-alive HTTP/1.1 client, as a browser or load generator would use.
+pub fn client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn empty() -> TestBody {
+    Empty::new().map_err(|e| match e {}).boxed()
+}
+
+pub fn full(data: impl Into<Bytes>) -> TestBody {
+    Full::new(data.into()).map_err(|e| match e {}).boxed()
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn served_by(&self) -> String {
+        self.headers
+            .get("x-served-by")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+pub async fn send(client: &Client<HttpConnector, TestBody>, req: Request<TestBody>) -> Reply {
+    let response = tokio::time::timeout(DEADLINE, client.request(req))
+        .await
+        .expect("response within the deadline")
+        .expect("request succeeds");
+    collect(response).await
+}
+
+pub async fn collect(response: Response<Incoming>) -> Reply {
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body arrives").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(client: &Client<HttpConnector, TestBody>, url: &str) -> Reply {
+    send(client, Request::get(url).body(empty()).unwrap()).await
+}
+
+/// Writes raw bytes on a new connection and reads until the server closes or `DEADLINE`.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The admin listener's `/metrics` text.
+pub async fn scrape(running: &Running) -> String {
+    let admin = running.admin_addr().expect("admin listener");
+    get(&client(), &format!("http://{admin}/metrics"))
+        .await
+        .text()
+}
+
+/// The value of one series in a scrape, e.g. `fulcrum_requests_total{pool="p",backend="a",code="200"}`.
+pub fn series(scrape: &str, name_and_labels: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
+/// Polls `condition` until it holds or `DEADLINE` passes.
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !condition().await {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A hand-written backend for behaviour the web node has no knob for. Counts requests that
+/// reached its handler.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicU64>,
+}
+
+impl Backend {
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+pub async fn backend<F, Fut>(handler: F) -> Backend
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<TestBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicU64::new(0));
+    let counter = requests.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handler = handler.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Backend { addr, requests }
+}
