@@ -177,11 +177,10 @@ impl Config {
             .map_err(|e| (String::new(), e))
             .and_then(|de| {
                 serde_path_to_error::deserialize(de)
-                    .map_err(|e| (e.path().to_string(), e.into_inner()))
+                    .map_err(|e| (key_path(e.path()), e.into_inner()))
             }) {
             Ok(raw) => raw,
-            Err((path, e)) => {
-                let key = if path == "." { String::new() } else { path };
+            Err((key, e)) => {
                 ctx.error(e.span(), key, e.message().to_owned());
                 return Err(ctx.finish());
             }
@@ -215,7 +214,7 @@ struct RawConfig {
     admin: Option<Spanned<RawAdmin>>,
     registry: Option<Spanned<RawRegistry>>,
     #[serde(default)]
-    pools: BTreeMap<Spanned<String>, Spanned<RawPool>>,
+    pools: BTreeMap<String, Spanned<RawPool>>,
     #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
 }
@@ -448,17 +447,28 @@ impl Validator<'_> {
 
         let mut pools = BTreeMap::new();
         if raw.pools.is_empty() {
-            self.error(Some(0..0), "pools", "at least one [pools.NAME] is required");
+            self.error(None, "pools", "at least one [pools.NAME] is required");
         }
         for (name, pool) in &raw.pools {
-            let pool_config = self.pool(name.get_ref(), pool.get_ref());
-            pools.insert(name.get_ref().clone(), pool_config);
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                self.error(
+                    Some(pool.span()),
+                    format!("pools.{name}"),
+                    "a pool name may use only letters, digits, `-`, `_` and `.` (it appears in URLs and metrics)",
+                );
+            }
+            let pool_config = self.pool(name, pool.get_ref());
+            pools.insert(name.clone(), pool_config);
         }
 
         let registry = raw.registry.as_ref().and_then(|r| {
             let r = r.get_ref();
             let bind = self.socket_addr(&r.bind, "registry.bind");
-            if !raw.pools.keys().any(|p| p.get_ref() == r.pool.get_ref()) {
+            if !raw.pools.contains_key(r.pool.get_ref()) {
                 self.error(
                     Some(r.pool.span()),
                     "registry.pool",
@@ -709,7 +719,7 @@ impl Validator<'_> {
                 let span = b.name.as_ref().map(|n| n.span());
                 self.error(span, bkey("name"), "must not be empty");
             }
-            if !names.insert(node_name.clone()) {
+            if !names.insert(node_name.clone()) && (b.name.is_some() || address.is_none()) {
                 let span = b.name.as_ref().map_or(b.address.span(), |n| n.span());
                 self.error(
                     Some(span),
@@ -765,7 +775,24 @@ impl Validator<'_> {
             health.path = path.get_ref().clone();
         }
         health.interval = self.duration(&raw.interval, &key("interval"), health.interval);
-        health.timeout = self.duration(&raw.timeout, &key("timeout"), health.timeout);
+        // A short interval brings the default timeout down with it.
+        health.timeout = self.duration(
+            &raw.timeout,
+            &key("timeout"),
+            health.timeout.min(health.interval),
+        );
+        if health.timeout > health.interval {
+            let span = raw
+                .timeout
+                .as_ref()
+                .or(raw.interval.as_ref())
+                .map(Spanned::span);
+            self.error(
+                span,
+                key("timeout"),
+                "must not be longer than the interval between checks",
+            );
+        }
         for (value, field, slot) in [
             (&raw.fall, "fall", &mut health.fall),
             (&raw.rise, "rise", &mut health.rise),
@@ -780,6 +807,28 @@ impl Validator<'_> {
         }
         health
     }
+}
+
+/// `listeners[0].bind` from serde's path, leaving out the steps `toml::Spanned` adds.
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut key = String::new();
+    for segment in path {
+        match segment {
+            Segment::Seq { index } => key.push_str(&format!("[{index}]")),
+            Segment::Map { key: name } | Segment::Enum { variant: name } => {
+                if name.starts_with("$__serde_spanned") {
+                    continue;
+                }
+                if !key.is_empty() {
+                    key.push('.');
+                }
+                key.push_str(name);
+            }
+            Segment::Unknown => {}
+        }
+    }
+    key
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -841,6 +890,31 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
         let d = &err.diagnostics[0];
         assert_eq!((d.line, d.column), (3, 1), "{err}");
         assert!(d.message.contains("bnd"), "{err}");
+        assert_eq!(d.key, "listeners[0].bnd", "{err}");
+
+        let err = parse(&format!(
+            "{MINIMAL}\n[pools.web.health]\nintervl = \"1s\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.diagnostics[0].key, "pools.web.health.intervl", "{err}");
+    }
+
+    #[test]
+    fn health_timeout_follows_a_short_interval_but_may_not_exceed_it() {
+        let ok = parse(&format!(
+            "{MINIMAL}\n[pools.web.health]\ninterval = \"500ms\"\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.pools["web"].health.timeout, Duration::from_millis(500));
+        let err = parse(&format!(
+            "{MINIMAL}\n[pools.web.health]\ninterval = \"1s\"\ntimeout = \"2s\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("pools.web.health.timeout: must not be longer"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -861,7 +935,6 @@ pool = "missing"
             "test.toml:3:8: listeners[0].bind:",
             "test.toml:6:12: pools.web.strategy: unknown strategy",
             "pools.web.backends[0].weight: must be between 1 and 256",
-            "pools.web.backends[1].name: duplicate backend",
             "pools.web.backends[1].address: duplicate backend address",
             "test.toml:10:8: routes[0].pool: no pool named `missing`",
         ] {

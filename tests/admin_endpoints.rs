@@ -9,7 +9,13 @@ use support::*;
 #[tokio::test]
 async fn metrics_have_help_types_and_the_contract_labels() {
     let nodes = webnodes(2).await;
-    let running = balancer(&single_pool("adm_metrics", "round_robin", &nodes_as_backends(&nodes), "")).await;
+    let running = balancer(&single_pool(
+        "adm_metrics",
+        "round_robin",
+        &nodes_as_backends(&nodes),
+        "",
+    ))
+    .await;
     let client = client();
     for _ in 0..4 {
         assert_eq!(get(&client, &url(&running, "/")).await.status, 200);
@@ -23,25 +29,50 @@ async fn metrics_have_help_types_and_the_contract_labels() {
         ("fulcrum_proxy_errors_total", "counter"),
         ("fulcrum_downstream_connections", "gauge"),
     ] {
-        assert!(metrics.contains(&format!("# HELP {name} ")), "no HELP for {name}:\n{metrics}");
-        assert!(metrics.contains(&format!("# TYPE {name} {kind}")), "{name} is not a {kind}:\n{metrics}");
+        assert!(
+            metrics.contains(&format!("# HELP {name} ")),
+            "no HELP for {name}:\n{metrics}"
+        );
+        assert!(
+            metrics.contains(&format!("# TYPE {name} {kind}")),
+            "{name} is not a {kind}:\n{metrics}"
+        );
     }
     for node in ["web-1", "web-2"] {
-        let requests = format!("fulcrum_requests_total{{pool=\"adm_metrics\",backend=\"{node}\",code=\"200\"}}");
+        let requests = format!(
+            "fulcrum_requests_total{{pool=\"adm_metrics\",backend=\"{node}\",code=\"200\"}}"
+        );
         assert_eq!(series(&metrics, &requests), Some(2.0), "{metrics}");
-        let count = format!("fulcrum_request_duration_seconds_count{{pool=\"adm_metrics\",backend=\"{node}\"}}");
+        let count = format!(
+            "fulcrum_request_duration_seconds_count{{pool=\"adm_metrics\",backend=\"{node}\"}}"
+        );
         assert_eq!(series(&metrics, &count), Some(2.0), "{metrics}");
-        let bucket = format!("fulcrum_request_duration_seconds_bucket{{pool=\"adm_metrics\",backend=\"{node}\",le=\"+Inf\"}}");
+        let bucket = format!(
+            "fulcrum_request_duration_seconds_bucket{{pool=\"adm_metrics\",backend=\"{node}\",le=\"+Inf\"}}"
+        );
         assert_eq!(series(&metrics, &bucket), Some(2.0), "{metrics}");
     }
     // The client above keeps its connection open.
-    assert_eq!(series(&metrics, "fulcrum_downstream_connections{listener=\"http\"}"), Some(1.0), "{metrics}");
+    assert_eq!(
+        series(
+            &metrics,
+            "fulcrum_downstream_connections{listener=\"http\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
 async fn healthz_reports_fulcrum_in_the_seed_schema() {
     let nodes = webnodes(1).await;
-    let running = balancer(&single_pool("adm_health", "round_robin", &nodes_as_backends(&nodes), "")).await;
+    let running = balancer(&single_pool(
+        "adm_health",
+        "round_robin",
+        &nodes_as_backends(&nodes),
+        "",
+    ))
+    .await;
     let admin = running.admin_addr().unwrap();
     let reply = get(&client(), &format!("http://{admin}/healthz")).await;
     assert_eq!(reply.status, 200);
@@ -49,7 +80,10 @@ async fn healthz_reports_fulcrum_in_the_seed_schema() {
     let health: Value = serde_json::from_slice(&reply.body).unwrap();
     assert_eq!(health["instanceId"], "fulcrum");
     assert_eq!(health["status"], "UP");
-    assert!(health["systemMetrics"]["freeMemoryBytes"].as_u64().unwrap() > 0, "{health}");
+    assert!(
+        health["systemMetrics"]["freeMemoryBytes"].as_u64().unwrap() > 0,
+        "{health}"
+    );
     assert!(health["systemMetrics"]["cpuUtilizationPercent"].is_number());
     assert!(health["systemMetrics"]["activeConnections"].is_u64());
     assert!(health["dependencyStatus"].is_object());

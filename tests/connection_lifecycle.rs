@@ -10,14 +10,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn with_listener_option(toml: String, option: &str) -> String {
-    toml.replace("bind = \"127.0.0.1:0\"\n[admin]", &format!("bind = \"127.0.0.1:0\"\n{option}\n[admin]"))
+    toml.replace(
+        "bind = \"127.0.0.1:0\"\n[admin]",
+        &format!("bind = \"127.0.0.1:0\"\n{option}\n[admin]"),
+    )
 }
 
 /// Sends one keep-alive request and reads exactly its response head and small body.
 async fn one_request(stream: &mut TcpStream) -> String {
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
@@ -29,7 +38,9 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
         "idle_timeout = \"400ms\"",
     );
     let running = balancer(&toml).await;
-    let mut stream = TcpStream::connect(running.addr("http").unwrap()).await.unwrap();
+    let mut stream = TcpStream::connect(running.addr("http").unwrap())
+        .await
+        .unwrap();
     assert!(one_request(&mut stream).await.starts_with("HTTP/1.1 200"));
     let idle_since = Instant::now();
     let mut rest = Vec::new();
@@ -39,7 +50,10 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
         .unwrap();
     let idle = idle_since.elapsed();
     assert!(rest.is_empty());
-    assert!(idle >= Duration::from_millis(300) && idle < Duration::from_secs(2), "closed after {idle:?}");
+    assert!(
+        idle >= Duration::from_millis(300) && idle < Duration::from_secs(2),
+        "closed after {idle:?}"
+    );
 }
 
 #[tokio::test]
@@ -56,31 +70,51 @@ async fn connections_beyond_max_connections_wait_for_a_free_slot() {
 
     // The second connection completes in the kernel's backlog but is not served...
     let mut second = TcpStream::connect(addr).await.unwrap();
-    second.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    second
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 512];
     let early = tokio::time::timeout(Duration::from_millis(300), second.read(&mut buf)).await;
     assert!(early.is_err(), "served beyond max_connections");
 
     // ...until the first one leaves.
     drop(first);
-    let n = tokio::time::timeout(DEADLINE, second.read(&mut buf)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(DEADLINE, second.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 }
 
 #[tokio::test]
 async fn shutdown_finishes_in_flight_requests_then_refuses_new_ones() {
     let nodes = webnodes(1).await;
-    let running = balancer(&single_pool("conn_drain", "round_robin", &nodes_as_backends(&nodes), "")).await;
+    let running = balancer(&single_pool(
+        "conn_drain",
+        "round_robin",
+        &nodes_as_backends(&nodes),
+        "",
+    ))
+    .await;
     let addr = running.addr("http").unwrap();
     let slow_url = url(&running, "/slow?ms=500");
     let in_flight = tokio::spawn(async move { get(&client(), &slow_url).await });
-    let node = running.router().pools()[0].snapshot().backends[0].node.clone();
-    wait_until("the slow request reaches the backend", || async { node.in_flight() == 1 }).await;
+    let node = running.router().pools()[0].snapshot().backends[0]
+        .node
+        .clone();
+    wait_until("the slow request reaches the backend", || async {
+        node.in_flight() == 1
+    })
+    .await;
 
     let cut_off = running.shutdown().await;
     assert_eq!(cut_off, 0, "the in-flight request was cut off");
     let reply = in_flight.await.unwrap();
     assert_eq!(reply.status, 200);
     assert_eq!(reply.text(), "slept 500 ms\n");
-    assert!(TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "still accepting after shutdown"
+    );
 }

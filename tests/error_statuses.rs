@@ -26,11 +26,16 @@ async fn no_backend_is_503_at_once_and_counted() {
         let reply = get(&client, &url(&running, "/")).await;
         slowest = slowest.max(started.elapsed());
         assert_eq!(reply.status, 503);
-        assert!(reply.text().contains("no routable backend"), "{}", reply.text());
+        assert!(
+            reply.text().contains("no routable backend"),
+            "{}",
+            reply.text()
+        );
     }
     assert!(slowest < Duration::from_secs(1), "a 503 took {slowest:?}");
     let metrics = scrape(&running).await;
-    let errors = "fulcrum_proxy_errors_total{pool=\"err_503\",backend=\"none\",kind=\"no_backend\"}";
+    let errors =
+        "fulcrum_proxy_errors_total{pool=\"err_503\",backend=\"none\",kind=\"no_backend\"}";
     assert_eq!(series(&metrics, errors), Some(20.0), "{metrics}");
     let answered = "fulcrum_requests_total{pool=\"err_503\",backend=\"none\",code=\"503\"}";
     assert_eq!(series(&metrics, answered), Some(20.0), "{metrics}");
@@ -39,15 +44,28 @@ async fn no_backend_is_503_at_once_and_counted() {
 #[tokio::test]
 async fn refused_connection_is_502_and_counted_as_connect() {
     // A port that was just free: nothing listens there.
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-    let running = balancer(&single_pool("err_502", "round_robin", &[("gone", closed, 1)], "")).await;
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let running = balancer(&single_pool(
+        "err_502",
+        "round_robin",
+        &[("gone", closed, 1)],
+        "",
+    ))
+    .await;
     let reply = get(&client(), &url(&running, "/")).await;
     assert_eq!(reply.status, 502);
     let metrics = scrape(&running).await;
     let connect = "fulcrum_proxy_errors_total{pool=\"err_502\",backend=\"gone\",kind=\"connect\"}";
     assert_eq!(series(&metrics, connect), Some(1.0), "{metrics}");
     assert_eq!(
-        series(&metrics, "fulcrum_requests_total{pool=\"err_502\",backend=\"gone\",code=\"502\"}"),
+        series(
+            &metrics,
+            "fulcrum_requests_total{pool=\"err_502\",backend=\"gone\",code=\"502\"}"
+        ),
         Some(1.0)
     );
 }
@@ -65,7 +83,11 @@ async fn backend_slower_than_response_timeout_is_504() {
     let started = Instant::now();
     let reply = get(&client(), &url(&running, "/slow?ms=3000")).await;
     assert_eq!(reply.status, 504);
-    assert!(started.elapsed() < Duration::from_secs(2), "answered after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered after {:?}",
+        started.elapsed()
+    );
     let metrics = scrape(&running).await;
     let timeout = "fulcrum_proxy_errors_total{pool=\"err_504\",backend=\"web-1\",kind=\"timeout\"}";
     assert_eq!(series(&metrics, timeout), Some(1.0), "{metrics}");
@@ -83,7 +105,13 @@ async fn backend_that_closes_mid_response_is_502_reset() {
             let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Le").await;
         }
     });
-    let running = balancer(&single_pool("err_reset", "round_robin", &[("rude", addr, 1)], "")).await;
+    let running = balancer(&single_pool(
+        "err_reset",
+        "round_robin",
+        &[("rude", addr, 1)],
+        "",
+    ))
+    .await;
     let reply = get(&client(), &url(&running, "/")).await;
     assert_eq!(reply.status, 502);
     let metrics = scrape(&running).await;
@@ -94,7 +122,13 @@ async fn backend_that_closes_mid_response_is_502_reset() {
 #[tokio::test]
 async fn malformed_requests_get_400_and_never_reach_the_backend() {
     let backend = counting_backend().await;
-    let running = balancer(&single_pool("err_400", "round_robin", &[("b", backend.addr, 1)], "")).await;
+    let running = balancer(&single_pool(
+        "err_400",
+        "round_robin",
+        &[("b", backend.addr, 1)],
+        "",
+    ))
+    .await;
     let addr = running.addr("http").unwrap();
     let malformed: [&[u8]; 5] = [
         b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
@@ -111,7 +145,11 @@ async fn malformed_requests_get_400_and_never_reach_the_backend() {
             String::from_utf8_lossy(request)
         );
     }
-    assert_eq!(backend.requests(), 0, "a malformed request reached the backend");
+    assert_eq!(
+        backend.requests(),
+        0,
+        "a malformed request reached the backend"
+    );
 }
 
 #[tokio::test]
@@ -119,20 +157,39 @@ async fn content_length_with_transfer_encoding_is_never_forwarded_ambiguously() 
     // RFC 9112 §6.1: Transfer-Encoding wins, Content-Length is dropped, and the connection is
     // closed after the response so nothing smuggled behind the body is read as a request.
     let nodes = webnodes(1).await;
-    let running = balancer(&single_pool("err_te_cl", "round_robin", &nodes_as_backends(&nodes), "")).await;
+    let running = balancer(&single_pool(
+        "err_te_cl",
+        "round_robin",
+        &nodes_as_backends(&nodes),
+        "",
+    ))
+    .await;
     let request = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n\
         5\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
     let response = raw(running.addr("http").unwrap(), request).await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    assert!(response.contains("\"body_bytes\":5"), "the chunked body is the body: {response}");
+    assert!(
+        response.contains("\"body_bytes\":5"),
+        "the chunked body is the body: {response}"
+    );
     assert!(!response.contains("content-length\",\"3"), "{response}");
-    assert_eq!(response.matches("HTTP/1.1 ").count(), 1, "the smuggled request was served: {response}");
+    assert_eq!(
+        response.matches("HTTP/1.1 ").count(),
+        1,
+        "the smuggled request was served: {response}"
+    );
 }
 
 #[tokio::test]
 async fn oversized_request_head_is_431() {
     let backend = counting_backend().await;
-    let running = balancer(&single_pool("err_431", "round_robin", &[("b", backend.addr, 1)], "")).await;
+    let running = balancer(&single_pool(
+        "err_431",
+        "round_robin",
+        &[("b", backend.addr, 1)],
+        "",
+    ))
+    .await;
     let big = "a".repeat(70 * 1024);
     let request = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
     let response = raw(running.addr("http").unwrap(), request.as_bytes()).await;
@@ -143,13 +200,23 @@ async fn oversized_request_head_is_431() {
 #[tokio::test]
 async fn body_over_max_body_bytes_is_413() {
     let backend = counting_backend().await;
-    let toml = single_pool("err_413", "round_robin", &[("b", backend.addr, 1)], "")
-        .replace("bind = \"127.0.0.1:0\"\n[admin]", "bind = \"127.0.0.1:0\"\nmax_body_bytes = 1000\n[admin]");
+    let toml = single_pool("err_413", "round_robin", &[("b", backend.addr, 1)], "").replace(
+        "bind = \"127.0.0.1:0\"\n[admin]",
+        "bind = \"127.0.0.1:0\"\nmax_body_bytes = 1000\n[admin]",
+    );
     let running = balancer(&toml).await;
-    let req = Request::post(url(&running, "/")).body(full(vec![b'x'; 1001])).unwrap();
+    let req = Request::post(url(&running, "/"))
+        .body(full(vec![b'x'; 1001]))
+        .unwrap();
     assert_eq!(send(&client(), req).await.status, 413);
-    assert_eq!(backend.requests(), 0, "a declared oversize body is refused before any backend");
-    let req = Request::post(url(&running, "/")).body(full(vec![b'x'; 1000])).unwrap();
+    assert_eq!(
+        backend.requests(),
+        0,
+        "a declared oversize body is refused before any backend"
+    );
+    let req = Request::post(url(&running, "/"))
+        .body(full(vec![b'x'; 1000]))
+        .unwrap();
     assert_eq!(send(&client(), req).await.status, 200);
 }
 
@@ -161,29 +228,58 @@ async fn no_matching_route_is_404() {
         single_pool("err_404", "round_robin", &[("b", backend.addr, 1)], "")
     );
     let running = balancer(&toml).await;
-    let req = Request::get(url(&running, "/")).header("host", "www.example.com").body(empty()).unwrap();
+    let req = Request::get(url(&running, "/"))
+        .header("host", "www.example.com")
+        .body(empty())
+        .unwrap();
     assert_eq!(send(&client(), req).await.status, 404);
-    let req = Request::get(url(&running, "/")).header("host", "API.example.com:80").body(empty()).unwrap();
+    let req = Request::get(url(&running, "/"))
+        .header("host", "API.example.com:80")
+        .body(empty())
+        .unwrap();
     assert_eq!(send(&client(), req).await.status, 200);
     assert_eq!(backend.requests(), 1);
     let metrics = scrape(&running).await;
-    assert!(series(&metrics, "fulcrum_requests_total{pool=\"none\",backend=\"none\",code=\"404\"}").is_some());
+    assert!(
+        series(
+            &metrics,
+            "fulcrum_requests_total{pool=\"none\",backend=\"none\",code=\"404\"}"
+        )
+        .is_some()
+    );
 }
 
 #[tokio::test]
 async fn a_client_that_never_finishes_its_head_is_cut_off() {
     let backend = counting_backend().await;
-    let toml = single_pool("err_slowloris", "round_robin", &[("b", backend.addr, 1)], "")
-        .replace("bind = \"127.0.0.1:0\"\n[admin]", "bind = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\n[admin]");
+    let toml = single_pool(
+        "err_slowloris",
+        "round_robin",
+        &[("b", backend.addr, 1)],
+        "",
+    )
+    .replace(
+        "bind = \"127.0.0.1:0\"\n[admin]",
+        "bind = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\n[admin]",
+    );
     let running = balancer(&toml).await;
-    let mut stream = TcpStream::connect(running.addr("http").unwrap()).await.unwrap();
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+    let mut stream = TcpStream::connect(running.addr("http").unwrap())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
     let started = Instant::now();
     let mut out = Vec::new();
     tokio::time::timeout(DEADLINE, stream.read_to_end(&mut out))
         .await
         .expect("the balancer closes the connection")
         .ok();
-    assert!(started.elapsed() < Duration::from_secs(3), "closed after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        started.elapsed()
+    );
     assert_eq!(backend.requests(), 0);
 }

@@ -23,17 +23,28 @@ const CHUNK: usize = 64 * 1024;
 const BUFFERED_AT_MOST: u64 = 64 * 1024 * 1024;
 
 fn hex_sha256(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_mib_request_and_response_bodies_arrive_intact() {
     let nodes = webnodes(1).await;
-    let running = balancer(&single_pool("body_10m", "round_robin", &nodes_as_backends(&nodes), "")).await;
+    let running = balancer(&single_pool(
+        "body_10m",
+        "round_robin",
+        &nodes_as_backends(&nodes),
+        "",
+    ))
+    .await;
     let client = client();
 
     let upload: Vec<u8> = (0..TEN_MIB).map(|i| (i * 31 % 251) as u8).collect();
-    let req = Request::post(url(&running, "/echo")).body(full(upload.clone())).unwrap();
+    let req = Request::post(url(&running, "/echo"))
+        .body(full(upload.clone()))
+        .unwrap();
     let reply = send(&client, req).await;
     assert_eq!(reply.status, 200);
     let echo: Value = serde_json::from_slice(&reply.body).unwrap();
@@ -70,7 +81,13 @@ async fn a_1_gib_response_streams_before_the_backend_finishes() {
         }
     })
     .await;
-    let running = balancer(&single_pool("body_1g_down", "round_robin", &[("big", backend.addr, 1)], "")).await;
+    let running = balancer(&single_pool(
+        "body_1g_down",
+        "round_robin",
+        &[("big", backend.addr, 1)],
+        "",
+    ))
+    .await;
 
     let response = client()
         .request(Request::get(url(&running, "/")).body(empty()).unwrap())
@@ -79,20 +96,36 @@ async fn a_1_gib_response_streams_before_the_backend_finishes() {
     let mut body = response.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert!(!first.is_empty());
-    assert!(sent.load(Ordering::SeqCst) < ONE_GIB, "the first bytes waited for the whole body");
+    assert!(
+        sent.load(Ordering::SeqCst) < ONE_GIB,
+        "the first bytes waited for the whole body"
+    );
 
     // Stop reading: backpressure must stop the backend long before the body is done.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stalled_at = sent.load(Ordering::SeqCst);
-    eprintln!("response side: {} KiB in flight for a client that stopped reading", stalled_at / 1024);
-    assert!(stalled_at < BUFFERED_AT_MOST, "{stalled_at} bytes buffered for a client that stopped reading");
+    eprintln!(
+        "response side: {} KiB in flight for a client that stopped reading",
+        stalled_at / 1024
+    );
+    assert!(
+        stalled_at < BUFFERED_AT_MOST,
+        "{stalled_at} bytes buffered for a client that stopped reading"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(sent.load(Ordering::SeqCst) < BUFFERED_AT_MOST);
 
     // Reading resumes and streams on.
     let mut received = first.len() as u64;
     while received < 8 * BUFFERED_AT_MOST / 4 {
-        received += body.frame().await.unwrap().unwrap().into_data().unwrap().len() as u64;
+        received += body
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap()
+            .len() as u64;
     }
     assert!(sent.load(Ordering::SeqCst) >= received);
 }
@@ -116,7 +149,13 @@ async fn a_1_gib_request_reaches_the_backend_while_the_client_still_sends() {
         }
     })
     .await;
-    let running = balancer(&single_pool("body_1g_up", "round_robin", &[("sink", backend.addr, 1)], "")).await;
+    let running = balancer(&single_pool(
+        "body_1g_up",
+        "round_robin",
+        &[("sink", backend.addr, 1)],
+        "",
+    ))
+    .await;
 
     let sent = Arc::new(AtomicU64::new(0));
     let (mut tx, body) = Channel::<Bytes, BoxError>::new(1);
@@ -140,11 +179,20 @@ async fn a_1_gib_request_reaches_the_backend_while_the_client_still_sends() {
     tokio::time::timeout(DEADLINE, first_bytes.notified())
         .await
         .expect("the backend sees the body start");
-    assert!(sent.load(Ordering::SeqCst) < ONE_GIB, "the backend waited for the whole upload");
+    assert!(
+        sent.load(Ordering::SeqCst) < ONE_GIB,
+        "the backend waited for the whole upload"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let held_at = sent.load(Ordering::SeqCst);
-    eprintln!("request side: {} KiB accepted from the client while the backend read nothing", held_at / 1024);
-    assert!(held_at < BUFFERED_AT_MOST, "{held_at} bytes accepted while the backend read nothing");
+    eprintln!(
+        "request side: {} KiB accepted from the client while the backend read nothing",
+        held_at / 1024
+    );
+    assert!(
+        held_at < BUFFERED_AT_MOST,
+        "{held_at} bytes accepted while the backend read nothing"
+    );
     pending.abort();
 }
 
