@@ -72,9 +72,9 @@ pub struct ForwardedFor {
 /// Turns a client request head into the head sent to `backend`: origin-form HTTP/1.1 with the
 /// client's Host preserved, hop-by-hop headers removed and forwarding headers set.
 pub fn upstream_head(parts: &mut request::Parts, backend: &Authority, fwd: ForwardedFor) {
-    // HTTP/2 clients send :authority instead of Host; HTTP/1.1 backends need Host.
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(authority) = parts.uri.authority()
+    // HTTP/2's :authority and an absolute-form request target name the host; Host must agree
+    // (RFC 9112 §3.2.2, RFC 9113 §8.3.1), and HTTP/1.1 backends read Host.
+    if let Some(authority) = parts.uri.authority()
         && let Ok(host) = HeaderValue::from_str(authority.as_str())
     {
         parts.headers.insert(header::HOST, host);
@@ -217,6 +217,19 @@ mod tests {
         assert_eq!(parts.headers["x-forwarded-host"], "example.com:8080");
         assert_eq!(parts.uri, "http://127.0.0.1:9001/path?q=1");
         assert_eq!(parts.version, Version::HTTP_11);
+    }
+
+    #[test]
+    fn absolute_form_target_overrides_host() {
+        let mut parts = http::Request::get("http://real.example/x")
+            .header("host", "spoofed")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        upstream_head(&mut parts, &Authority::from_static("127.0.0.1:9001"), FWD);
+        assert_eq!(parts.headers["host"], "real.example");
+        assert_eq!(parts.uri, "http://127.0.0.1:9001/x");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use tracing::{debug, warn};
 
@@ -112,6 +112,10 @@ impl Router {
 /// Serves one request: the whole request path after the connection layer.
 pub async fn handle(req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
     let started = Instant::now();
+    if req.method() == Method::CONNECT {
+        // A reverse proxy does not open tunnels to arbitrary hosts.
+        return ProxyError::Method.into_response(&conn.listener.router.load().unrouted);
+    }
     let pool = {
         let router = conn.listener.router.load();
         match router.route(request_host(&req), req.uri().path()) {
@@ -197,6 +201,8 @@ fn declared_length(req: &Request<Incoming>) -> Option<u64> {
 pub enum ProxyError {
     #[error("no route matches the request")]
     NoRoute,
+    #[error("CONNECT is not served by a reverse proxy")]
+    Method,
     #[error("no routable backend in the pool")]
     NoBackend,
     #[error("request body exceeds the limit of {limit} bytes")]
@@ -232,6 +238,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::Method => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Connect { .. } | ProxyError::Reset { .. } => StatusCode::BAD_GATEWAY,
@@ -242,7 +249,10 @@ impl ProxyError {
     /// The backend at fault and the `kind` label, for errors that are a backend's doing.
     fn blame(&self) -> Option<(&Node, ErrorKind)> {
         match self {
-            ProxyError::NoRoute | ProxyError::NoBackend | ProxyError::BodyTooLarge { .. } => None,
+            ProxyError::NoRoute
+            | ProxyError::Method
+            | ProxyError::NoBackend
+            | ProxyError::BodyTooLarge { .. } => None,
             ProxyError::Connect { node, .. } => Some((node, ErrorKind::Connect)),
             ProxyError::Reset { node, .. } => Some((node, ErrorKind::Reset)),
             ProxyError::Timeout { node, .. } => Some((node, ErrorKind::Timeout)),

@@ -283,3 +283,19 @@ async fn a_client_that_never_finishes_its_head_is_cut_off() {
     );
     assert_eq!(backend.requests(), 0);
 }
+
+#[tokio::test]
+async fn connect_is_refused_with_405() {
+    let backend = counting_backend().await;
+    let running = balancer(&single_pool(
+        "err_405",
+        "round_robin",
+        &[("b", backend.addr, 1)],
+        "",
+    ))
+    .await;
+    let request = b"CONNECT internal.example:22 HTTP/1.1\r\nHost: internal.example:22\r\n\r\n";
+    let response = raw(running.addr("http").unwrap(), request).await;
+    assert!(response.starts_with("HTTP/1.1 405"), "{response}");
+    assert_eq!(backend.requests(), 0);
+}
