@@ -294,7 +294,7 @@ async fn connect_is_refused_with_405() {
         "",
     ))
     .await;
-    let request = b"CONNECT internal.example:22 HTTP/1.1\r\nHost: internal.example:22\r\n\r\n";
+    let request = b"CONNECT internal.example:22 HTTP/1.1\r\nHost: internal.example:22\r\nConnection: close\r\n\r\n";
     let response = raw(running.addr("http").unwrap(), request).await;
     assert!(response.starts_with("HTTP/1.1 405"), "{response}");
     assert_eq!(backend.requests(), 0);
