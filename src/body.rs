@@ -4,7 +4,7 @@
 //! [`InFlight`] guard, so the node counts as busy until the last byte is sent or the client goes
 //! away (hyper drops the body then), or a small body fulcrum answers itself.
 //! [`RequestBody`] is what backends receive: the client's streamed body, cut off at the
-//! listener's `max_body_bytes`.
+//! listener's `max_body_bytes`, and recoverable for a retry while no byte of it was sent.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
+use tokio::sync::oneshot;
 
 use crate::pool::InFlight;
 
@@ -97,21 +98,57 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
-pin_project! {
-    pub struct RequestBody {
-        #[pin]
-        body: Incoming,
-        limit: Option<u64>,
-        seen: u64,
-    }
+/// The body sent upstream: the client's stream, or nothing.
+///
+/// A body that was never polled is handed back through `giveback` when the client drops it,
+/// which is what happens when connecting to the backend failed: the request can then be retried
+/// on another node with its body intact. Once a byte has been polled the body is committed.
+#[derive(Debug)]
+pub struct RequestBody {
+    body: Option<Incoming>,
+    limit: Option<u64>,
+    seen: u64,
+    polled: bool,
+    giveback: Option<oneshot::Sender<Incoming>>,
 }
 
 impl RequestBody {
+    /// A body that cannot be recovered (used for the last attempt).
     pub fn new(body: Incoming, limit: Option<u64>) -> Self {
         Self {
-            body,
+            body: Some(body),
             limit,
             seen: 0,
+            polled: false,
+            giveback: None,
+        }
+    }
+
+    /// A body that comes back on the returned receiver if it is dropped before being polled.
+    pub fn recoverable(body: Incoming, limit: Option<u64>) -> (Self, oneshot::Receiver<Incoming>) {
+        let (tx, rx) = oneshot::channel();
+        let mut this = Self::new(body, limit);
+        this.giveback = Some(tx);
+        (this, rx)
+    }
+
+    pub fn empty() -> Self {
+        Self {
+            body: None,
+            limit: None,
+            seen: 0,
+            polled: false,
+            giveback: None,
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if !self.polled
+            && let (Some(body), Some(giveback)) = (self.body.take(), self.giveback.take())
+        {
+            let _ = giveback.send(body);
         }
     }
 }
@@ -121,16 +158,20 @@ impl Body for RequestBody {
     type Error = BoxError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let frame = ready!(this.body.poll_frame(cx));
-        if let (Some(Ok(frame)), Some(limit)) = (&frame, *this.limit)
+        let this = &mut *self;
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        this.polled = true;
+        let frame = ready!(Pin::new(body).poll_frame(cx));
+        if let (Some(Ok(frame)), Some(limit)) = (&frame, this.limit)
             && let Some(data) = frame.data_ref()
         {
-            *this.seen += data.len() as u64;
-            if *this.seen > limit {
+            this.seen += data.len() as u64;
+            if this.seen > limit {
                 return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
             }
         }
@@ -138,10 +179,12 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.body.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }

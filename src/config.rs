@@ -690,7 +690,18 @@ impl Validator<'_> {
             &key("idle_pool_timeout"),
             Duration::from_secs(90),
         );
-        let retries = raw.retries.as_ref().map_or(2, |r| *r.get_ref());
+        let retries = match &raw.retries {
+            None => 2,
+            Some(r) if *r.get_ref() as usize >= crate::proxy::MAX_ATTEMPTS => {
+                self.error(
+                    Some(r.span()),
+                    key("retries"),
+                    format!("must be at most {}", crate::proxy::MAX_ATTEMPTS - 1),
+                );
+                2
+            }
+            Some(r) => *r.get_ref(),
+        };
 
         let mut backends = Vec::new();
         let mut names = HashSet::new();

@@ -69,9 +69,10 @@ pub struct ForwardedFor {
     pub rfc7239: bool,
 }
 
-/// Turns a client request head into the head sent to `backend`: origin-form HTTP/1.1 with the
-/// client's Host preserved, hop-by-hop headers removed and forwarding headers set.
-pub fn upstream_head(parts: &mut request::Parts, backend: &Authority, fwd: ForwardedFor) {
+/// Turns a client request head into the head sent upstream: HTTP/1.1 with the client's Host
+/// preserved, hop-by-hop headers removed and forwarding headers set. The URI is left alone;
+/// [`upstream_uri`] makes one per attempt.
+pub fn upstream_head(parts: &mut request::Parts, fwd: ForwardedFor) {
     // HTTP/2's :authority and an absolute-form request target name the host; Host must agree
     // (RFC 9112 §3.2.2, RFC 9113 §8.3.1), and HTTP/1.1 backends read Host.
     if let Some(authority) = parts.uri.authority()
@@ -86,9 +87,13 @@ pub fn upstream_head(parts: &mut request::Parts, backend: &Authority, fwd: Forwa
     // fulcrum already answered `100 Continue` when it started reading the body.
     parts.headers.remove(header::EXPECT);
     set_forwarding(&mut parts.headers, fwd);
+    parts.version = Version::HTTP_11;
+}
 
-    let path = parts
-        .uri
+/// `http://BACKEND/path?query`: the absolute URI the pooled client needs to pick a connection;
+/// it sends the origin form on the wire.
+pub fn upstream_uri(backend: &Authority, client_uri: &Uri) -> Uri {
+    let path = client_uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
@@ -96,8 +101,7 @@ pub fn upstream_head(parts: &mut request::Parts, backend: &Authority, fwd: Forwa
     uri.scheme = Some(Scheme::HTTP);
     uri.authority = Some(backend.clone());
     uri.path_and_query = Some(path);
-    parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a valid URI");
-    parts.version = Version::HTTP_11;
+    Uri::from_parts(uri).expect("scheme, authority and path make a valid URI")
 }
 
 /// Appends the peer to `X-Forwarded-For`, sets `X-Forwarded-Proto` and `X-Forwarded-Host`, and
@@ -197,7 +201,7 @@ mod tests {
             ("trailer", "x-checksum"),
             ("x-kept", "yes"),
         ]);
-        upstream_head(&mut parts, &Authority::from_static("127.0.0.1:9001"), FWD);
+        upstream_head(&mut parts, FWD);
         for gone in [
             "connection",
             "x-secret",
@@ -215,7 +219,10 @@ mod tests {
         assert_eq!(parts.headers["x-kept"], "yes");
         assert_eq!(parts.headers["host"], "example.com:8080");
         assert_eq!(parts.headers["x-forwarded-host"], "example.com:8080");
-        assert_eq!(parts.uri, "http://127.0.0.1:9001/path?q=1");
+        assert_eq!(
+            upstream_uri(&Authority::from_static("127.0.0.1:9001"), &parts.uri),
+            "http://127.0.0.1:9001/path?q=1"
+        );
         assert_eq!(parts.version, Version::HTTP_11);
     }
 
@@ -227,9 +234,12 @@ mod tests {
             .unwrap()
             .into_parts()
             .0;
-        upstream_head(&mut parts, &Authority::from_static("127.0.0.1:9001"), FWD);
+        upstream_head(&mut parts, FWD);
         assert_eq!(parts.headers["host"], "real.example");
-        assert_eq!(parts.uri, "http://127.0.0.1:9001/x");
+        assert_eq!(
+            upstream_uri(&Authority::from_static("127.0.0.1:9001"), &parts.uri),
+            "http://127.0.0.1:9001/x"
+        );
     }
 
     #[test]
@@ -246,7 +256,7 @@ mod tests {
             ("x-forwarded-for", "1.1.1.1"),
             ("x-forwarded-for", "2.2.2.2"),
         ]);
-        upstream_head(&mut parts, &Authority::from_static("b:1"), FWD);
+        upstream_head(&mut parts, FWD);
         assert_eq!(
             parts.headers["x-forwarded-for"],
             "1.1.1.1, 2.2.2.2, 10.0.0.7"
@@ -280,9 +290,12 @@ mod tests {
             .unwrap()
             .into_parts()
             .0;
-        upstream_head(&mut parts, &Authority::from_static("127.0.0.1:9001"), FWD);
+        upstream_head(&mut parts, FWD);
         assert_eq!(parts.headers["cookie"], "a=1; b=2");
         assert_eq!(parts.headers["host"], "shop.example");
-        assert_eq!(parts.uri, "http://127.0.0.1:9001/cart");
+        assert_eq!(
+            upstream_uri(&Authority::from_static("127.0.0.1:9001"), &parts.uri),
+            "http://127.0.0.1:9001/cart"
+        );
     }
 }

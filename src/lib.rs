@@ -26,7 +26,9 @@ pub mod body;
 pub mod config;
 pub mod demo;
 pub mod headers;
+pub mod health;
 pub mod health_report;
+pub mod load;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
@@ -163,6 +165,10 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             );
             addr
         });
+
+    for pool in router.load().pools() {
+        health::spawn_checker(pool.clone(), shutdown.clone());
+    }
 
     let upkeep_stop = shutdown.clone();
     tokio::spawn(async move {

@@ -17,6 +17,10 @@ pub const REQUEST_DURATION: &str = "fulcrum_request_duration_seconds";
 pub const BACKEND_IN_FLIGHT: &str = "fulcrum_backend_in_flight";
 pub const PROXY_ERRORS_TOTAL: &str = "fulcrum_proxy_errors_total";
 pub const DOWNSTREAM_CONNECTIONS: &str = "fulcrum_downstream_connections";
+pub const BACKEND_UP: &str = "fulcrum_backend_up";
+pub const HEALTH_CHECKS_TOTAL: &str = "fulcrum_health_checks_total";
+pub const BACKEND_TRANSITIONS_TOTAL: &str = "fulcrum_backend_transitions_total";
+pub const RETRIES_TOTAL: &str = "fulcrum_retries_total";
 
 /// The `backend` label of answers fulcrum gives itself, and the `pool` label when no route matched.
 pub const NONE: &str = "none";
@@ -130,6 +134,11 @@ pub struct BackendMetrics {
     pub responses: ResponseCounters,
     pub duration: Histogram,
     pub in_flight: Gauge,
+    pub up: Gauge,
+    pub checks_passed: Counter,
+    pub checks_failed: Counter,
+    pub went_up: Counter,
+    pub went_down: Counter,
     connect_errors: Counter,
     timeout_errors: Counter,
     reset_errors: Counter,
@@ -143,6 +152,11 @@ impl BackendMetrics {
             responses: ResponseCounters::new(pool.clone(), backend.clone()),
             duration: histogram!(REQUEST_DURATION, &labels),
             in_flight: gauge!(BACKEND_IN_FLIGHT, &labels),
+            up: gauge!(BACKEND_UP, &labels),
+            checks_passed: counter!(HEALTH_CHECKS_TOTAL, "pool" => pool.to_string(), "backend" => backend.to_string(), "result" => "pass"),
+            checks_failed: counter!(HEALTH_CHECKS_TOTAL, "pool" => pool.to_string(), "backend" => backend.to_string(), "result" => "fail"),
+            went_up: counter!(BACKEND_TRANSITIONS_TOTAL, "pool" => pool.to_string(), "backend" => backend.to_string(), "to" => "up"),
+            went_down: counter!(BACKEND_TRANSITIONS_TOTAL, "pool" => pool.to_string(), "backend" => backend.to_string(), "to" => "down"),
             connect_errors: error(ErrorKind::Connect),
             timeout_errors: error(ErrorKind::Timeout),
             reset_errors: error(ErrorKind::Reset),
@@ -165,6 +179,7 @@ impl BackendMetrics {
 pub struct PoolMetrics {
     pub responses: ResponseCounters,
     pub no_backend: Counter,
+    pub retries: Counter,
 }
 
 impl PoolMetrics {
@@ -173,6 +188,7 @@ impl PoolMetrics {
         Self {
             responses: ResponseCounters::new(pool.clone(), none),
             no_backend: counter!(PROXY_ERRORS_TOTAL, "pool" => pool.to_string(), "backend" => NONE, "kind" => ErrorKind::NoBackend.as_str()),
+            retries: counter!(RETRIES_TOTAL, "pool" => pool.to_string()),
         }
     }
 }

@@ -8,8 +8,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -20,18 +20,36 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::balance::Balancer;
 use crate::body::RequestBody;
-use crate::config::{PoolConfig, Strategy};
+use crate::config::{HealthConfig, PoolConfig, Strategy};
 use crate::metrics::{BackendMetrics, PoolMetrics};
 
 /// The pooled HTTP/1.1 client a pool forwards with.
 pub type UpstreamClient = Client<HttpConnector, RequestBody>;
 
-/// Whether the balancer may send new requests to a node.
+/// What the health checker last concluded about a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Health {
     Up = 0,
     Down = 1,
+    /// Arrived after start: needs `rise` passing checks before its first request.
+    Pending = 2,
+}
+
+/// Passive cool-off after a refused connection: 500 ms, doubling while the node keeps refusing,
+/// at most 8 s. Short enough that a restarted node is retried soon; the checker stays the
+/// authority on up and down.
+const COOL_OFF_BASE_MS: u64 = 500;
+const COOL_OFF_MAX_MS: u64 = 8_000;
+
+/// Share of its weight a node gets at the start of its slow-start window, in permille.
+const SLOW_START_FLOOR_PERMILLE: u64 = 100;
+
+/// Milliseconds since the first call in this process: a cheap clock for atomics.
+pub(crate) fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    // Starts at 1 so that 0 can mean "not set" in the atomics below.
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// A backend's identity and the state that must survive pool swaps.
@@ -41,33 +59,96 @@ pub struct Node {
     health: AtomicU8,
     in_flight: AtomicU32,
     requests: AtomicU64,
+    /// `now_ms()` until which picks skip the node after refused connections; 0 = not cooling.
+    cooling_until_ms: AtomicU64,
+    refusals: AtomicU32,
+    /// `now_ms()` when the node last became routable, while its slow start may last; 0 = full weight.
+    ramp_from_ms: AtomicU64,
     pub metrics: BackendMetrics,
 }
 
 impl Node {
-    fn new(pool: &Arc<str>, name: Arc<str>) -> Self {
+    fn new(pool: &Arc<str>, name: Arc<str>, health: Health) -> Self {
+        let metrics = BackendMetrics::new(pool, &name);
+        metrics.up.set(if health == Health::Up { 1.0 } else { 0.0 });
         Self {
-            metrics: BackendMetrics::new(pool, &name),
+            metrics,
             name,
-            health: AtomicU8::new(Health::Up as u8),
+            health: AtomicU8::new(health as u8),
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
+            cooling_until_ms: AtomicU64::new(0),
+            refusals: AtomicU32::new(0),
+            ramp_from_ms: AtomicU64::new(0),
         }
     }
 
     pub fn health(&self) -> Health {
         match self.health.load(Ordering::Relaxed) {
             0 => Health::Up,
-            _ => Health::Down,
+            1 => Health::Down,
+            _ => Health::Pending,
         }
     }
 
+    /// Records the checker's verdict; a node coming up starts its slow-start ramp.
     pub fn set_health(&self, health: Health) {
-        self.health.store(health as u8, Ordering::Relaxed);
+        let previous = self.health.swap(health as u8, Ordering::Relaxed);
+        if health == Health::Up && previous != Health::Up as u8 {
+            self.ramp_from_ms.store(now_ms(), Ordering::Relaxed);
+            self.cooling_until_ms.store(0, Ordering::Relaxed);
+            self.refusals.store(0, Ordering::Relaxed);
+        }
+        self.metrics
+            .up
+            .set(if health == Health::Up { 1.0 } else { 0.0 });
     }
 
     pub fn is_routable(&self) -> bool {
-        self.health() == Health::Up
+        self.health() == Health::Up && !self.is_cooling()
+    }
+
+    /// In a passive cool-off after refusing connections.
+    pub fn is_cooling(&self) -> bool {
+        let until = self.cooling_until_ms.load(Ordering::Relaxed);
+        until != 0 && now_ms() < until
+    }
+
+    /// A connection to the node was refused: skip it for a while, longer each time in a row.
+    pub fn refused(&self) -> Duration {
+        let streak = self.refusals.fetch_add(1, Ordering::Relaxed).min(16);
+        let cool_off = (COOL_OFF_BASE_MS << streak).min(COOL_OFF_MAX_MS);
+        self.cooling_until_ms
+            .store(now_ms() + cool_off, Ordering::Relaxed);
+        Duration::from_millis(cool_off)
+    }
+
+    /// The node answered: any refusal streak is over. Loads first so the common case writes
+    /// nothing to a cache line other cores read.
+    pub fn answered(&self) {
+        if self.refusals.load(Ordering::Relaxed) != 0 {
+            self.refusals.store(0, Ordering::Relaxed);
+            self.cooling_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The share of its weight the node may take now, in permille: ramps linearly from 10 %
+    /// to 100 % over `slow_start` after the node came (back) up.
+    pub fn weight_permille(&self, slow_start: Option<Duration>) -> u64 {
+        let Some(window) = slow_start else {
+            return 1000;
+        };
+        let from = self.ramp_from_ms.load(Ordering::Relaxed);
+        if from == 0 {
+            return 1000;
+        }
+        let window_ms = window.as_millis().max(1) as u64;
+        let elapsed = now_ms().saturating_sub(from);
+        if elapsed >= window_ms {
+            self.ramp_from_ms.store(0, Ordering::Relaxed);
+            return 1000;
+        }
+        SLOW_START_FLOOR_PERMILLE + (1000 - SLOW_START_FLOOR_PERMILLE) * elapsed / window_ms
     }
 
     /// Requests sent to this node whose response body has not ended yet.
@@ -101,6 +182,10 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub idle_pool_timeout: Duration,
+    /// Extra attempts on other nodes for requests that never reached a backend.
+    pub retries: u32,
+    pub slow_start: Option<Duration>,
+    pub health: HealthConfig,
 }
 
 /// Everything a request needs from a pool, published as one unit.
@@ -115,9 +200,13 @@ pub struct PoolState {
 impl PoolState {
     /// Chooses a routable backend, or `None` when the pool has none (a 503).
     pub fn pick(&self) -> Option<&Backend> {
+        self.pick_excluding(&[]).map(|i| &self.backends[i])
+    }
+
+    /// Chooses a routable backend other than those at the `tried` indices (a retry).
+    pub fn pick_excluding(&self, tried: &[usize]) -> Option<usize> {
         self.balancer
-            .pick(&self.backends)
-            .map(|i| &self.backends[i])
+            .pick(&self.backends, tried, self.settings.slow_start)
     }
 }
 
@@ -131,7 +220,8 @@ pub struct Pool {
 impl Pool {
     pub fn new(name: &str, config: &PoolConfig) -> Self {
         let name: Arc<str> = Arc::from(name);
-        let state = build_state(&name, config, &HashMap::new(), None);
+        // The nodes of the config the process starts with are trusted at once.
+        let state = build_state(&name, config, &HashMap::new(), None, Health::Up);
         Self {
             metrics: PoolMetrics::new(&name),
             name,
@@ -156,7 +246,8 @@ impl Pool {
         let reusable_client = (current.settings.connect_timeout == config.connect_timeout
             && current.settings.idle_pool_timeout == config.idle_pool_timeout)
             .then(|| current.client.clone());
-        let next = build_state(&self.name, config, &nodes, reusable_client);
+        // Newcomers must prove themselves with `rise` passing checks first.
+        let next = build_state(&self.name, config, &nodes, reusable_client, Health::Pending);
         self.state.store(Arc::new(next));
     }
 }
@@ -166,15 +257,15 @@ fn build_state(
     config: &PoolConfig,
     existing: &HashMap<Arc<str>, Arc<Node>>,
     client: Option<UpstreamClient>,
+    newcomer_health: Health,
 ) -> PoolState {
     let backends: Box<[Backend]> = config
         .backends
         .iter()
         .map(|b| {
-            let node = existing
-                .get(b.name.as_str())
-                .cloned()
-                .unwrap_or_else(|| Arc::new(Node::new(pool, Arc::from(b.name.as_str()))));
+            let node = existing.get(b.name.as_str()).cloned().unwrap_or_else(|| {
+                Arc::new(Node::new(pool, Arc::from(b.name.as_str()), newcomer_health))
+            });
             Backend {
                 node,
                 address: b.address,
@@ -189,6 +280,9 @@ fn build_state(
         connect_timeout: config.connect_timeout,
         response_timeout: config.response_timeout,
         idle_pool_timeout: config.idle_pool_timeout,
+        retries: config.retries,
+        slow_start: config.slow_start,
+        health: config.health.clone(),
     };
     PoolState {
         balancer: Balancer::new(config.strategy, &backends),
@@ -227,7 +321,7 @@ impl InFlight {
         Self { node, started }
     }
 
-    pub fn node(&self) -> &Node {
+    pub fn node(&self) -> &Arc<Node> {
         &self.node
     }
 }
@@ -243,7 +337,7 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BackendConfig, HealthConfig};
+    use crate::config::BackendConfig;
 
     fn pool_config(backends: &[(&str, u16, u32)]) -> PoolConfig {
         PoolConfig {
@@ -296,6 +390,10 @@ mod tests {
         assert_eq!(snapshot.backends[0].node.in_flight(), 1);
         drop(guard);
         assert_eq!(a.in_flight(), 0);
-        assert_eq!(snapshot.backends[1].node.health(), Health::Up);
+        assert_eq!(
+            snapshot.backends[1].node.health(),
+            Health::Pending,
+            "a newcomer waits for rise"
+        );
     }
 }

@@ -18,6 +18,7 @@ use crate::config::{Config, strip_port};
 use crate::headers::{self, ForwardedFor};
 use crate::metrics::{ErrorKind, NONE, ResponseCounters};
 use crate::pool::{InFlight, Node, Pool};
+use http_body::Body as _;
 
 /// What one listener tells the proxy path about its connections.
 #[derive(Debug)]
@@ -129,6 +130,10 @@ pub async fn handle(req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBo
     }
 }
 
+/// At most this many attempts per request, whatever `retries` says: the list of tried nodes
+/// lives on the stack.
+pub const MAX_ATTEMPTS: usize = 8;
+
 async fn forward(
     req: Request<Incoming>,
     pool: &Pool,
@@ -142,42 +147,101 @@ async fn forward(
         return Err(ProxyError::BodyTooLarge { limit });
     }
 
-    let state = pool.snapshot();
-    let Some(backend) = state.pick() else {
-        pool.metrics.no_backend.increment(1);
-        return Err(ProxyError::NoBackend);
-    };
-    let in_flight = InFlight::start(backend.node.clone(), started);
-
     let (mut head, body) = req.into_parts();
     let fwd = ForwardedFor {
         peer: conn.peer.ip(),
         proto: conn.listener.proto,
         rfc7239: conn.listener.forwarded,
     };
-    headers::upstream_head(&mut head, &backend.authority, fwd);
-    let upstream = Request::from_parts(head, RequestBody::new(body, limit));
+    headers::upstream_head(&mut head, fwd);
+    let bodiless = body.is_end_stream();
+    let mut body = (!bodiless).then_some(body);
+    // Safe to repeat after a backend dropped the connection mid-exchange (RFC 9110 §9.2.2).
+    let idempotent = matches!(
+        head.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
 
-    let timeout = state.settings.response_timeout;
-    let node = &backend.node;
-    let response = match tokio::time::timeout(timeout, state.client.request(upstream)).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(source)) => return Err(ProxyError::upstream(node.clone(), source)),
-        Err(_) => {
-            return Err(ProxyError::Timeout {
+    let state = pool.snapshot();
+    let attempts = (state.settings.retries as usize + 1).min(MAX_ATTEMPTS);
+    let mut tried = [0usize; MAX_ATTEMPTS];
+    let mut failed: Option<ProxyError> = None;
+    for attempt in 0..attempts {
+        let Some(index) = state.pick_excluding(&tried[..attempt]) else {
+            break;
+        };
+        if let Some(previous) = failed.take() {
+            // The failure is hidden from the client: count it here, not in the funnel.
+            previous.count();
+            pool.metrics.retries.increment(1);
+            debug!(pool = %pool.name, error = %ErrorChain(&previous), "retrying on another backend");
+        }
+        tried[attempt] = index;
+        let backend = &state.backends[index];
+        let node = &backend.node;
+        let last = attempt + 1 == attempts;
+        let (upstream_body, giveback) = match body.take() {
+            None => (RequestBody::empty(), None),
+            Some(b) if last => (RequestBody::new(b, limit), None),
+            Some(b) => {
+                let (b, giveback) = RequestBody::recoverable(b, limit);
+                (b, Some(giveback))
+            }
+        };
+        let mut upstream = Request::new(upstream_body);
+        *upstream.method_mut() = head.method.clone();
+        *upstream.uri_mut() = headers::upstream_uri(&backend.authority, &head.uri);
+        *upstream.version_mut() = head.version;
+        *upstream.headers_mut() = if last {
+            std::mem::take(&mut head.headers)
+        } else {
+            head.headers.clone()
+        };
+
+        let in_flight = InFlight::start(node.clone(), started);
+        let timeout = state.settings.response_timeout;
+        let error = match tokio::time::timeout(timeout, state.client.request(upstream)).await {
+            Ok(Ok(response)) => {
+                node.answered();
+                let (mut head, body) = response.into_parts();
+                headers::remove_hop_by_hop(&mut head.headers, false);
+                node.metrics.responses.record(head.status.as_u16());
+                return Ok(Response::from_parts(
+                    head,
+                    ProxyBody::upstream(body, in_flight),
+                ));
+            }
+            Ok(Err(source)) => ProxyError::upstream(node.clone(), source),
+            Err(_) => ProxyError::Timeout {
                 node: node.clone(),
                 after: timeout,
-            });
+            },
+        };
+        // Only a request no backend has seen may go elsewhere: nothing was sent over a refused
+        // connection, and an idempotent request without a body may be repeated.
+        let recovered = giveback.and_then(|mut g| g.try_recv().ok());
+        let retryable = match &error {
+            ProxyError::Connect { node, .. } => {
+                let cool_off = node.refused();
+                debug!(backend = %node.name, ?cool_off, "backend refused; cooling off");
+                bodiless || recovered.is_some()
+            }
+            ProxyError::Reset { .. } => idempotent && bodiless,
+            _ => false,
+        };
+        if !retryable {
+            return Err(error);
         }
-    };
-
-    let (mut head, body) = response.into_parts();
-    headers::remove_hop_by_hop(&mut head.headers, false);
-    node.metrics.responses.record(head.status.as_u16());
-    Ok(Response::from_parts(
-        head,
-        ProxyBody::upstream(body, in_flight),
-    ))
+        body = recovered;
+        failed = Some(error);
+    }
+    match failed {
+        Some(error) => Err(error),
+        None => {
+            pool.metrics.no_backend.increment(1);
+            Err(ProxyError::NoBackend)
+        }
+    }
 }
 
 /// The host a request is for: the URI's authority (HTTP/2, absolute-form) or its Host header.
@@ -259,12 +323,19 @@ impl ProxyError {
         }
     }
 
+    /// Counts the failure against the backend at fault, if any.
+    fn count(&self) {
+        if let Some((node, kind)) = self.blame() {
+            node.metrics.error(kind);
+        }
+    }
+
     /// The one funnel: status, metrics and a log line for every failed request.
     fn into_response(self, unattributed: &ResponseCounters) -> Response<ProxyBody> {
         let status = self.status();
+        self.count();
         match self.blame() {
             Some((node, kind)) => {
-                node.metrics.error(kind);
                 node.metrics.responses.record(status.as_u16());
                 warn!(backend = %node.name, kind = kind.as_str(), status = status.as_u16(), error = %ErrorChain(&self), "upstream request failed");
             }

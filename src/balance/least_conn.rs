@@ -5,6 +5,7 @@
 //! common case at low load), concurrent picks spread instead of herding onto the first.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use crate::pool::Backend;
 
@@ -18,7 +19,12 @@ impl LeastConnections {
         Self::default()
     }
 
-    pub fn pick(&self, backends: &[Backend]) -> Option<usize> {
+    pub fn pick(
+        &self,
+        backends: &[Backend],
+        tried: &[usize],
+        slow_start: Option<Duration>,
+    ) -> Option<usize> {
         let len = backends.len();
         if len == 0 {
             return None;
@@ -33,11 +39,12 @@ impl LeastConnections {
                 start + offset - len
             };
             let backend = &backends[index];
-            if !backend.node.is_routable() {
+            if !backend.node.is_routable() || tried.contains(&index) {
                 continue;
             }
             let load = u64::from(backend.node.in_flight()) + 1;
-            let weight = u64::from(backend.weight);
+            // Permille of the weight: slow start scales it down while a node ramps up.
+            let weight = u64::from(backend.weight) * backend.node.weight_permille(slow_start);
             // load / weight < best_load / best_weight, without division.
             if best
                 .is_none_or(|(_, best_load, best_weight)| load * best_weight < best_load * weight)

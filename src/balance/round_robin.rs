@@ -6,6 +6,7 @@
 //! over any window of sum(weights) consecutive picks, every node gets exactly its weight.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use crate::pool::Backend;
 
@@ -25,19 +26,40 @@ impl RoundRobin {
         }
     }
 
-    pub fn pick(&self, backends: &[Backend]) -> Option<usize> {
+    pub fn pick(
+        &self,
+        backends: &[Backend],
+        tried: &[usize],
+        slow_start: Option<Duration>,
+    ) -> Option<usize> {
         let len = self.cycle.len();
+        // A node ramping up after slow start takes only some of its turns; if every candidate
+        // declined, the first of them still beats a 503.
+        let mut declined = None;
         // Skipping unroutable nodes keeps the others in their relative order; after one full
         // cycle of misses nothing is routable.
         for _ in 0..len {
-            let turn = self.cursor.fetch_add(1, Ordering::Relaxed) % len;
-            let index = self.cycle[turn] as usize;
-            if backends[index].node.is_routable() {
-                return Some(index);
+            let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
+            let index = self.cycle[turn % len] as usize;
+            let node = &backends[index].node;
+            if !node.is_routable() || tried.contains(&index) {
+                continue;
             }
+            let permille = node.weight_permille(slow_start);
+            if permille < 1000 && scramble(turn) % 1000 >= permille {
+                declined.get_or_insert(index);
+                continue;
+            }
+            return Some(index);
         }
-        None
+        declined
     }
+}
+
+/// Spreads consecutive turn numbers over 0..u64::MAX (a Fibonacci hash), so a ramping node's
+/// accepted turns are scattered through the cycle without a random number generator.
+fn scramble(turn: usize) -> u64 {
+    (turn as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20
 }
 
 /// One cycle of smooth weighted round robin over `weights`, reduced by their gcd.

@@ -1,0 +1,324 @@
+//! Active health checks: one task per node, supervised per pool.
+//!
+//! A node task sends `GET path` every `interval` (its first check at a random offset, so a large
+//! pool is not checked in lock-step), feeds each verdict to a [`Counter`] and publishes a
+//! transition by storing the node's health atomic, which is all the request path reads. The
+//! counter is conservative: `fall` consecutive failures take a node out and `rise` consecutive
+//! passes bring it back, so one slow check never flaps a node.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode, header};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::HealthConfig;
+use crate::pool::{Backend, Health, Pool};
+
+/// Health answers larger than this are judged by status alone.
+const MAX_HEALTH_BODY: usize = 64 * 1024;
+
+/// The outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Fail(String),
+}
+
+/// A node's consecutive-result counter: the whole up/down decision, as a pure state machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counter {
+    up: bool,
+    passes: u32,
+    failures: u32,
+}
+
+impl Counter {
+    pub fn new(up: bool) -> Self {
+        Self {
+            up,
+            passes: 0,
+            failures: 0,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    /// Records one check; returns the new state when this check changed it.
+    pub fn record(&mut self, passed: bool, rise: u32, fall: u32) -> Option<bool> {
+        if passed {
+            self.failures = 0;
+            self.passes = self.passes.saturating_add(1);
+            if !self.up && self.passes >= rise {
+                self.up = true;
+                return Some(true);
+            }
+        } else {
+            self.passes = 0;
+            self.failures = self.failures.saturating_add(1);
+            if self.up && self.failures >= fall {
+                self.up = false;
+                return Some(false);
+            }
+        }
+        None
+    }
+}
+
+/// The client checks go through: keep-alive, so a check reuses the node's connection.
+type CheckClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// Starts checking every node of `pool` until `shutdown`. Nodes that join the pool later get
+/// a task at the next supervision tick; a node's task ends when it leaves the pool.
+pub fn spawn_checker(pool: Arc<Pool>, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tasks: HashMap<Arc<str>, CancellationToken> = HashMap::new();
+        let mut ticker = tokio::time::interval(pool.snapshot().settings.health.interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = shutdown.cancelled() => break,
+            }
+            let snapshot = pool.snapshot();
+            tasks.retain(|name, token| {
+                let present = snapshot.backends.iter().any(|b| &b.node.name == name);
+                if !present {
+                    token.cancel();
+                }
+                present
+            });
+            for backend in snapshot.backends.iter() {
+                if !tasks.contains_key(&backend.node.name) {
+                    let token = shutdown.child_token();
+                    tasks.insert(backend.node.name.clone(), token.clone());
+                    tokio::spawn(check_node(pool.clone(), backend.node.name.clone(), token));
+                }
+            }
+        }
+    });
+}
+
+async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
+    let mut settings = pool.snapshot().settings.health.clone();
+    let mut client = check_client(&settings);
+    // A random first offset within one interval spreads a pool's checks over time.
+    let jitter =
+        std::collections::hash_map::RandomState::new().hash_one(&*name) % interval_ms(&settings);
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_millis(jitter)) => {}
+        () = stop.cancelled() => return,
+    }
+    let mut counter: Option<Counter> = None;
+    let mut ticker = tokio::time::interval(settings.interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let snapshot = pool.snapshot();
+        let Some(backend) = snapshot.backends.iter().find(|b| b.node.name == name) else {
+            return;
+        };
+        if snapshot.settings.health != settings {
+            // A reload changed the checks: adopt the new interval, timeout and path.
+            settings = snapshot.settings.health.clone();
+            client = check_client(&settings);
+            ticker = tokio::time::interval(settings.interval);
+            ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        }
+        let node = &backend.node;
+        let counter = counter.get_or_insert_with(|| Counter::new(node.health() == Health::Up));
+        let verdict = check(&client, backend, &settings).await;
+        let passed = verdict == Verdict::Pass;
+        if passed {
+            node.metrics.checks_passed.increment(1);
+        } else {
+            node.metrics.checks_failed.increment(1);
+        }
+        if let Some(up) = counter.record(passed, settings.rise, settings.fall) {
+            transition(&pool.name, backend, up, &verdict, &settings);
+        }
+    }
+}
+
+fn transition(pool: &str, backend: &Backend, up: bool, verdict: &Verdict, settings: &HealthConfig) {
+    let node = &backend.node;
+    if up {
+        node.set_health(Health::Up);
+        node.metrics.went_up.increment(1);
+        info!(pool, backend = %node.name, address = %backend.address, to = "up", passes = settings.rise, "backend is up");
+    } else {
+        node.set_health(Health::Down);
+        node.metrics.went_down.increment(1);
+        warn!(pool, backend = %node.name, address = %backend.address, to = "down", failures = settings.fall, reason = %verdict, "backend is down");
+    }
+}
+
+fn interval_ms(settings: &HealthConfig) -> u64 {
+    (settings.interval.as_millis() as u64).max(1)
+}
+
+fn check_client(settings: &HealthConfig) -> CheckClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(settings.timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_max_idle_per_host(1)
+        // Idle longer than two intervals means checks stopped; don't keep the socket.
+        .pool_idle_timeout(settings.interval * 2 + Duration::from_secs(1))
+        .build(connector)
+}
+
+/// One check: 2xx, and when the body is JSON with a `status` field, `"UP"`.
+async fn check(client: &CheckClient, backend: &Backend, settings: &HealthConfig) -> Verdict {
+    let uri = format!("http://{}{}", backend.address, settings.path);
+    let request = match Request::get(uri)
+        .header(header::HOST, backend.authority.as_str())
+        .header(header::USER_AGENT, "fulcrum-health")
+        .body(Empty::new())
+    {
+        Ok(request) => request,
+        Err(e) => return Verdict::Fail(format!("bad check request: {e}")),
+    };
+    let exchange = async {
+        let response = client.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                format!("connect failed: {}", root_cause(&e))
+            } else {
+                format!("request failed: {}", root_cause(&e))
+            }
+        })?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_HEALTH_BODY)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Ok::<_, String>((status, body))
+    };
+    match tokio::time::timeout(settings.timeout, exchange).await {
+        Err(_) => Verdict::Fail(format!("no answer within {:?}", settings.timeout)),
+        Ok(Err(reason)) => Verdict::Fail(reason),
+        Ok(Ok((status, body))) => judge(status, &body),
+    }
+}
+
+/// The pass rule of the contract, on an answer already received.
+pub fn judge(status: StatusCode, body: &[u8]) -> Verdict {
+    if !status.is_success() {
+        return Verdict::Fail(format!("status {}", status.as_u16()));
+    }
+    if let Ok(json) = serde_json::from_slice::<serde_json::Value>(body)
+        && let Some(reported) = json.get("status")
+    {
+        return match reported.as_str() {
+            Some("UP") => Verdict::Pass,
+            Some(other) => Verdict::Fail(format!("reports status {other}")),
+            None => Verdict::Fail(format!("reports status {reported}")),
+        };
+    }
+    Verdict::Pass
+}
+
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Pass => f.write_str("pass"),
+            Verdict::Fail(reason) => f.write_str(reason),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn three_failures_take_a_node_out_and_three_passes_bring_it_back() {
+        let mut c = Counter::new(true);
+        assert_eq!(c.record(false, 3, 3), None);
+        assert_eq!(c.record(false, 3, 3), None);
+        assert_eq!(c.record(false, 3, 3), Some(false));
+        assert_eq!(c.record(false, 3, 3), None, "already down");
+        assert_eq!(c.record(true, 3, 3), None);
+        assert_eq!(c.record(true, 3, 3), None);
+        assert_eq!(c.record(true, 3, 3), Some(true));
+    }
+
+    #[test]
+    fn alternating_results_never_flap() {
+        let mut c = Counter::new(true);
+        for i in 0..100 {
+            assert_eq!(c.record(i % 2 == 0, 3, 3), None);
+        }
+        assert!(c.is_up());
+        let mut c = Counter::new(false);
+        for i in 0..100 {
+            assert_eq!(
+                c.record(i % 3 != 0, 3, 3),
+                None,
+                "two passes then a failure never rise"
+            );
+        }
+        assert!(!c.is_up());
+    }
+
+    #[test]
+    fn a_pending_node_needs_rise_passes() {
+        let mut c = Counter::new(false);
+        assert_eq!(c.record(true, 2, 3), None);
+        assert_eq!(c.record(true, 2, 3), Some(true));
+    }
+
+    #[test]
+    fn judge_reads_status_and_the_seed_body() {
+        assert_eq!(judge(StatusCode::OK, b"ok"), Verdict::Pass);
+        assert_eq!(judge(StatusCode::NO_CONTENT, b""), Verdict::Pass);
+        assert_eq!(
+            judge(StatusCode::OK, br#"{"status":"UP","x":1}"#),
+            Verdict::Pass
+        );
+        assert_eq!(
+            judge(StatusCode::OK, br#"{"other":"field"}"#),
+            Verdict::Pass
+        );
+        assert!(
+            matches!(judge(StatusCode::OK, br#"{"status":"DOWN"}"#), Verdict::Fail(r) if r.contains("DOWN"))
+        );
+        assert!(matches!(
+            judge(StatusCode::OK, br#"{"status":"DRAINING"}"#),
+            Verdict::Fail(_)
+        ));
+        assert!(matches!(
+            judge(StatusCode::OK, br#"{"status":false}"#),
+            Verdict::Fail(_)
+        ));
+        assert!(
+            matches!(judge(StatusCode::INTERNAL_SERVER_ERROR, b"{\"status\":\"UP\"}"), Verdict::Fail(r) if r == "status 500")
+        );
+    }
+}
