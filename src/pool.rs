@@ -365,6 +365,50 @@ mod tests {
         }
     }
 
+    #[test]
+    fn refusals_cool_a_node_off_longer_each_time_until_it_answers() {
+        let pool = Pool::new("cool-test", &pool_config(&[("a", 1, 1)]));
+        let node = pool.snapshot().backends[0].node.clone();
+        assert!(node.is_routable());
+        assert_eq!(node.refused(), Duration::from_millis(500));
+        assert!(node.is_cooling() && !node.is_routable());
+        assert_eq!(node.refused(), Duration::from_millis(1000));
+        assert_eq!(node.refused(), Duration::from_millis(2000));
+        for _ in 0..10 {
+            node.refused();
+        }
+        assert_eq!(node.refused(), Duration::from_millis(COOL_OFF_MAX_MS));
+        node.answered();
+        assert!(node.is_routable());
+        assert_eq!(
+            node.refused(),
+            Duration::from_millis(500),
+            "the streak starts over"
+        );
+    }
+
+    #[test]
+    fn slow_start_ramps_from_a_tenth_to_full_weight() {
+        let pool = Pool::new("ramp-test", &pool_config(&[("a", 1, 1)]));
+        let node = pool.snapshot().backends[0].node.clone();
+        let window = Some(Duration::from_millis(1000));
+        assert_eq!(
+            node.weight_permille(window),
+            1000,
+            "config nodes start at full weight"
+        );
+        node.set_health(Health::Down);
+        node.set_health(Health::Up);
+        let early = node.weight_permille(window);
+        assert!((100..500).contains(&early), "{early}");
+        assert_eq!(node.weight_permille(None), 1000, "no slow_start, no ramp");
+        std::thread::sleep(Duration::from_millis(300));
+        let middle = node.weight_permille(window);
+        assert!(middle > early && middle < 1000, "{early} then {middle}");
+        std::thread::sleep(Duration::from_millis(800));
+        assert_eq!(node.weight_permille(window), 1000);
+    }
+
     #[tokio::test]
     async fn replace_keeps_state_of_unchanged_names() {
         let pool = Pool::new("replace-test", &pool_config(&[("a", 1, 1), ("b", 2, 1)]));
