@@ -41,6 +41,8 @@ enum Command {
         #[arg(long)]
         id: String,
     },
+    /// Session-aware traffic simulator: virtual users with cookie jars and source IPs.
+    Load(fulcrum::load::LoadArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -62,6 +64,13 @@ fn main() -> ExitCode {
                 id,
             }))
             .context("web node failed")
+        }),
+        Command::Load(args) => runtime().and_then(|rt| {
+            let report = rt
+                .block_on(fulcrum::load::run(&args))
+                .context("load run could not start")?;
+            println!("{}", fulcrum::load::render(&report, &args)?);
+            Ok(())
         }),
     };
     match result {

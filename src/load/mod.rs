@@ -1,0 +1,494 @@
+//! `fulcrum load`: a session-aware traffic simulator for drills against a balancer.
+//!
+//! Virtual users each own a cookie jar and a keep-alive HTTP/1.1 connection pool (optionally
+//! bound to their own source address), so a balancer sees them as distinct clients with
+//! distinct sessions. A run is bounded by `--duration` and optionally `--requests`, and stops
+//! by itself: requests still in flight at the deadline are cut off and counted as unfinished.
+//!
+//! - Closed loop (default): each user sends its next request when the previous one finished.
+//! - Open loop (`--rate R`): request `k` leaves at `start + k/R` from user `k % users`, whether
+//!   or not that user's earlier requests were answered, so a dead or slow backend cannot lower
+//!   the offered load (no coordinated omission).
+//!
+//! What the run saw becomes a [`Report`] (see `report.rs`); `chart.rs` draws its timeline.
+
+mod chart;
+mod jar;
+mod report;
+mod source_ips;
+
+use std::error::Error as StdError;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{COOKIE, HeaderValue, USER_AGENT};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Uri};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::info;
+
+pub use chart::write_svg;
+pub use jar::Jar;
+pub use report::{ErrorCounts, Latency, Mode, NO_NODE, NodeCount, Report, Second, Sessions};
+pub use source_ips::{SourceIps, SourceIpsError};
+
+use report::{ErrorKind, Recorder, RunInfo};
+
+/// One scheduler task spawns at most a few million requests per second on any machine, and
+/// each waiting request holds memory; past this a typo (`--rate 1e9`) would only exhaust RAM.
+const MAX_RATE: f64 = 1_000_000.0;
+
+const USER_AGENT_VALUE: &str = concat!("fulcrum-load/", env!("CARGO_PKG_VERSION"));
+
+/// `fulcrum load`: what to send, for how long, and how to report it.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+#[command(after_help = "\
+Examples:
+  fulcrum load --url http://127.0.0.1:8080/ --users 50 --duration 30s
+  fulcrum load --url http://127.0.0.1:8080/ --rate 500 --duration 60s --svg drill.svg --json
+  fulcrum load --url http://127.0.0.1:8080/ --source-ips 127.0.0.2-127.0.1.250 --users 500
+
+Exits 0 once the run ended (failed requests are in the report), 1 if it could not start.")]
+pub struct LoadArgs {
+    /// Target URL, path included (http only), e.g. http://127.0.0.1:8080/
+    #[arg(long)]
+    pub url: String,
+    /// Rotate through these paths (and queries) on the URL's host instead of its own path;
+    /// repeat the flag for several.
+    #[arg(long = "path", value_name = "PATH")]
+    pub paths: Vec<String>,
+    /// Virtual users: each has its own cookie jar and keep-alive connection pool.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub users: u32,
+    /// Stop after this long (e.g. 500ms, 30s, 2m).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Stop after this many requests, if that comes before --duration.
+    #[arg(long, value_name = "N")]
+    pub requests: Option<u64>,
+    /// Open loop: send this many requests per second in total, on a fixed schedule, whatever
+    /// the answers take. Without it, each user waits for an answer before its next request.
+    #[arg(long, value_name = "REQ_PER_S")]
+    pub rate: Option<f64>,
+    /// Per request, until the whole body arrived; counted as a `timeout` error.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Bind user i's connections to the i-th address of this range, wrapping around
+    /// (e.g. 127.0.0.2-127.0.1.250; all of 127/8 is loopback on Linux).
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub source_ips: Option<SourceIps>,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the timeline as an SVG line chart to this file.
+    #[arg(long, value_name = "PATH")]
+    pub svg: Option<PathBuf>,
+    /// The chart's title.
+    #[arg(long, default_value = "fulcrum load")]
+    pub title: String,
+}
+
+impl LoadArgs {
+    /// The defaults of the command line, for `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        LoadArgs {
+            url: url.into(),
+            paths: Vec::new(),
+            users: 10,
+            duration: Duration::from_secs(10),
+            requests: None,
+            rate: None,
+            timeout: Duration::from_secs(5),
+            source_ips: None,
+            json: false,
+            svg: None,
+            title: "fulcrum load".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("--url `{url}` is not a URL")]
+    Url {
+        url: String,
+        #[source]
+        source: http::uri::InvalidUri,
+    },
+    #[error("--url `{0}` must be an absolute http:// URL (https is not supported yet)")]
+    NotHttp(String),
+    #[error("--path `{path}` is not a valid path")]
+    Path {
+        path: String,
+        #[source]
+        source: http::uri::InvalidUri,
+    },
+    #[error("--rate must be a number of requests per second above 0 and at most 1000000 (got {0})")]
+    Rate(f64),
+    #[error("--users must be at least 1")]
+    NoUsers,
+    #[error("--duration must be longer than 0")]
+    NoDuration,
+    #[error("--duration {0:?} is longer than this clock can count")]
+    LongDuration(Duration),
+    #[error("--source-ips {ips} and the target {target} are different IP versions")]
+    SourceFamily { ips: SourceIps, target: IpAddr },
+    #[error("writing the chart to {path}")]
+    Chart {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn StdError + Send + Sync>,
+    },
+    #[error("writing the report as JSON")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Runs the simulation described by `args` until its duration or request count is reached.
+/// Errors are returned only when the run cannot start; failed requests are in the report.
+pub async fn run(args: &LoadArgs) -> Result<Report, LoadError> {
+    let target = Target::new(&args.url, &args.paths)?;
+    let users = usize::try_from(args.users).unwrap_or(usize::MAX);
+    if users == 0 {
+        return Err(LoadError::NoUsers);
+    }
+    if args.duration.is_zero() {
+        return Err(LoadError::NoDuration);
+    }
+    if let Some(rate) = args.rate
+        && !(rate > 0.0 && rate <= MAX_RATE)
+    {
+        return Err(LoadError::Rate(rate));
+    }
+    if let (Some(ips), Some(host)) = (args.source_ips, target.ip_host())
+        && ips.is_ipv4() != host.is_ipv4()
+    {
+        return Err(LoadError::SourceFamily { ips, target: host });
+    }
+
+    let mode = if args.rate.is_some() {
+        Mode::Open
+    } else {
+        Mode::Closed
+    };
+    info!(url = %args.url, users, ?mode, rate = ?args.rate, duration = ?args.duration,
+        requests = ?args.requests, "load run starting");
+    let users: Vec<Arc<User>> = (0..users)
+        .map(|i| Arc::new(User::new(args.source_ips.map(|ips| ips.nth(i)))))
+        .collect();
+    let started_at = SystemTime::now();
+    let start = Instant::now();
+    let shared = Arc::new(Shared {
+        target,
+        timeout: args.timeout,
+        deadline: start
+            .checked_add(args.duration)
+            .ok_or(LoadError::LongDuration(args.duration))?,
+        limit: args.requests,
+        issued: AtomicU64::new(0),
+        recorder: Mutex::new(Recorder::new(start.into_std())),
+    });
+
+    let mut tasks = JoinSet::new();
+    match args.rate {
+        None => {
+            for user in &users {
+                let (shared, user) = (shared.clone(), user.clone());
+                tasks.spawn(async move {
+                    while Instant::now() < shared.deadline {
+                        let Some(k) = shared.ticket() else { break };
+                        request(&shared, &user, k).await;
+                    }
+                });
+            }
+        }
+        Some(rate) => {
+            // Scheduling from `start` rather than from the previous send keeps the rate exact:
+            // a late wake-up is caught up at once instead of shifting every later request.
+            while let Some(k) = shared.ticket() {
+                let at = Duration::try_from_secs_f64(k as f64 / rate)
+                    .ok()
+                    .and_then(|offset| start.checked_add(offset));
+                let Some(at) = at.filter(|at| *at < shared.deadline) else {
+                    break;
+                };
+                if Instant::now() >= shared.deadline {
+                    break;
+                }
+                tokio::time::sleep_until(at).await;
+                let (shared, user) = (shared.clone(), users[k as usize % users.len()].clone());
+                tasks.spawn(async move { request(&shared, &user, k).await });
+                // Reap what finished so a long run does not keep a handle per request.
+                while let Some(done) = tasks.try_join_next() {
+                    propagate_panic(done);
+                }
+            }
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        propagate_panic(done);
+    }
+    let ended = Instant::now();
+
+    let mut sessions = Sessions::default();
+    for user in &users {
+        let switches = user.state().switches;
+        sessions.switches += switches;
+        sessions.users_switched += usize::from(switches > 0);
+    }
+    let shared = Arc::into_inner(shared).expect("every request task has finished");
+    let recorder = shared
+        .recorder
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner);
+    let report = recorder.finish(RunInfo {
+        url: args.url.clone(),
+        paths: args.paths.clone(),
+        mode,
+        target_rate: args.rate,
+        users: users.len(),
+        started_at,
+        ended: ended.into_std(),
+        sessions,
+    });
+    info!(
+        requests = report.requests,
+        errors = report.errors.total,
+        unfinished = report.unfinished,
+        "load run finished"
+    );
+    Ok(report)
+}
+
+/// Request tasks are never cancelled, so a task error is a panic: a bug, raised again here.
+fn propagate_panic(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done
+        && e.is_panic()
+    {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// What the command line prints: writes the `--svg` chart if asked, then returns the report as
+/// a table, or as JSON with `--json`.
+pub fn render(report: &Report, args: &LoadArgs) -> Result<String, LoadError> {
+    if let Some(path) = &args.svg {
+        write_svg(report, path, &args.title)?;
+    }
+    if args.json {
+        Ok(serde_json::to_string_pretty(report)?)
+    } else {
+        Ok(report.to_table())
+    }
+}
+
+/// The URL(s) requests go to: one per `--path`, or the URL itself.
+struct Target {
+    uris: Vec<Uri>,
+}
+
+impl Target {
+    fn new(url: &str, paths: &[String]) -> Result<Self, LoadError> {
+        let base: Uri = url.parse().map_err(|source| LoadError::Url {
+            url: url.to_owned(),
+            source,
+        })?;
+        if base.scheme() != Some(&Scheme::HTTP) || base.host().is_none_or(str::is_empty) {
+            return Err(LoadError::NotHttp(url.to_owned()));
+        }
+        if paths.is_empty() {
+            return Ok(Target { uris: vec![base] });
+        }
+        let mut uris = Vec::with_capacity(paths.len());
+        for path in paths {
+            let path_and_query: PathAndQuery = path.parse().map_err(|source| LoadError::Path {
+                path: path.clone(),
+                source,
+            })?;
+            let mut parts = base.clone().into_parts();
+            parts.path_and_query = Some(path_and_query);
+            uris.push(Uri::from_parts(parts).expect("scheme, authority and path were valid"));
+        }
+        Ok(Target { uris })
+    }
+
+    fn uri(&self, k: u64) -> &Uri {
+        &self.uris[k as usize % self.uris.len()]
+    }
+
+    /// The target's host when it is an IP literal (`[::1]` included).
+    fn ip_host(&self) -> Option<IpAddr> {
+        let host = self.uris[0].host()?;
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .ok()
+    }
+}
+
+/// What every request of a run shares.
+struct Shared {
+    target: Target,
+    timeout: Duration,
+    deadline: Instant,
+    limit: Option<u64>,
+    issued: AtomicU64,
+    recorder: Mutex<Recorder>,
+}
+
+impl Shared {
+    /// The number of the next request, or `None` once `--requests` have been issued.
+    fn ticket(&self) -> Option<u64> {
+        let k = self.issued.fetch_add(1, Ordering::Relaxed);
+        self.limit.is_none_or(|limit| k < limit).then_some(k)
+    }
+
+    fn recorder(&self) -> std::sync::MutexGuard<'_, Recorder> {
+        self.recorder.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A virtual user: its own connection pool, cookie jar and continuity count.
+struct User {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    state: Mutex<UserState>,
+}
+
+#[derive(Default)]
+struct UserState {
+    jar: Jar,
+    last_node: Option<String>,
+    switches: u64,
+}
+
+impl User {
+    fn new(source: Option<IpAddr>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_local_address(source);
+        User {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            state: Mutex::new(UserState::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, UserState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Sends request `k` as `user` and records what happened.
+async fn request(shared: &Shared, user: &User, k: u64) {
+    let mut builder = Request::get(shared.target.uri(k).clone())
+        .header(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+    if let Some(cookies) = user.state().jar.header(std::time::Instant::now()) {
+        builder = builder.header(COOKIE, cookies);
+    }
+    let req = builder
+        .body(Empty::new())
+        .expect("a GET of a valid URI is a valid request");
+
+    let sent = Instant::now();
+    let exchange = async {
+        let response = user.client.request(req).await?;
+        let (parts, body) = response.into_parts();
+        // The whole body, so latency is what a user waits for and the connection is reusable.
+        body.collect().await?;
+        Ok::<_, Box<dyn StdError + Send + Sync>>(parts)
+    };
+    let outcome = tokio::time::timeout_at(
+        shared.deadline,
+        tokio::time::timeout(shared.timeout, exchange),
+    )
+    .await;
+    let now = Instant::now();
+    match outcome {
+        Err(_) => shared.recorder().unfinished(),
+        Ok(Err(_)) => shared.recorder().error(now.into_std(), ErrorKind::Timeout),
+        Ok(Ok(Err(e))) => shared
+            .recorder()
+            .error(now.into_std(), classify(e.as_ref())),
+        Ok(Ok(Ok(parts))) => {
+            let node = parts
+                .headers
+                .get("x-served-by")
+                .map_or_else(|| NO_NODE.into(), |v| String::from_utf8_lossy(v.as_bytes()));
+            {
+                let mut state = user.state();
+                state.jar.store(&parts.headers, now.into_std());
+                let switched = state.last_node.as_deref().is_some_and(|last| last != node);
+                if state.last_node.as_deref() != Some(&*node) {
+                    state.last_node = Some(node.to_string());
+                }
+                state.switches += u64::from(switched);
+            }
+            shared
+                .recorder()
+                .answer(now.into_std(), &node, parts.status.as_u16(), now - sent);
+        }
+    }
+}
+
+/// Sorts a client error into the report's kinds by walking its source chain.
+fn classify(error: &(dyn StdError + 'static)) -> ErrorKind {
+    if let Some(e) = error.downcast_ref::<hyper_util::client::legacy::Error>()
+        && e.is_connect()
+    {
+        return ErrorKind::Connect;
+    }
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(h) = e.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled() || h.is_closed())
+        {
+            return ErrorKind::Reset;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as Io;
+            match io.kind() {
+                Io::ConnectionRefused => return ErrorKind::Connect,
+                Io::TimedOut => return ErrorKind::Timeout,
+                Io::ConnectionReset
+                | Io::ConnectionAborted
+                | Io::BrokenPipe
+                | Io::UnexpectedEof => return ErrorKind::Reset,
+                _ => {}
+            }
+        }
+        cause = e.source();
+    }
+    ErrorKind::Other
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_checked_and_paths_rotate() {
+        let t = Target::new("http://127.0.0.1:8080/a?x=1", &[]).unwrap();
+        assert_eq!(t.uri(5).to_string(), "http://127.0.0.1:8080/a?x=1");
+        assert_eq!(t.ip_host(), Some("127.0.0.1".parse().unwrap()));
+        let t = Target::new("http://[::1]:80/", &["/x".into(), "/y?z".into()]).unwrap();
+        assert_eq!(t.uri(0).to_string(), "http://[::1]:80/x");
+        assert_eq!(t.uri(3).to_string(), "http://[::1]:80/y?z");
+        assert_eq!(t.ip_host(), Some("::1".parse().unwrap()));
+        assert_eq!(
+            Target::new("http://localhost/", &[]).unwrap().ip_host(),
+            None
+        );
+
+        let err = |url: &str| Target::new(url, &[]).err().unwrap().to_string();
+        assert!(err("https://127.0.0.1/").contains("must be an absolute http:// URL"));
+        assert!(err("/just/a/path").contains("must be an absolute http:// URL"));
+        assert!(err("http://exa mple/").contains("is not a URL"));
+    }
+}
