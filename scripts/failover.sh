@@ -83,6 +83,7 @@ load_started=$(now_ms)
 sleep "$kill_at"
 kill -KILL "${node_pid[3]}"
 killed=$(now_ms)
+wait "${node_pid[3]}" 2>/dev/null || true # reap it quietly
 sleep "$((restart_at - kill_at))"
 start_node 3
 restarted=$(now_ms)

@@ -1,5 +1,7 @@
 //! The `fulcrum` command line. `anyhow` and exit codes live here and nowhere else.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -114,12 +116,20 @@ async fn run(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `writeln!` into a String, which cannot fail.
+macro_rules! outln {
+    ($out:expr, $($arg:tt)*) => {
+        let _ = writeln!($out, $($arg)*);
+    };
+}
+
 fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            println!("{}: ok", path.display());
+            let mut summary = String::new();
+            outln!(summary, "{}: ok", path.display());
             for l in &config.listeners {
-                println!("  listener {:<12} {}", l.name, l.bind);
+                outln!(summary, "  listener {:<12} {}", l.name, l.bind);
             }
             if let Some(admin) = &config.admin {
                 let auth = if admin.token.is_some() {
@@ -127,26 +137,36 @@ fn check(path: &Path) -> ExitCode {
                 } else {
                     "no token"
                 };
-                println!("  admin    {:<12} {} ({auth})", "", admin.bind);
+                outln!(summary, "  admin    {:<12} {} ({auth})", "", admin.bind);
             }
             for (name, pool) in &config.pools {
-                println!(
+                outln!(
+                    summary,
                     "  pool     {name:<12} {} backends, {}",
                     pool.backends.len(),
                     pool.strategy.as_str()
                 );
                 for b in &pool.backends {
-                    println!("    {:<20} {:<22} weight {}", b.name, b.address, b.weight);
+                    outln!(
+                        summary,
+                        "    {:<20} {:<22} weight {}",
+                        b.name,
+                        b.address,
+                        b.weight
+                    );
                 }
             }
             for r in &config.routes {
-                println!(
+                outln!(
+                    summary,
                     "  route    host={} path_prefix={} -> {}",
                     r.host.as_deref().unwrap_or("*"),
                     r.path_prefix.as_deref().unwrap_or("*"),
                     r.pool
                 );
             }
+            // A closed pipe (`fulcrum check | head`) is not worth a panic.
+            let _ = std::io::stdout().write_all(summary.as_bytes());
             ExitCode::SUCCESS
         }
         Err(e) => {
