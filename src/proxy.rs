@@ -163,7 +163,11 @@ async fn forward(
     );
 
     let state = pool.snapshot();
-    let attempts = (state.settings.retries as usize + 1).min(MAX_ATTEMPTS);
+    // No node is tried twice, so a pool of one never needs the retry bookkeeping (or the
+    // header clone it costs).
+    let attempts = (state.settings.retries as usize + 1)
+        .min(MAX_ATTEMPTS)
+        .min(state.backends.len().max(1));
     let mut tried = [0usize; MAX_ATTEMPTS];
     let mut failed: Option<ProxyError> = None;
     for attempt in 0..attempts {
