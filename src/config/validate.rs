@@ -1,205 +1,41 @@
-//! The configuration file: serde structs that mirror the TOML, and the validation that turns
-//! them into a [`Config`] the rest of the balancer can trust.
-//!
-//! Every mistake is reported as `file:line:col: key: message`, and validation collects all of
-//! them in one pass so an operator fixes a file in one read, not one error per run.
+//! The raw serde mirror of the file and the validation that turns it into a [`Config`]: every
+//! rule, and the span of every mistake.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-/// HAProxy's ceiling too: large enough for any real ratio, small enough that the precomputed
-/// round-robin sequence (sum of weights long) stays a few hundred KiB at 300 backends.
-pub const MAX_WEIGHT: u32 = 256;
+use super::*;
 
-/// A validated configuration.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    pub shutdown_grace: Duration,
-    pub listeners: Vec<ListenerConfig>,
-    pub admin: Option<AdminConfig>,
-    pub registry: Option<RegistryConfig>,
-    pub pools: BTreeMap<String, PoolConfig>,
-    pub routes: Vec<RouteConfig>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ListenerConfig {
-    pub name: String,
-    pub bind: SocketAddr,
-    pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_header_bytes: usize,
-    pub max_connections: usize,
-    pub trusted_proxies: Vec<IpNet>,
-    pub max_body_bytes: Option<u64>,
-    pub forwarded: bool,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct AdminConfig {
-    pub bind: SocketAddr,
-    pub token: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct RegistryConfig {
-    pub bind: SocketAddr,
-    pub pool: String,
-    pub heartbeat_interval: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strategy {
-    RoundRobin,
-    LeastConnections,
-}
-
-impl Strategy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Strategy::RoundRobin => "round_robin",
-            Strategy::LeastConnections => "least_connections",
+/// Validates `text` as if read from `file` (the name only labels errors).
+pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+    let mut ctx = Validator {
+        file,
+        text,
+        diagnostics: Vec::new(),
+    };
+    let raw: RawConfig = match toml::de::Deserializer::parse(text)
+        .map_err(|e| (String::new(), e))
+        .and_then(|de| {
+            serde_path_to_error::deserialize(de).map_err(|e| (key_path(e.path()), e.into_inner()))
+        }) {
+        Ok(raw) => raw,
+        Err((key, e)) => {
+            ctx.error(e.span(), key, e.message().to_owned());
+            return Err(ctx.finish());
         }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct PoolConfig {
-    pub strategy: Strategy,
-    pub slow_start: Option<Duration>,
-    pub connect_timeout: Duration,
-    pub response_timeout: Duration,
-    pub retries: u32,
-    pub idle_pool_timeout: Duration,
-    pub backends: Vec<BackendConfig>,
-    pub health: HealthConfig,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackendConfig {
-    /// The node's identity: stable across address changes, used in metrics and sticky ids.
-    pub name: String,
-    pub address: SocketAddr,
-    pub weight: u32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct HealthConfig {
-    pub path: String,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub fall: u32,
-    pub rise: u32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct RouteConfig {
-    /// Lower-cased, without a port.
-    pub host: Option<String>,
-    pub path_prefix: Option<String>,
-    pub pool: String,
-}
-
-/// All the problems found in one config file.
-#[derive(Debug, thiserror::Error)]
-pub struct ConfigError {
-    pub diagnostics: Vec<Diagnostic>,
-}
-
-/// One problem, located in the file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Diagnostic {
-    pub file: PathBuf,
-    /// 1-based; 0 when the problem has no place in the file (it could not be read).
-    pub line: usize,
-    pub column: usize,
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for Diagnostic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if self.line > 0 {
-            write!(f, ":{}:{}", self.line, self.column)?;
-        }
-        if self.key.is_empty() {
-            write!(f, ": {}", self.message)
-        } else {
-            write!(f, ": {}: {}", self.key, self.message)
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, d) in self.diagnostics.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{d}")?;
-        }
-        Ok(())
-    }
-}
-
-impl Config {
-    /// Reads and validates `path`.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            diagnostics: vec![Diagnostic {
-                file: path.to_owned(),
-                line: 0,
-                column: 0,
-                key: String::new(),
-                message: format!("cannot read config: {e}"),
-            }],
-        })?;
-        Config::parse(path, &text)
-    }
-
-    /// Validates `text` as if read from `file` (the name only labels errors).
-    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
-        let mut ctx = Validator {
-            file,
-            text,
-            diagnostics: Vec::new(),
-        };
-        let raw: RawConfig = match toml::de::Deserializer::parse(text)
-            .map_err(|e| (String::new(), e))
-            .and_then(|de| {
-                serde_path_to_error::deserialize(de)
-                    .map_err(|e| (key_path(e.path()), e.into_inner()))
-            }) {
-            Ok(raw) => raw,
-            Err((key, e)) => {
-                ctx.error(e.span(), key, e.message().to_owned());
-                return Err(ctx.finish());
-            }
-        };
-        let config = ctx.validate(raw);
-        if ctx.diagnostics.is_empty() {
-            Ok(config)
-        } else {
-            Err(ctx.finish())
-        }
-    }
-
-    /// The pool a single-pool config sends everything to when it has no routes.
-    pub fn default_pool(&self) -> Option<&str> {
-        if self.routes.is_empty() && self.pools.len() == 1 {
-            self.pools.keys().next().map(String::as_str)
-        } else {
-            None
-        }
+    };
+    let config = ctx.validate(raw);
+    if ctx.diagnostics.is_empty() {
+        Ok(config)
+    } else {
+        Err(ctx.finish())
     }
 }
 
@@ -843,138 +679,10 @@ fn key_path(path: &serde_path_to_error::Path) -> String {
 }
 
 /// 1-based line and column (in characters) of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
+pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text[..text.floor_char_boundary(offset)];
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     (line, before[line_start..].chars().count() + 1)
-}
-
-/// `example.com:8080` -> `example.com`; `[::1]:80` -> `[::1]`.
-pub fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host.find(']').map_or(host, |end| &host[..=end]);
-    }
-    match host.rfind(':') {
-        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
-        _ => host,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(Path::new("test.toml"), text)
-    }
-
-    const MINIMAL: &str = r#"
-[[listeners]]
-bind = "127.0.0.1:0"
-
-[pools.web]
-backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight = 2, name = "b" }]
-"#;
-
-    #[test]
-    fn minimal_config_gets_contract_defaults() {
-        let config = parse(MINIMAL).unwrap();
-        let l = &config.listeners[0];
-        assert_eq!(l.header_read_timeout, Duration::from_secs(10));
-        assert_eq!(l.idle_timeout, Duration::from_secs(60));
-        assert_eq!(l.max_header_bytes, 65536);
-        let pool = &config.pools["web"];
-        assert_eq!(pool.strategy, Strategy::RoundRobin);
-        assert_eq!(pool.connect_timeout, Duration::from_secs(2));
-        assert_eq!(pool.retries, 2);
-        assert_eq!(pool.backends[0].name, "127.0.0.1:9001");
-        assert_eq!(pool.backends[1].weight, 2);
-        assert_eq!((pool.health.fall, pool.health.rise), (3, 3));
-        assert_eq!(config.default_pool(), Some("web"));
-    }
-
-    #[test]
-    fn unknown_key_names_line_and_key() {
-        let err = parse("[[listeners]]\nbind = \"127.0.0.1:0\"\nbnd = 1\n").unwrap_err();
-        let d = &err.diagnostics[0];
-        assert_eq!((d.line, d.column), (3, 1), "{err}");
-        assert!(d.message.contains("bnd"), "{err}");
-        assert_eq!(d.key, "listeners[0].bnd", "{err}");
-
-        let err = parse(&format!(
-            "{MINIMAL}\n[pools.web.health]\nintervl = \"1s\"\n"
-        ))
-        .unwrap_err();
-        assert_eq!(err.diagnostics[0].key, "pools.web.health.intervl", "{err}");
-    }
-
-    #[test]
-    fn health_timeout_follows_a_short_interval_but_may_not_exceed_it() {
-        let ok = parse(&format!(
-            "{MINIMAL}\n[pools.web.health]\ninterval = \"500ms\"\n"
-        ))
-        .unwrap();
-        assert_eq!(ok.pools["web"].health.timeout, Duration::from_millis(500));
-        let err = parse(&format!(
-            "{MINIMAL}\n[pools.web.health]\ninterval = \"1s\"\ntimeout = \"2s\"\n"
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("pools.web.health.timeout: must not be longer"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn all_validation_errors_are_reported_at_once() {
-        let text = r#"
-[[listeners]]
-bind = "nope"
-
-[pools.web]
-strategy = "fastest"
-backends = [{ address = "127.0.0.1:1", weight = 0 }, { address = "127.0.0.1:1" }]
-
-[[routes]]
-pool = "missing"
-"#;
-        let err = parse(text).unwrap_err().to_string();
-        for expected in [
-            "test.toml:3:8: listeners[0].bind:",
-            "test.toml:6:12: pools.web.strategy: unknown strategy",
-            "pools.web.backends[0].weight: must be between 1 and 256",
-            "pools.web.backends[1].address: duplicate backend address",
-            "test.toml:10:8: routes[0].pool: no pool named `missing`",
-        ] {
-            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
-        }
-    }
-
-    #[test]
-    fn non_loopback_admin_needs_a_token() {
-        let text = format!("{MINIMAL}\n[admin]\nbind = \"0.0.0.0:9090\"\n");
-        let err = parse(&text).unwrap_err().to_string();
-        assert!(
-            err.contains("admin.bind: a non-loopback admin bind needs admin.token"),
-            "{err}"
-        );
-        let ok = format!("{MINIMAL}\n[admin]\nbind = \"0.0.0.0:9090\"\ntoken = \"s3cret\"\n");
-        assert!(parse(&ok).is_ok());
-    }
-
-    #[test]
-    fn line_col_counts_characters() {
-        assert_eq!(line_col("ab\ncdé\nx", 8), (3, 1));
-        assert_eq!(line_col("ab\ncdé", 5), (2, 3));
-    }
-
-    #[test]
-    fn strip_port_handles_ipv6() {
-        assert_eq!(strip_port("example.com:8080"), "example.com");
-        assert_eq!(strip_port("example.com"), "example.com");
-        assert_eq!(strip_port("[::1]:80"), "[::1]");
-    }
 }
