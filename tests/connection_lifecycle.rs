@@ -118,3 +118,59 @@ async fn shutdown_finishes_in_flight_requests_then_refuses_new_ones() {
         "still accepting after shutdown"
     );
 }
+
+#[tokio::test]
+async fn sigterm_finishes_the_in_flight_request_and_exits_0() {
+    let nodes = webnodes(1).await;
+    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = single_pool(
+        "conn_sigterm",
+        "round_robin",
+        &nodes_as_backends(&nodes),
+        "",
+    )
+    .replace(
+        "bind = \"127.0.0.1:0\"\n[admin]",
+        &format!("bind = \"{port}\"\n[admin]"),
+    );
+    let path = std::env::temp_dir().join(format!("fulcrum-sigterm-{}.toml", std::process::id()));
+    std::fs::write(&path, config).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("fulcrum run listens", || async {
+        TcpStream::connect(port).await.is_ok()
+    })
+    .await;
+
+    let slow =
+        tokio::spawn(async move { get(&client(), &format!("http://{port}/slow?ms=600")).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let reply = slow.await.unwrap();
+    assert_eq!(reply.status, 200, "the in-flight request was cut off");
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "fulcrum did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _ = std::fs::remove_file(&path);
+    assert!(exit.success(), "exit status {exit:?}");
+}
