@@ -4,6 +4,7 @@
 //! the `X-Forwarded-*` family (and RFC 7239 `Forwarded` when enabled) tells the backend who the
 //! client was.
 
+use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
 use bytes::{BufMut, BytesMut};
@@ -108,15 +109,7 @@ pub fn upstream_uri(backend: &Authority, client_uri: &Uri) -> Uri {
 /// appends a `Forwarded` element when enabled.
 pub fn set_forwarding(headers: &mut HeaderMap, fwd: ForwardedFor) {
     let host = headers.get(header::HOST).cloned();
-
-    let peer = fwd.peer.to_string();
-    let mut xff = BytesMut::new();
-    for value in headers.get_all(&X_FORWARDED_FOR) {
-        xff.put_slice(value.as_bytes());
-        xff.put_slice(b", ");
-    }
-    xff.put_slice(peer.as_bytes());
-    headers.insert(X_FORWARDED_FOR.clone(), header_value(xff));
+    append_element(headers, &X_FORWARDED_FOR, format_args!("{}", fwd.peer));
     headers.insert(
         X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(fwd.proto),
@@ -125,26 +118,49 @@ pub fn set_forwarding(headers: &mut HeaderMap, fwd: ForwardedFor) {
         Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
         None => headers.remove(&X_FORWARDED_HOST),
     };
-
     if fwd.rfc7239 {
-        let mut element = BytesMut::new();
-        for value in headers.get_all(header::FORWARDED) {
-            element.put_slice(value.as_bytes());
-            element.put_slice(b", ");
-        }
-        match fwd.peer {
-            IpAddr::V4(_) => element.put_slice(format!("for={peer}").as_bytes()),
+        let element = Rfc7239Element {
+            fwd,
+            host: host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .filter(|h| !h.contains('"')),
+        };
+        append_element(headers, &header::FORWARDED, format_args!("{element}"));
+    }
+}
+
+/// Joins a header's existing values and one new element into a single comma-separated value,
+/// formatted straight into the header's buffer.
+fn append_element(headers: &mut HeaderMap, name: &HeaderName, element: fmt::Arguments<'_>) {
+    let mut joined = BytesMut::new();
+    for value in headers.get_all(name) {
+        joined.put_slice(value.as_bytes());
+        joined.put_slice(b", ");
+    }
+    // Writing into a BytesMut cannot fail.
+    let _ = joined.write_fmt(element);
+    headers.insert(name.clone(), header_value(joined));
+}
+
+/// `for=...;proto=...;host="..."` (RFC 7239 §4).
+struct Rfc7239Element<'a> {
+    fwd: ForwardedFor,
+    host: Option<&'a str>,
+}
+
+impl fmt::Display for Rfc7239Element<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.fwd.peer {
+            IpAddr::V4(ip) => write!(f, "for={ip}")?,
             // IPv6 contains ':' and must be a quoted, bracketed string (RFC 7239 §6).
-            IpAddr::V6(_) => element.put_slice(format!("for=\"[{peer}]\"").as_bytes()),
+            IpAddr::V6(ip) => write!(f, "for=\"[{ip}]\"")?,
         }
-        element.put_slice(b";proto=");
-        element.put_slice(fwd.proto.as_bytes());
-        if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok())
-            && !host.contains('"')
-        {
-            element.put_slice(format!(";host=\"{host}\"").as_bytes());
+        write!(f, ";proto={}", self.fwd.proto)?;
+        if let Some(host) = self.host {
+            write!(f, ";host=\"{host}\"")?;
         }
-        headers.insert(header::FORWARDED, header_value(element));
+        Ok(())
     }
 }
 

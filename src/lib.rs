@@ -210,10 +210,6 @@ impl Running {
             .map(|(_, a)| *a)
     }
 
-    pub fn listeners(&self) -> &[(String, SocketAddr)] {
-        &self.listeners
-    }
-
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin
     }

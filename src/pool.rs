@@ -320,10 +320,6 @@ impl InFlight {
         node.metrics.in_flight.increment(1.0);
         Self { node, started }
     }
-
-    pub fn node(&self) -> &Arc<Node> {
-        &self.node
-    }
 }
 
 impl Drop for InFlight {

@@ -100,9 +100,7 @@ async fn shutdown_finishes_in_flight_requests_then_refuses_new_ones() {
     let addr = running.addr("http").unwrap();
     let slow_url = url(&running, "/slow?ms=500");
     let in_flight = tokio::spawn(async move { get(&client(), &slow_url).await });
-    let node = running.router().pools()[0].snapshot().backends[0]
-        .node
-        .clone();
+    let node = node(&running, "web-1");
     wait_until("the slow request reaches the backend", || async {
         node.in_flight() == 1
     })

@@ -60,9 +60,7 @@ async fn a_refused_connection_is_retried_on_another_node_with_its_body() {
     for _ in 0..10 {
         assert_eq!(get(&client, &url(&running, "/")).await.served_by(), "web-1");
     }
-    let dead_node = running.router().pools()[0].snapshot().backends[0]
-        .node
-        .clone();
+    let dead_node = node(&running, "dead");
     assert!(dead_node.is_cooling());
     assert_eq!(
         dead_node.health(),
@@ -154,9 +152,7 @@ async fn killing_one_of_three_nodes_under_steady_load_loses_no_request() {
         &FAST_CHECKS.replace("POOL", "fo_kill"),
     ))
     .await;
-    let victim_node = running.router().pools()[0].snapshot().backends[2]
-        .node
-        .clone();
+    let victim_node = node(&running, "victim");
 
     // 2,000 GETs from 20 keep-alive clients at a steady pace (~1,000/s in all).
     let done = Arc::new(AtomicU64::new(0));

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use fulcrum::Running;
-use fulcrum::pool::{Health, Node};
+use fulcrum::pool::Health;
 use http::Response;
 use support::*;
 
@@ -54,16 +54,6 @@ async fn controlled(name: &'static str) -> Controlled {
         status,
         checks,
     }
-}
-
-fn node(running: &Running, name: &str) -> Arc<Node> {
-    running.router().pools()[0]
-        .snapshot()
-        .backends
-        .iter()
-        .find(|b| &*b.node.name == name)
-        .map(|b| b.node.clone())
-        .expect("node in pool")
 }
 
 async fn checks(running: &Running, pool: &str, backend: &str, result: &str) -> f64 {

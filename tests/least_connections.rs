@@ -132,9 +132,7 @@ async fn in_flight_lasts_until_the_response_body_ends() {
         "",
     ))
     .await;
-    let node = running.router().pools()[0].snapshot().backends[0]
-        .node
-        .clone();
+    let node = node(&running, "stream");
 
     let client = client();
     let response = client
@@ -176,9 +174,7 @@ async fn a_client_that_goes_away_releases_the_node() {
         "",
     ))
     .await;
-    let node = running.router().pools()[0].snapshot().backends[0]
-        .node
-        .clone();
+    let node = node(&running, "stream");
 
     let response = client()
         .request(Request::get(url(&running, "/")).body(empty()).unwrap())

@@ -18,9 +18,7 @@ async fn shares_right_after_return(strategy: &str, pool: &str) -> HashMap<String
         &extra,
     ))
     .await;
-    let returning = running.router().pools()[0].snapshot().backends[1]
-        .node
-        .clone();
+    let returning = node(&running, "web-2");
     returning.set_health(Health::Down);
     returning.set_health(Health::Up);
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use fulcrum::Running;
 use fulcrum::config::Config;
+use fulcrum::pool::Node;
 use fulcrum::webnode::{self, WebNode, WebNodeOptions};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
@@ -81,6 +82,17 @@ pub async fn balancer(toml: &str) -> Running {
     let config = Config::parse(Path::new("test.toml"), toml)
         .unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
     fulcrum::start(&config).await.expect("balancer starts")
+}
+
+/// The state of the backend `name` in the balancer's first pool.
+pub fn node(running: &Running, name: &str) -> Arc<Node> {
+    running.router().pools()[0]
+        .snapshot()
+        .backends
+        .iter()
+        .find(|b| &*b.node.name == name)
+        .map(|b| b.node.clone())
+        .unwrap_or_else(|| panic!("no backend {name} in the pool"))
 }
 
 pub fn url(running: &Running, path: &str) -> String {
