@@ -6,20 +6,25 @@
 //! robin cursor, least connections' rotating start) costs when both cores pick: their time is
 //! the slower thread's wall time divided by its picks.
 //!
-//! Run with `cargo bench --bench pick`; it takes about a minute.
+//! Run with `cargo bench --bench pick`; it takes about a minute and a half.
 
 use std::hint::black_box;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use fulcrum::balance::{Pick, client_key};
 use fulcrum::config::{BackendConfig, HealthConfig, PoolConfig, Strategy};
 use fulcrum::pool::{InFlight, Pool, PoolState};
 
 const SIZES: [usize; 3] = [3, 30, 300];
-const STRATEGIES: [Strategy; 2] = [Strategy::RoundRobin, Strategy::LeastConnections];
+const STRATEGIES: [Strategy; 3] = [
+    Strategy::RoundRobin,
+    Strategy::LeastConnections,
+    Strategy::IpHash,
+];
 const THREADS: usize = 2;
 
 fn pool_config(strategy: Strategy, backends: usize) -> PoolConfig {
@@ -46,7 +51,16 @@ fn pool_config(strategy: Strategy, backends: usize) -> PoolConfig {
             fall: 3,
             rise: 3,
         },
+        sticky: Default::default(),
     }
+}
+
+/// One pick as a request would make it: ip_hash gets a different client each time.
+fn pick_once(snapshot: &PoolState, client: u64) -> Option<usize> {
+    snapshot.pick_for(&Pick {
+        client: client_key(IpAddr::from((client as u32).to_be_bytes())),
+        ..Pick::plain(None)
+    })
 }
 
 /// Requests "in flight" on every third node (0 to 3 each), so least connections compares real,
@@ -72,8 +86,8 @@ fn contended_picks(snapshot: &PoolState, iters: u64) -> Duration {
                 scope.spawn(|| {
                     start_line.wait();
                     let started = Instant::now();
-                    for _ in 0..iters {
-                        black_box(snapshot.pick());
+                    for client in 0..iters {
+                        black_box(pick_once(snapshot, client));
                     }
                     started.elapsed()
                 })
@@ -95,10 +109,16 @@ fn bench_pick(c: &mut Criterion) {
             let snapshot: Arc<PoolState> = pool.snapshot();
             let _load = match strategy {
                 Strategy::LeastConnections => hold_load(&snapshot),
-                Strategy::RoundRobin => Vec::new(),
+                _ => Vec::new(),
             };
             let name = format!("{}/{size}", strategy.as_str());
-            group.bench_function(&name, |b| b.iter(|| black_box(snapshot.pick())));
+            let mut client = 0;
+            group.bench_function(&name, |b| {
+                b.iter(|| {
+                    client += 1;
+                    black_box(pick_once(&snapshot, client))
+                })
+            });
             group.bench_function(format!("{name}/{THREADS}threads"), |b| {
                 b.iter_custom(|iters| contended_picks(&snapshot, iters))
             });
@@ -109,7 +129,7 @@ fn bench_pick(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    // About 2.5 s per case, 12 cases: the whole run stays near a minute.
+    // About 2.5 s per case, 18 cases: the whole run stays near a minute.
     config = Criterion::default()
         .measurement_time(Duration::from_secs(2))
         .warm_up_time(Duration::from_millis(500))

@@ -11,6 +11,7 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Version, request};
+use ipnet::IpNet;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -185,6 +186,37 @@ fn header_value(bytes: BytesMut) -> HeaderValue {
     HeaderValue::from_maybe_shared(bytes.freeze()).expect("joined header values stay valid")
 }
 
+/// The client a request is from: the peer, unless the peer is a trusted proxy; then the
+/// `X-Forwarded-For` hops are walked from the right, past every trusted address, to the first
+/// untrusted one (the leftmost if all are trusted). An unparseable hop ends the walk at the
+/// last address that could be read: what lies beyond it cannot be vouched for.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    let mut client = peer.to_canonical();
+    if !is_trusted(&client) {
+        return client;
+    }
+    // Later header lines are further right: walk them in reverse too.
+    let hops = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .rev()
+        .flat_map(|line| line.as_bytes().rsplit(|&b| b == b','));
+    for hop in hops {
+        let Some(ip) = std::str::from_utf8(hop.trim_ascii())
+            .ok()
+            .and_then(|text| text.parse::<IpAddr>().ok())
+        else {
+            break;
+        };
+        client = ip.to_canonical();
+        if !is_trusted(&client) {
+            break;
+        }
+    }
+    client
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +235,46 @@ mod tests {
         proto: "http",
         rfc7239: false,
     };
+
+    #[test]
+    fn client_ip_walks_forwarded_for_only_through_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let xff = |lines: &[&str]| {
+            let raw: Vec<(&str, &str)> = lines.iter().map(|l| ("x-forwarded-for", *l)).collect();
+            head(&raw).headers
+        };
+        let spoofed = xff(&["1.1.1.1"]);
+        assert_eq!(
+            client_ip(ip("192.0.2.9"), &spoofed, &trusted),
+            ip("192.0.2.9"),
+            "an untrusted peer's XFF is ignored"
+        );
+        assert_eq!(client_ip(ip("10.0.0.1"), &spoofed, &trusted), ip("1.1.1.1"));
+        // Right to left past trusted hops, across header lines; the client's own claim
+        // (leftmost) is not believed over the hop a trusted proxy recorded.
+        let chain = xff(&["6.6.6.6, 2.2.2.2", "10.1.1.1 ,10.2.2.2"]);
+        assert_eq!(client_ip(ip("10.0.0.1"), &chain, &trusted), ip("2.2.2.2"));
+        let all_trusted = xff(&["10.9.9.9, 10.1.1.1"]);
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), &all_trusted, &trusted),
+            ip("10.9.9.9")
+        );
+        let garbled = xff(&["2.2.2.2, nonsense, 10.1.1.1"]);
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), &garbled, &trusted),
+            ip("10.1.1.1")
+        );
+        assert_eq!(
+            client_ip(ip("::ffff:10.0.0.1"), &spoofed, &trusted),
+            ip("1.1.1.1"),
+            "a v4-mapped peer is its v4 address"
+        );
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), &HeaderMap::new(), &trusted),
+            ip("10.0.0.1")
+        );
+    }
 
     #[test]
     fn removes_hop_by_hop_and_connection_named_headers() {

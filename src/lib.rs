@@ -45,7 +45,7 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::admin::AdminState;
 use crate::config::Config;
@@ -80,6 +80,9 @@ pub struct Running {
 /// Binds every listener of `config` (all or nothing), then serves them on the current runtime.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
     crate::metrics::recorder();
+    for warning in config.warnings() {
+        warn!("{warning}");
+    }
     let router = Arc::new(ArcSwap::from_pointee(Router::new(config)));
 
     let mut bound = Vec::new();
@@ -104,6 +107,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             proto: "http",
             forwarded: l.forwarded,
             max_body_bytes: l.max_body_bytes,
+            trusted_proxies: l.trusted_proxies.clone().into(),
             router: router.clone(),
         });
         let limits = ConnLimits {

@@ -165,6 +165,9 @@ fn check(path: &Path) -> ExitCode {
                     r.pool
                 );
             }
+            for warning in config.warnings() {
+                outln!(summary, "warning: {warning}");
+            }
             // A closed pipe (`fulcrum check | head`) is not worth a panic.
             let _ = std::io::stdout().write_all(summary.as_bytes());
             ExitCode::SUCCESS

@@ -12,6 +12,8 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::balance::sticky::Outcome;
+
 pub const REQUESTS_TOTAL: &str = "fulcrum_requests_total";
 pub const REQUEST_DURATION: &str = "fulcrum_request_duration_seconds";
 pub const BACKEND_IN_FLIGHT: &str = "fulcrum_backend_in_flight";
@@ -21,6 +23,7 @@ pub const BACKEND_UP: &str = "fulcrum_backend_up";
 pub const HEALTH_CHECKS_TOTAL: &str = "fulcrum_health_checks_total";
 pub const BACKEND_TRANSITIONS_TOTAL: &str = "fulcrum_backend_transitions_total";
 pub const RETRIES_TOTAL: &str = "fulcrum_retries_total";
+pub const STICKY_TOTAL: &str = "fulcrum_sticky_total";
 
 /// The `backend` label of answers fulcrum gives itself, and the `pool` label when no route matched.
 pub const NONE: &str = "none";
@@ -68,6 +71,10 @@ fn describe() {
     describe_gauge!(
         DOWNSTREAM_CONNECTIONS,
         "Open client connections, by listener."
+    );
+    describe_counter!(
+        STICKY_TOTAL,
+        "Responses of sticky_cookie pools: hit (the cookie's node served), new (no valid cookie), rerouted (the cookie's node was down or gone)."
     );
 }
 
@@ -177,18 +184,29 @@ impl BackendMetrics {
 /// Handles for answers a pool gives without a backend (`backend="none"`).
 #[derive(Debug)]
 pub struct PoolMetrics {
+    pool: Arc<str>,
     pub responses: ResponseCounters,
     pub no_backend: Counter,
     pub retries: Counter,
+    /// Created on first use, so only sticky pools export the series.
+    sticky: [OnceLock<Counter>; 3],
 }
 
 impl PoolMetrics {
     pub fn new(pool: &Arc<str>) -> Self {
         let none: Arc<str> = Arc::from(NONE);
         Self {
+            pool: pool.clone(),
             responses: ResponseCounters::new(pool.clone(), none),
             no_backend: counter!(PROXY_ERRORS_TOTAL, "pool" => pool.to_string(), "backend" => NONE, "kind" => ErrorKind::NoBackend.as_str()),
             retries: counter!(RETRIES_TOTAL, "pool" => pool.to_string()),
+            sticky: Default::default(),
         }
+    }
+
+    pub fn sticky(&self, outcome: Outcome) -> &Counter {
+        self.sticky[outcome as usize].get_or_init(|| {
+            counter!(STICKY_TOTAL, "pool" => self.pool.to_string(), "outcome" => outcome.as_str())
+        })
     }
 }

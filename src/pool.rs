@@ -7,18 +7,19 @@
 //! is carried over by [`Pool::replace`].
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use http::HeaderValue;
 use http::uri::Authority;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::balance::Balancer;
+use crate::balance::{Balancer, CookieTarget, Pick, Sticky, client_key};
 use crate::body::RequestBody;
 use crate::config::{HealthConfig, PoolConfig, Strategy};
 use crate::metrics::{BackendMetrics, PoolMetrics};
@@ -198,15 +199,39 @@ pub struct PoolState {
 }
 
 impl PoolState {
-    /// Chooses a routable backend, or `None` when the pool has none (a 503).
+    /// Chooses a routable backend for a request without affinity, or `None` when the pool has
+    /// none (a 503).
     pub fn pick(&self) -> Option<&Backend> {
-        self.pick_excluding(&[]).map(|i| &self.backends[i])
+        let index = self
+            .balancer
+            .pick(&self.backends, &Pick::plain(self.settings.slow_start))?;
+        Some(&self.backends[index])
     }
 
-    /// Chooses a routable backend other than those at the `tried` indices (a retry).
-    pub fn pick_excluding(&self, tried: &[usize]) -> Option<usize> {
-        self.balancer
-            .pick(&self.backends, tried, self.settings.slow_start)
+    /// Chooses a routable backend for `pick`'s request, other than those it already tried.
+    pub fn pick_for(&self, pick: &Pick<'_>) -> Option<usize> {
+        self.balancer.pick(&self.backends, pick)
+    }
+
+    /// Reads what the strategy needs from a request: the client address for `ip_hash`, the
+    /// cookie for `sticky_cookie`, nothing for the others.
+    pub fn affinity<'a>(
+        &self,
+        cookies: impl Iterator<Item = &'a HeaderValue>,
+        client_ip: impl FnOnce() -> IpAddr,
+    ) -> (u64, CookieTarget) {
+        match &self.balancer {
+            Balancer::IpHash(_) => (client_key(client_ip()), CookieTarget::Absent),
+            Balancer::StickyCookie(sticky) => (0, sticky.target(cookies)),
+            Balancer::RoundRobin(_) | Balancer::LeastConnections(_) => (0, CookieTarget::Absent),
+        }
+    }
+
+    pub fn sticky(&self) -> Option<&Sticky> {
+        match &self.balancer {
+            Balancer::StickyCookie(sticky) => Some(sticky),
+            _ => None,
+        }
     }
 }
 
@@ -285,7 +310,7 @@ fn build_state(
         health: config.health.clone(),
     };
     PoolState {
-        balancer: Balancer::new(config.strategy, &backends),
+        balancer: Balancer::new(config.strategy, &config.sticky, &backends),
         client: client.unwrap_or_else(|| upstream_client(&settings)),
         settings,
         backends,
@@ -358,6 +383,7 @@ mod tests {
                 fall: 3,
                 rise: 3,
             },
+            sticky: Default::default(),
         }
     }
 

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
+use ipnet::IpNet;
 use tracing::{debug, warn};
 
+use crate::balance::Pick;
 use crate::body::{BodyTooLarge, ProxyBody, RequestBody};
 use crate::config::{Config, strip_port};
 use crate::headers::{self, ForwardedFor};
@@ -28,6 +30,8 @@ pub struct ListenerInfo {
     pub proto: &'static str,
     pub forwarded: bool,
     pub max_body_bytes: Option<u64>,
+    /// Peers whose `X-Forwarded-For` names the client (for `ip_hash`).
+    pub trusted_proxies: Box<[IpNet]>,
     pub router: Arc<ArcSwap<Router>>,
 }
 
@@ -148,6 +152,14 @@ async fn forward(
     }
 
     let (mut head, body) = req.into_parts();
+    let state = pool.snapshot();
+    let (client, cookie) = state.affinity(head.headers.get_all(header::COOKIE).iter(), || {
+        headers::client_ip(
+            conn.peer.ip(),
+            &head.headers,
+            &conn.listener.trusted_proxies,
+        )
+    });
     let fwd = ForwardedFor {
         peer: conn.peer.ip(),
         proto: conn.listener.proto,
@@ -162,7 +174,6 @@ async fn forward(
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
 
-    let state = pool.snapshot();
     // No node is tried twice, so a pool of one never needs the retry bookkeeping (or the
     // header clone it costs).
     let attempts = (state.settings.retries as usize + 1)
@@ -171,7 +182,13 @@ async fn forward(
     let mut tried = [0usize; MAX_ATTEMPTS];
     let mut failed: Option<ProxyError> = None;
     for attempt in 0..attempts {
-        let Some(index) = state.pick_excluding(&tried[..attempt]) else {
+        let pick = Pick {
+            tried: &tried[..attempt],
+            slow_start: state.settings.slow_start,
+            client,
+            cookie,
+        };
+        let Some(index) = state.pick_for(&pick) else {
             break;
         };
         if let Some(previous) = failed.take() {
@@ -209,6 +226,15 @@ async fn forward(
                 node.answered();
                 let (mut head, body) = response.into_parts();
                 headers::remove_hop_by_hop(&mut head.headers, false);
+                if let Some(sticky) = state.sticky() {
+                    pool.metrics
+                        .sticky(sticky.outcome(cookie, index))
+                        .increment(1);
+                    let tls = conn.listener.proto == "https";
+                    if let Some(set_cookie) = sticky.set_cookie(cookie, index, tls) {
+                        head.headers.append(header::SET_COOKIE, set_cookie);
+                    }
+                }
                 node.metrics.responses.record(head.status.as_u16());
                 return Ok(Response::from_parts(
                     head,

@@ -14,19 +14,11 @@ use http::Request;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use support::*;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const FAST_CHECKS: &str = "[pools.POOL.health]\ninterval = \"100ms\"\ntimeout = \"80ms\"\n";
 /// Checks so rare they never run during the test: only passive protection acts.
 const NO_CHECKS: &str = "[pools.POOL.health]\ninterval = \"1h\"\n";
-
-async fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 #[tokio::test]
 async fn a_refused_connection_is_retried_on_another_node_with_its_body() {
@@ -111,15 +103,6 @@ async fn a_retry_never_tries_the_same_node_twice() {
 }
 
 /// A web node in its own process, so it can be killed like a crashed server.
-struct Process(std::process::Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn webnode_process(id: &str) -> (Process, SocketAddr) {
     let addr = free_port().await;
     let child = Command::new(env!("CARGO_BIN_EXE_fulcrum"))

@@ -59,6 +59,8 @@ pub struct RegistryConfig {
 pub enum Strategy {
     RoundRobin,
     LeastConnections,
+    StickyCookie,
+    IpHash,
 }
 
 impl Strategy {
@@ -66,6 +68,58 @@ impl Strategy {
         match self {
             Strategy::RoundRobin => "round_robin",
             Strategy::LeastConnections => "least_connections",
+            Strategy::StickyCookie => "sticky_cookie",
+            Strategy::IpHash => "ip_hash",
+        }
+    }
+}
+
+/// `[pools.NAME.sticky]`: the cookie `sticky_cookie` sets and how it places new users.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StickyConfig {
+    pub cookie: String,
+    /// Places users without a valid cookie: round robin or least connections.
+    pub fallback: Strategy,
+    /// HMAC key; `None` makes the node ids an unkeyed hash anyone can compute.
+    pub secret: Option<String>,
+    pub max_age: Option<Duration>,
+    pub path: String,
+    pub domain: Option<String>,
+    pub http_only: bool,
+    pub same_site: SameSite,
+    /// `None`: `Secure` exactly on TLS listeners.
+    pub secure: Option<bool>,
+}
+
+impl Default for StickyConfig {
+    fn default() -> Self {
+        Self {
+            cookie: "fulcrum_sticky".to_owned(),
+            fallback: Strategy::LeastConnections,
+            secret: None,
+            max_age: None,
+            path: "/".to_owned(),
+            domain: None,
+            http_only: true,
+            same_site: SameSite::Lax,
+            secure: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
+}
+
+impl SameSite {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SameSite::Lax => "Lax",
+            SameSite::Strict => "Strict",
+            SameSite::None => "None",
         }
     }
 }
@@ -80,6 +134,7 @@ pub struct PoolConfig {
     pub idle_pool_timeout: Duration,
     pub backends: Vec<BackendConfig>,
     pub health: HealthConfig,
+    pub sticky: StickyConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +223,21 @@ impl Config {
     /// Validates `text` as if read from `file` (the name only labels errors).
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         validate::parse(file, text)
+    }
+
+    /// Legal but risky settings, worded for an operator; `run` logs them and `check` prints them.
+    pub fn warnings(&self) -> Vec<String> {
+        self.pools
+            .iter()
+            .filter(|(_, pool)| {
+                pool.strategy == Strategy::StickyCookie && pool.sticky.secret.is_none()
+            })
+            .map(|(name, _)| {
+                format!(
+                    "pools.{name}.sticky.secret is not set: sticky cookies are an unkeyed hash anyone can forge to pick a node; set the same secret on every balancer"
+                )
+            })
+            .collect()
     }
 
     /// The pool a single-pool config sends everything to when it has no routes.

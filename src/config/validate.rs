@@ -119,7 +119,6 @@ struct RawPool {
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
     health: Option<Spanned<RawHealth>>,
-    #[allow(dead_code)] // accepted for shape until sticky_cookie is built
     sticky: Option<Spanned<RawSticky>>,
 }
 
@@ -143,12 +142,16 @@ struct RawHealth {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // accepted for shape; sticky_cookie itself is not built yet
 struct RawSticky {
-    cookie: Option<String>,
-    fallback: Option<String>,
-    secret: Option<String>,
-    max_age: Option<String>,
+    cookie: Option<Spanned<String>>,
+    fallback: Option<Spanned<String>>,
+    secret: Option<Spanned<String>>,
+    max_age: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    domain: Option<Spanned<String>>,
+    http_only: Option<bool>,
+    same_site: Option<Spanned<String>>,
+    secure: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -489,14 +492,8 @@ impl Validator<'_> {
             Some(s) => match s.get_ref().as_str() {
                 "round_robin" => Strategy::RoundRobin,
                 "least_connections" => Strategy::LeastConnections,
-                "sticky_cookie" | "ip_hash" => {
-                    self.error(
-                        Some(s.span()),
-                        key("strategy"),
-                        format!("`{}` is not available in this build yet; use round_robin or least_connections", s.get_ref()),
-                    );
-                    Strategy::RoundRobin
-                }
+                "sticky_cookie" => Strategy::StickyCookie,
+                "ip_hash" => Strategy::IpHash,
                 other => {
                     self.error(
                         Some(s.span()),
@@ -591,6 +588,7 @@ impl Validator<'_> {
         }
 
         let health = self.health(name, raw.health.as_ref());
+        let sticky = self.sticky(name, raw.sticky.as_ref());
         PoolConfig {
             strategy,
             slow_start,
@@ -600,7 +598,96 @@ impl Validator<'_> {
             idle_pool_timeout,
             backends,
             health,
+            sticky,
         }
+    }
+
+    fn sticky(&mut self, pool: &str, raw: Option<&Spanned<RawSticky>>) -> StickyConfig {
+        let key = |field: &str| format!("pools.{pool}.sticky.{field}");
+        let mut sticky = StickyConfig::default();
+        let Some(raw) = raw.map(Spanned::get_ref) else {
+            return sticky;
+        };
+        if let Some(cookie) = &raw.cookie {
+            // RFC 6265 cookie-name is an RFC 9110 token.
+            if cookie.get_ref().is_empty() || !cookie.get_ref().bytes().all(is_token_byte) {
+                self.error(
+                    Some(cookie.span()),
+                    key("cookie"),
+                    "must be a cookie name: letters, digits and !#$%&'*+-.^_`|~",
+                );
+            }
+            sticky.cookie = cookie.get_ref().clone();
+        }
+        if let Some(fallback) = &raw.fallback {
+            sticky.fallback = match fallback.get_ref().as_str() {
+                "round_robin" => Strategy::RoundRobin,
+                "least_connections" => Strategy::LeastConnections,
+                other => {
+                    self.error(
+                        Some(fallback.span()),
+                        key("fallback"),
+                        format!("`{other}` cannot place new users; expected round_robin or least_connections"),
+                    );
+                    sticky.fallback
+                }
+            };
+        }
+        if let Some(secret) = &raw.secret {
+            if secret.get_ref().is_empty() {
+                self.error(
+                    Some(secret.span()),
+                    key("secret"),
+                    "must not be empty (leave it out for unkeyed, forgeable cookies)",
+                );
+            }
+            sticky.secret = Some(secret.get_ref().clone());
+        }
+        sticky.max_age = raw
+            .max_age
+            .as_ref()
+            .map(|_| self.duration(&raw.max_age, &key("max_age"), Duration::from_secs(3600)));
+        for (field, value) in [("path", &raw.path), ("domain", &raw.domain)] {
+            if let Some(value) = value
+                && !value.get_ref().bytes().all(is_attribute_byte)
+            {
+                self.error(
+                    Some(value.span()),
+                    key(field),
+                    "must not contain `;`, spaces or control characters",
+                );
+            }
+        }
+        if let Some(path) = &raw.path {
+            sticky.path = path.get_ref().clone();
+        }
+        sticky.domain = raw.domain.as_ref().map(|d| d.get_ref().clone());
+        sticky.http_only = raw.http_only.unwrap_or(true);
+        sticky.secure = raw.secure;
+        if let Some(same_site) = &raw.same_site {
+            sticky.same_site = match same_site.get_ref().to_ascii_lowercase().as_str() {
+                "lax" => SameSite::Lax,
+                "strict" => SameSite::Strict,
+                "none" => SameSite::None,
+                _ => {
+                    self.error(
+                        Some(same_site.span()),
+                        key("same_site"),
+                        "expected Lax, Strict or None",
+                    );
+                    SameSite::Lax
+                }
+            };
+            // Browsers drop a SameSite=None cookie that is not also Secure.
+            if sticky.same_site == SameSite::None && sticky.secure == Some(false) {
+                self.error(
+                    Some(same_site.span()),
+                    key("same_site"),
+                    "SameSite=None needs secure (browsers reject it otherwise)",
+                );
+            }
+        }
+        sticky
     }
 
     fn health(&mut self, pool: &str, raw: Option<&Spanned<RawHealth>>) -> HealthConfig {
@@ -676,6 +763,15 @@ fn key_path(path: &serde_path_to_error::Path) -> String {
         }
     }
     key
+}
+
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// What may appear in a Set-Cookie attribute value (RFC 6265 §4.1.1 `av-octet`, minus space).
+fn is_attribute_byte(b: u8) -> bool {
+    b.is_ascii_graphic() && b != b';'
 }
 
 /// 1-based line and column (in characters) of a byte offset.

@@ -236,3 +236,22 @@ where
     });
     Backend { addr, requests }
 }
+
+/// A loopback address nobody listens on right now (for processes that need a port up front).
+pub async fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A child process that is killed and reaped when the test lets go of it.
+pub struct Process(pub std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
