@@ -353,6 +353,38 @@ pool = "missing"
     }
 
     #[test]
+    fn sticky_table_is_validated_and_a_missing_secret_warns() {
+        let sticky = |table: &str| {
+            format!("{MINIMAL}strategy = \"sticky_cookie\"\n[pools.web.sticky]\n{table}")
+        };
+        let config = parse(&sticky("max_age = \"30m\"\nsame_site = \"strict\"\n")).unwrap();
+        let s = &config.pools["web"].sticky;
+        assert_eq!(s.cookie, "fulcrum_sticky");
+        assert_eq!(s.fallback, Strategy::LeastConnections);
+        assert_eq!(s.max_age, Some(Duration::from_secs(1800)));
+        assert_eq!(s.same_site, SameSite::Strict);
+        assert_eq!(config.warnings().len(), 1, "{:?}", config.warnings());
+        assert!(config.warnings()[0].contains("pools.web.sticky.secret is not set"));
+
+        let keyed = parse(&sticky("secret = \"k\"\n")).unwrap();
+        assert!(keyed.warnings().is_empty());
+
+        let err = parse(&sticky(
+            "cookie = \"a b\"\nfallback = \"ip_hash\"\npath = \"/x;y\"\nsame_site = \"None\"\nsecure = false\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "pools.web.sticky.cookie: must be a cookie name",
+            "pools.web.sticky.fallback: `ip_hash` cannot place new users",
+            "pools.web.sticky.path: must not contain",
+            "pools.web.sticky.same_site: SameSite=None needs secure",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
+    }
+
+    #[test]
     fn non_loopback_admin_needs_a_token() {
         let text = format!("{MINIMAL}\n[admin]\nbind = \"0.0.0.0:9090\"\n");
         let err = parse(&text).unwrap_err().to_string();
