@@ -24,6 +24,7 @@ pub mod admin;
 pub mod balance;
 pub mod body;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod headers;
 pub mod health;
@@ -37,6 +38,7 @@ pub mod webnode;
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -49,6 +51,7 @@ use tracing::{info, warn};
 
 use crate::admin::AdminState;
 use crate::config::Config;
+use crate::control::Control;
 use crate::proxy::{ConnInfo, ListenerInfo, Router};
 use crate::server::ConnLimits;
 
@@ -57,6 +60,8 @@ const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("invalid config:\n{0}")]
+    Config(#[from] config::ConfigError),
     #[error("cannot bind listener `{name}` to {addr}: {source}")]
     Bind {
         name: String,
@@ -72,13 +77,26 @@ pub struct Running {
     listeners: Vec<(String, SocketAddr)>,
     admin: Option<SocketAddr>,
     router: Arc<ArcSwap<Router>>,
+    control: Arc<Control>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     grace: Duration,
 }
 
 /// Binds every listener of `config` (all or nothing), then serves them on the current runtime.
+/// A balancer started this way has no file to reload.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
+    start_with(config, None).await
+}
+
+/// Like [`start`], for the config read from `path`, which `SIGHUP` and `POST /api/reload`
+/// re-read.
+pub async fn start_file(path: &Path) -> Result<Running, StartError> {
+    let config = Config::load(path)?;
+    start_with(&config, Some(path.to_owned())).await
+}
+
+async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, StartError> {
     crate::metrics::recorder();
     for warning in config.warnings() {
         warn!("{warning}");
@@ -96,6 +114,12 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let control = Arc::new(Control::new(
+        config.clone(),
+        path,
+        router.clone(),
+        shutdown.clone(),
+    ));
     let client_connections = Arc::new(AtomicU64::new(0));
     let mut listeners = Vec::new();
     for (l, tcp) in bound {
@@ -143,6 +167,8 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             let state = Arc::new(AdminState {
                 cpu: health_report::CpuMeter::new(),
                 client_connections: client_connections.clone(),
+                control: control.clone(),
+                token: config.admin.as_ref().and_then(|a| a.token.clone()),
             });
             let limits = ConnLimits {
                 header_read_timeout: Duration::from_secs(10),
@@ -170,10 +196,6 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             addr
         });
 
-    for pool in router.load().pools() {
-        health::spawn_checker(pool.clone(), shutdown.clone());
-    }
-
     let upkeep_stop = shutdown.clone();
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(METRICS_UPKEEP);
@@ -189,6 +211,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         listeners,
         admin,
         router,
+        control,
         shutdown,
         tracker,
         grace: config.shutdown_grace,
@@ -221,6 +244,11 @@ impl Running {
     /// The routing table, for tools that inspect pools (tests, the admin API).
     pub fn router(&self) -> arc_swap::Guard<Arc<Router>> {
         self.router.load()
+    }
+
+    /// Reload, the admin API and the registry act through this.
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
     }
 
     /// Stops accepting, lets in-flight requests finish within `shutdown_grace`, and returns

@@ -103,8 +103,20 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
-    let running = fulcrum::start(&config).await?;
+    let running = fulcrum::start_file(path).await?;
+    let control = running.control().clone();
+    // SIGHUP re-reads the config; a bad file is logged and counted inside `reload`.
+    tokio::spawn(async move {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            // `reload` logs and counts a rejected file itself.
+            let _ = control.reload().await;
+        }
+    });
     fulcrum::shutdown_signal().await;
     let cut_off = running.shutdown().await;
     if cut_off > 0 {

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,8 @@ pub struct Node {
     refusals: AtomicU32,
     /// `now_ms()` when the node last became routable, while its slow start may last; 0 = full weight.
     ramp_from_ms: AtomicU64,
+    /// Being removed: no new users, but requests in flight and sticky users are still served.
+    draining: AtomicBool,
     pub metrics: BackendMetrics,
 }
 
@@ -81,6 +83,7 @@ impl Node {
             cooling_until_ms: AtomicU64::new(0),
             refusals: AtomicU32::new(0),
             ramp_from_ms: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -105,8 +108,23 @@ impl Node {
             .set(if health == Health::Up { 1.0 } else { 0.0 });
     }
 
+    /// May take new users.
     pub fn is_routable(&self) -> bool {
+        self.serves_existing_users() && !self.is_draining()
+    }
+
+    /// May keep serving users already bound to it (sticky cookies): routable, or draining
+    /// while still up.
+    pub fn serves_existing_users(&self) -> bool {
         self.health() == Health::Up && !self.is_cooling()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// In a passive cool-off after refusing connections.
@@ -243,10 +261,19 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// A pool of the config the process starts with: its nodes are trusted at once.
     pub fn new(name: &str, config: &PoolConfig) -> Self {
+        Self::with_health(name, config, Health::Up)
+    }
+
+    /// A pool that appears later (a reload): its nodes need `rise` passing checks first.
+    pub fn arriving(name: &str, config: &PoolConfig) -> Self {
+        Self::with_health(name, config, Health::Pending)
+    }
+
+    fn with_health(name: &str, config: &PoolConfig, health: Health) -> Self {
         let name: Arc<str> = Arc::from(name);
-        // The nodes of the config the process starts with are trusted at once.
-        let state = build_state(&name, config, &HashMap::new(), None, Health::Up);
+        let state = build_state(&name, config, &HashMap::new(), None, health);
         Self {
             metrics: PoolMetrics::new(&name),
             name,

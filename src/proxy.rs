@@ -66,6 +66,11 @@ impl Router {
             .iter()
             .map(|(name, pool)| Arc::new(Pool::new(name, pool)))
             .collect();
+        Self::assemble(config, pools)
+    }
+
+    /// The routing table of `config` over `pools`, which must hold every pool it names.
+    pub fn assemble(config: &Config, pools: Vec<Arc<Pool>>) -> Self {
         let find = |name: &str| {
             pools
                 .iter()
@@ -111,6 +116,10 @@ impl Router {
 
     pub fn pools(&self) -> &[Arc<Pool>] {
         &self.pools
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools.iter().find(|p| &*p.name == name)
     }
 }
 

@@ -209,7 +209,7 @@ impl Sticky {
 
     pub fn pick(&self, backends: &[Backend], pick: &Pick<'_>) -> Option<usize> {
         if let CookieTarget::Node { index, .. } = pick.cookie
-            && backends[index].node.is_routable()
+            && backends[index].node.serves_existing_users()
             && !pick.tried.contains(&index)
         {
             return Some(index);

@@ -1,0 +1,400 @@
+//! The control plane: every change to a running balancer (reload, the admin API, the
+//! registry) goes through [`Control`].
+//!
+//! Changes are serialized by one async mutex, far from the request path, and published with
+//! `ArcSwap` stores: a request never waits for a change, and sees either the old pool or the new
+//! one, never half of each. The effective config (the file plus what the API changed since) is
+//! kept here, so each change is "edit the config, rebuild what it touches".
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use metrics::{Counter, counter, describe_counter};
+use serde::Serialize;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{BackendConfig, Config, ConfigError, MAX_WEIGHT, Strategy};
+use crate::health;
+use crate::pool::{Health, Node, Pool};
+use crate::proxy::Router;
+
+pub const CONFIG_RELOADS_TOTAL: &str = "fulcrum_config_reloads_total";
+
+/// How often a drain looks whether its node has finished its requests.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+#[derive(Debug)]
+pub struct Control {
+    /// The file `reload` reads; `None` for a balancer started from a config in memory.
+    path: Option<PathBuf>,
+    router: Arc<ArcSwap<Router>>,
+    shutdown: CancellationToken,
+    state: Mutex<Applied>,
+    reloads_ok: Counter,
+    reloads_error: Counter,
+}
+
+#[derive(Debug)]
+struct Applied {
+    config: Config,
+    /// Stops each pool's health checker when the pool goes away.
+    checkers: HashMap<String, CancellationToken>,
+}
+
+/// Why an API change was refused; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no config file to reload: this balancer was started from a config in memory")]
+    NoFile,
+    #[error("the new config is invalid; the running config stays")]
+    Invalid(#[source] ConfigError),
+}
+
+/// What `DELETE .../backends/NAME` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    Removed,
+    Draining,
+}
+
+/// A backend as the admin API reads and writes it.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    pub address: String,
+    pub weight: Option<u32>,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PoolView {
+    pub strategy: &'static str,
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendView {
+    pub name: String,
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub state: &'static str,
+    pub in_flight: u32,
+    pub requests: u64,
+}
+
+/// The admin API's word for a node's state; draining wins over everything, then health,
+/// then the passive cool-off.
+pub fn state_name(node: &Node) -> &'static str {
+    if node.is_draining() {
+        return "draining";
+    }
+    match node.health() {
+        Health::Down => "down",
+        Health::Pending => "pending",
+        Health::Up if node.is_cooling() => "cooling",
+        Health::Up => "up",
+    }
+}
+
+impl Control {
+    /// Takes over the router `start` built from `config` and starts its pools' checkers.
+    pub fn new(
+        config: Config,
+        path: Option<PathBuf>,
+        router: Arc<ArcSwap<Router>>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        describe_counter!(
+            CONFIG_RELOADS_TOTAL,
+            "Config reloads (SIGHUP or POST /api/reload), by result: ok, or error (the running config stays)."
+        );
+        let mut checkers = HashMap::new();
+        for pool in router.load().pools() {
+            let stop = shutdown.child_token();
+            health::spawn_checker(pool.clone(), stop.clone());
+            checkers.insert(pool.name.to_string(), stop);
+        }
+        Self {
+            path,
+            router,
+            shutdown,
+            state: Mutex::new(Applied { config, checkers }),
+            reloads_ok: counter!(CONFIG_RELOADS_TOTAL, "result" => "ok"),
+            reloads_error: counter!(CONFIG_RELOADS_TOTAL, "result" => "error"),
+        }
+    }
+
+    /// Re-reads the config file and applies it; an invalid file changes nothing.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let Some(path) = &self.path else {
+            self.reloads_error.increment(1);
+            return Err(ReloadError::NoFile);
+        };
+        let config = match Config::load(path) {
+            Ok(config) => config,
+            Err(e) => {
+                self.reloads_error.increment(1);
+                warn!(file = %path.display(), errors = %e, "reload rejected; the running config stays");
+                return Err(ReloadError::Invalid(e));
+            }
+        };
+        let mut state = self.state.lock().await;
+        if config.listeners != state.config.listeners || config.admin != state.config.admin {
+            warn!("listener and admin changes take effect at the next restart");
+        }
+        for warning in config.warnings() {
+            warn!("{warning}");
+        }
+        self.apply(&mut state, config);
+        self.reloads_ok.increment(1);
+        info!(file = %path.display(), "config reloaded");
+        Ok(())
+    }
+
+    /// Publishes `config`'s pools and routes. Pools that stay keep their nodes (by name, with
+    /// health and counters); pools that arrive start with every node pending.
+    fn apply(&self, state: &mut Applied, config: Config) {
+        let current = self.router.load();
+        let mut pools = Vec::new();
+        for (name, pool_config) in &config.pools {
+            let pool = match current.pool(name) {
+                Some(pool) => {
+                    pool.replace(pool_config);
+                    pool.clone()
+                }
+                None => {
+                    let pool = Arc::new(Pool::arriving(name, pool_config));
+                    let stop = self.shutdown.child_token();
+                    health::spawn_checker(pool.clone(), stop.clone());
+                    state.checkers.insert(name.clone(), stop);
+                    pool
+                }
+            };
+            pools.push(pool);
+        }
+        self.router
+            .store(Arc::new(Router::assemble(&config, pools)));
+        state.checkers.retain(|name, stop| {
+            let keep = config.pools.contains_key(name);
+            if !keep {
+                stop.cancel();
+            }
+            keep
+        });
+        state.config = config;
+    }
+
+    /// Rebuilds one pool from the effective config after an API change to its backends.
+    fn publish_pool(&self, state: &Applied, pool: &str) -> PoolView {
+        let router = self.router.load();
+        let live = router
+            .pool(pool)
+            .expect("pools in the effective config are routed");
+        live.replace(&state.config.pools[pool]);
+        view(live, state.config.pools[pool].strategy)
+    }
+
+    pub async fn pools(&self) -> Vec<(String, PoolView)> {
+        let state = self.state.lock().await;
+        let router = self.router.load();
+        router
+            .pools()
+            .iter()
+            .map(|pool| {
+                let strategy = state.config.pools[&*pool.name].strategy;
+                (pool.name.to_string(), view(pool, strategy))
+            })
+            .collect()
+    }
+
+    /// `PUT`: the pool's whole backend list. Nodes that keep their name keep their state; the
+    /// others arrive pending.
+    pub async fn replace_backends(
+        &self,
+        pool: &str,
+        specs: Vec<BackendSpec>,
+    ) -> Result<PoolView, ChangeError> {
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let backend = validate(spec)?;
+            check_unique(&backends, &backend)?;
+            backends.push(backend);
+        }
+        let mut state = self.state.lock().await;
+        let config = pool_config(&mut state, pool)?;
+        config.backends = backends;
+        Ok(self.publish_pool(&state, pool))
+    }
+
+    /// `POST`: one more backend.
+    pub async fn add_backend(
+        &self,
+        pool: &str,
+        spec: BackendSpec,
+    ) -> Result<PoolView, ChangeError> {
+        let backend = validate(spec)?;
+        let mut state = self.state.lock().await;
+        let config = pool_config(&mut state, pool)?;
+        check_unique(&config.backends, &backend)?;
+        config.backends.push(backend);
+        Ok(self.publish_pool(&state, pool))
+    }
+
+    /// `DELETE`: removes a node now, or lets it drain first. Draining takes it out of new
+    /// picks at once; it is removed when its last request ends (for a sticky pool, whose users
+    /// may come back at any time, only when `drain` runs out), and at the latest after `drain`.
+    pub async fn remove_backend(
+        self: &Arc<Self>,
+        pool: &str,
+        name: &str,
+        drain: Duration,
+    ) -> Result<(Removal, PoolView), ChangeError> {
+        let mut state = self.state.lock().await;
+        let config = pool_config(&mut state, pool)?;
+        let Some(position) = config.backends.iter().position(|b| b.name == name) else {
+            return Err(ChangeError::NotFound(format!(
+                "no backend named `{name}` in pool `{pool}`"
+            )));
+        };
+        if drain.is_zero() {
+            config.backends.remove(position);
+            info!(pool, backend = name, "backend removed");
+            return Ok((Removal::Removed, self.publish_pool(&state, pool)));
+        }
+        let sticky = config.strategy == Strategy::StickyCookie;
+        let router = self.router.load();
+        let live = router
+            .pool(pool)
+            .expect("pools in the effective config are routed");
+        let snapshot = live.snapshot();
+        let node = snapshot
+            .backends
+            .iter()
+            .find(|b| &*b.node.name == name)
+            .map(|b| b.node.clone())
+            .expect("the effective config and the live pool agree");
+        node.start_draining();
+        info!(pool, backend = name, ?drain, "backend draining");
+        let control = self.clone();
+        let (pool_name, deadline) = (pool.to_owned(), Instant::now() + drain);
+        tokio::spawn(async move {
+            while Instant::now() < deadline && (sticky || node.in_flight() > 0) {
+                tokio::select! {
+                    () = tokio::time::sleep(DRAIN_POLL) => {}
+                    () = control.shutdown.cancelled() => return,
+                }
+            }
+            control.finish_drain(&pool_name, &node).await;
+        });
+        Ok((Removal::Draining, view(live, config.strategy)))
+    }
+
+    /// Removes a drained node, unless a later change already replaced or removed it.
+    async fn finish_drain(&self, pool: &str, node: &Arc<Node>) {
+        let mut state = self.state.lock().await;
+        let router = self.router.load();
+        let still_there = router.pool(pool).is_some_and(|live| {
+            live.snapshot()
+                .backends
+                .iter()
+                .any(|b| Arc::ptr_eq(&b.node, node))
+        });
+        let Ok(config) = pool_config(&mut state, pool) else {
+            return;
+        };
+        if still_there {
+            config.backends.retain(|b| *b.name != *node.name);
+            self.publish_pool(&state, pool);
+            info!(pool, backend = %node.name, in_flight = node.in_flight(), "drained backend removed");
+        }
+    }
+}
+
+fn pool_config<'a>(
+    state: &'a mut Applied,
+    pool: &str,
+) -> Result<&'a mut crate::config::PoolConfig, ChangeError> {
+    state
+        .config
+        .pools
+        .get_mut(pool)
+        .ok_or_else(|| ChangeError::NotFound(format!("no pool named `{pool}`")))
+}
+
+fn validate(spec: BackendSpec) -> Result<BackendConfig, ChangeError> {
+    let address: SocketAddr = spec.address.parse().map_err(|_| {
+        ChangeError::Invalid(format!(
+            "address `{}` is not an IP:port address (e.g. \"127.0.0.1:9001\")",
+            spec.address
+        ))
+    })?;
+    if address.port() == 0 {
+        return Err(ChangeError::Invalid("port 0 is not a backend port".into()));
+    }
+    let weight = spec.weight.unwrap_or(1);
+    if !(1..=MAX_WEIGHT).contains(&weight) {
+        return Err(ChangeError::Invalid(format!(
+            "weight must be between 1 and {MAX_WEIGHT} (got {weight})"
+        )));
+    }
+    let name = spec.name.unwrap_or_else(|| spec.address.clone());
+    if name.is_empty() {
+        return Err(ChangeError::Invalid("name must not be empty".into()));
+    }
+    Ok(BackendConfig {
+        name,
+        address,
+        weight,
+    })
+}
+
+fn check_unique(existing: &[BackendConfig], new: &BackendConfig) -> Result<(), ChangeError> {
+    if existing.iter().any(|b| b.name == new.name) {
+        return Err(ChangeError::Conflict(format!(
+            "a backend named `{}` is already in the pool",
+            new.name
+        )));
+    }
+    if existing.iter().any(|b| b.address == new.address) {
+        return Err(ChangeError::Conflict(format!(
+            "a backend at {} is already in the pool",
+            new.address
+        )));
+    }
+    Ok(())
+}
+
+fn view(pool: &Pool, strategy: Strategy) -> PoolView {
+    PoolView {
+        strategy: strategy.as_str(),
+        backends: pool
+            .snapshot()
+            .backends
+            .iter()
+            .map(|b| BackendView {
+                name: b.node.name.to_string(),
+                address: b.address,
+                weight: b.weight,
+                state: state_name(&b.node),
+                in_flight: b.node.in_flight(),
+                requests: b.node.requests(),
+            })
+            .collect(),
+    }
+}
