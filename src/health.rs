@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::HealthConfig;
-use crate::pool::{Backend, Health, Pool};
+use crate::pool::{Backend, Health, Node, Pool};
 
 /// Health answers larger than this are judged by status alone.
 const MAX_HEALTH_BODY: usize = 64 * 1024;
@@ -122,6 +122,7 @@ async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
         () = stop.cancelled() => return,
     }
     let mut counter: Option<Counter> = None;
+    let mut counting: Option<Arc<Node>> = None;
     let mut ticker = tokio::time::interval(settings.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
     loop {
@@ -141,6 +142,15 @@ async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
             ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
         }
         let node = &backend.node;
+        // A node removed and re-added under the same name between two supervisor rounds is a
+        // new node (pending): it must not inherit the old one's streak.
+        if counting
+            .as_ref()
+            .is_none_or(|current| !Arc::ptr_eq(current, node))
+        {
+            counting = Some(node.clone());
+            counter = None;
+        }
         let counter = counter.get_or_insert_with(|| Counter::new(node.health() == Health::Up));
         let verdict = check(&client, backend, &settings).await;
         let passed = verdict == Verdict::Pass;

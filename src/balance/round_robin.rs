@@ -36,8 +36,8 @@ impl RoundRobin {
         // A node ramping up after slow start takes only some of its turns; if every candidate
         // declined, the first of them still beats a 503.
         let mut declined = None;
-        // Skipping unroutable nodes keeps the others in their relative order; after one full
-        // cycle of misses nothing is routable.
+        // Skipping an unroutable node by taking the next turn hands its share to the others in
+        // their relative order.
         for _ in 0..len {
             let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
             let index = self.cycle[turn % len] as usize;
@@ -52,7 +52,12 @@ impl RoundRobin {
             }
             return Some(index);
         }
-        declined
+        // Concurrent picks interleave on the cursor, so `len` turns need not have visited every
+        // node: before concluding nothing is routable, look at each one.
+        declined.or_else(|| {
+            (0..backends.len())
+                .find(|index| backends[*index].node.is_routable() && !tried.contains(index))
+        })
     }
 }
 
