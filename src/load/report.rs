@@ -369,8 +369,9 @@ impl fmt::Display for Report {
         match (d.cv, d.max_min_ratio) {
             (Some(cv), Some(ratio)) => writeln!(
                 f,
-                "  evenness  cv {cv:.4}, max/min {ratio:.3} over {} nodes; shares {}",
+                "  evenness  cv {cv:.4}, max/min {ratio:.3} over {} node{}; shares {}",
                 d.shares.len(),
+                if d.shares.len() == 1 { "" } else { "s" },
                 d.shares
                     .iter()
                     .map(|(name, share)| format!("{name} {:.1}%", share * 100.0))
