@@ -239,8 +239,6 @@ impl MemoryStore {
         presented: Option<SessionId>,
         now: Instant,
     ) -> Result<Visit, StoreError> {
-        // Drawn before taking the lock; unused when the id is known, which costs nanoseconds.
-        let fresh = SessionId::random()?;
         let mut g = self.generations();
         g.age(now);
         if let Some(id) = presented {
@@ -261,6 +259,9 @@ impl MemoryStore {
                 });
             }
         }
+        // getrandom does not block once the kernel's pool is seeded, which it is long before a
+        // web node answers; holding the lock over it costs about a microsecond.
+        let fresh = SessionId::random()?;
         g.insert(fresh, 1, now);
         Ok(Visit {
             id: fresh,
