@@ -42,6 +42,14 @@ enum Command {
         listen: SocketAddr,
         #[arg(long)]
         id: String,
+        /// Where `/session` keeps its counts: `memory` (this node only) or
+        /// `redis://HOST:PORT` (shared by every node pointed at it).
+        #[arg(
+            long,
+            default_value = "memory",
+            value_name = "memory|redis://HOST:PORT"
+        )]
+        sessions: fulcrum::webnode::SessionBackend,
     },
     /// Session-aware traffic simulator: virtual users with cookie jars and source IPs.
     Load(fulcrum::load::LoadArgs),
@@ -60,12 +68,14 @@ fn main() -> ExitCode {
         Command::Check => return check(&cli.config),
         Command::Run => runtime().and_then(|rt| rt.block_on(run(&cli.config))),
         Command::Demo => runtime().and_then(|rt| rt.block_on(fulcrum::demo::run())),
-        Command::Webnode { listen, id } => runtime().and_then(|rt| {
-            rt.block_on(fulcrum::webnode::run(fulcrum::webnode::WebNodeOptions {
-                listen,
-                id,
-            }))
-            .context("web node failed")
+        Command::Webnode {
+            listen,
+            id,
+            sessions,
+        } => runtime().and_then(|rt| {
+            let opts = fulcrum::webnode::WebNodeOptions { listen, id };
+            rt.block_on(fulcrum::webnode::run(opts, sessions))
+                .context("web node failed")
         }),
         Command::Load(args) => runtime().and_then(|rt| {
             let report = rt

@@ -10,9 +10,16 @@
 //!   or not that user's earlier requests were answered, so a dead or slow backend cannot lower
 //!   the offered load (no coordinated omission).
 //!
-//! What the run saw becomes a [`Report`] (see `report.rs`); `chart.rs` draws its timeline.
+//! With `--visits M` each user makes exactly M requests and stops, so a run compares like
+//! with like: the same users, the same number of visits, whatever the strategy in front.
+//!
+//! What the run saw becomes a [`Report`] (see `report.rs`): per-node counts, shares and
+//! evenness (`distribution.rs`), node switches and session continuity from the web node's
+//! `x-session-visits` (`continuity.rs`). `chart.rs` draws its timeline.
 
 mod chart;
+mod continuity;
+mod distribution;
 mod jar;
 mod report;
 mod source_ips;
@@ -37,10 +44,13 @@ use tokio::time::Instant;
 use tracing::info;
 
 pub use chart::write_svg;
+pub use continuity::Sessions;
+pub use distribution::Distribution;
 pub use jar::Jar;
-pub use report::{ErrorCounts, Latency, Mode, NO_NODE, NodeCount, Report, Second, Sessions};
+pub use report::{ErrorCounts, Latency, Mode, NO_NODE, NodeCount, Report, Second};
 pub use source_ips::{SourceIps, SourceIpsError};
 
+use continuity::Continuity;
 use report::{ErrorKind, Recorder, RunInfo};
 
 /// One scheduler task spawns at most a few million requests per second on any machine, and
@@ -49,6 +59,9 @@ const MAX_RATE: f64 = 1_000_000.0;
 
 const USER_AGENT_VALUE: &str = concat!("fulcrum-load/", env!("CARGO_PKG_VERSION"));
 
+/// The web node's `/session` visit count; continuity is judged from it.
+const X_SESSION_VISITS: &str = "x-session-visits";
+
 /// `fulcrum load`: what to send, for how long, and how to report it.
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 #[command(after_help = "\
@@ -56,6 +69,7 @@ Examples:
   fulcrum load --url http://127.0.0.1:8080/ --users 50 --duration 30s
   fulcrum load --url http://127.0.0.1:8080/ --rate 500 --duration 60s --svg drill.svg --json
   fulcrum load --url http://127.0.0.1:8080/ --source-ips 127.0.0.2-127.0.1.250 --users 500
+  fulcrum load --url http://127.0.0.1:8080/session --users 200 --visits 20 --json
 
 Exits 0 once the run ended (failed requests are in the report), 1 if it could not start.")]
 pub struct LoadArgs {
@@ -75,6 +89,10 @@ pub struct LoadArgs {
     /// Stop after this many requests, if that comes before --duration.
     #[arg(long, value_name = "N")]
     pub requests: Option<u64>,
+    /// Each user makes exactly this many requests, then stops (still within --duration and
+    /// --requests). Against /session, this is how many visits each session gets.
+    #[arg(long, value_name = "M", value_parser = clap::value_parser!(u64).range(1..))]
+    pub visits: Option<u64>,
     /// Open loop: send this many requests per second in total, on a fixed schedule, whatever
     /// the answers take. Without it, each user waits for an answer before its next request.
     #[arg(long, value_name = "REQ_PER_S")]
@@ -106,6 +124,7 @@ impl LoadArgs {
             users: 10,
             duration: Duration::from_secs(10),
             requests: None,
+            visits: None,
             rate: None,
             timeout: Duration::from_secs(5),
             source_ips: None,
@@ -180,7 +199,16 @@ pub async fn run(args: &LoadArgs) -> Result<Report, LoadError> {
         Mode::Closed
     };
     info!(url = %args.url, users, ?mode, rate = ?args.rate, duration = ?args.duration,
-        requests = ?args.requests, "load run starting");
+        requests = ?args.requests, visits = ?args.visits, "load run starting");
+    // In the open loop request k goes to user k % users, so the first users × visits requests
+    // are exactly `visits` per user; the closed loop also counts per user, below.
+    let per_user_total = args
+        .visits
+        .map(|visits| visits.saturating_mul(users as u64));
+    let limit = match (args.requests, per_user_total) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     let users: Vec<Arc<User>> = (0..users)
         .map(|i| Arc::new(User::new(args.source_ips.map(|ips| ips.nth(i)))))
         .collect();
@@ -192,7 +220,7 @@ pub async fn run(args: &LoadArgs) -> Result<Report, LoadError> {
         deadline: start
             .checked_add(args.duration)
             .ok_or(LoadError::LongDuration(args.duration))?,
-        limit: args.requests,
+        limit,
         issued: AtomicU64::new(0),
         recorder: Mutex::new(Recorder::new(start.into_std())),
     });
@@ -200,12 +228,15 @@ pub async fn run(args: &LoadArgs) -> Result<Report, LoadError> {
     let mut tasks = JoinSet::new();
     match args.rate {
         None => {
+            let visits = args.visits.unwrap_or(u64::MAX);
             for user in &users {
                 let (shared, user) = (shared.clone(), user.clone());
                 tasks.spawn(async move {
-                    while Instant::now() < shared.deadline {
+                    let mut made = 0;
+                    while made < visits && Instant::now() < shared.deadline {
                         let Some(k) = shared.ticket() else { break };
                         request(&shared, &user, k).await;
+                        made += 1;
                     }
                 });
             }
@@ -240,9 +271,8 @@ pub async fn run(args: &LoadArgs) -> Result<Report, LoadError> {
 
     let mut sessions = Sessions::default();
     for user in &users {
-        let switches = user.state().switches;
-        sessions.switches += switches;
-        sessions.users_switched += usize::from(switches > 0);
+        let state = user.state();
+        sessions.add_user(state.switches, &state.continuity);
     }
     let shared = Arc::into_inner(shared).expect("every request task has finished");
     let recorder = shared
@@ -356,7 +386,7 @@ impl Shared {
     }
 }
 
-/// A virtual user: its own connection pool, cookie jar and continuity count.
+/// A virtual user: its own connection pool, cookie jar, node switches and session count.
 struct User {
     client: Client<HttpConnector, Empty<Bytes>>,
     state: Mutex<UserState>,
@@ -367,6 +397,7 @@ struct UserState {
     jar: Jar,
     last_node: Option<String>,
     switches: u64,
+    continuity: Continuity,
 }
 
 impl User {
@@ -411,11 +442,20 @@ async fn request(shared: &Shared, user: &User, k: u64) {
     .await;
     let now = Instant::now();
     match outcome {
-        Err(_) => shared.recorder().unfinished(),
-        Ok(Err(_)) => shared.recorder().error(now.into_std(), ErrorKind::Timeout),
-        Ok(Ok(Err(e))) => shared
-            .recorder()
-            .error(now.into_std(), classify(e.as_ref())),
+        Err(_) => {
+            user.state().continuity.uncounted();
+            shared.recorder().unfinished();
+        }
+        Ok(Err(_)) => {
+            user.state().continuity.uncounted();
+            shared.recorder().error(now.into_std(), ErrorKind::Timeout);
+        }
+        Ok(Ok(Err(e))) => {
+            user.state().continuity.uncounted();
+            shared
+                .recorder()
+                .error(now.into_std(), classify(e.as_ref()));
+        }
         Ok(Ok(Ok(parts))) => {
             let node = parts
                 .headers
@@ -429,12 +469,27 @@ async fn request(shared: &Shared, user: &User, k: u64) {
                     state.last_node = Some(node.to_string());
                 }
                 state.switches += u64::from(switched);
+                match visit_count(&parts.headers) {
+                    Some(visits) => state.continuity.counted(visits),
+                    None => state.continuity.uncounted(),
+                }
             }
             shared
                 .recorder()
                 .answer(now.into_std(), &node, parts.status.as_u16(), now - sent);
         }
     }
+}
+
+/// The `x-session-visits` figure of an answer, if it carries a whole number.
+fn visit_count(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(X_SESSION_VISITS)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Sorts a client error into the report's kinds by walking its source chain.

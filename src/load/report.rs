@@ -8,6 +8,9 @@ use std::time::{Duration, Instant, SystemTime};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use super::continuity::Sessions;
+use super::distribution::Distribution;
+
 /// The node name counted for answers without an `x-served-by` header (e.g. the balancer's own
 /// 502/503 answers).
 pub const NO_NODE: &str = "(none)";
@@ -88,6 +91,8 @@ pub struct Report {
     pub achieved_rate: f64,
     /// Answers (any status) per `x-served-by` value.
     pub nodes: BTreeMap<String, NodeCount>,
+    /// Shares and evenness over the answers that named a node.
+    pub distribution: Distribution,
     /// Answers per status code.
     pub statuses: BTreeMap<u16, u64>,
     pub errors: ErrorCounts,
@@ -112,15 +117,6 @@ pub struct Latency {
     pub p99: f64,
     pub p999: f64,
     pub max: f64,
-}
-
-/// Session continuity: how often a user's answers came from a different node than its
-/// previous answer did (a failover, or a balancer that does not keep users in place).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Sessions {
-    pub switches: u64,
-    /// Users that saw at least one switch.
-    pub users_switched: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -237,6 +233,7 @@ impl Recorder {
             } else {
                 0.0
             },
+            distribution: Distribution::from_counts(&self.nodes, NO_NODE),
             nodes: self
                 .nodes
                 .into_iter()
@@ -368,11 +365,51 @@ impl fmt::Display for Report {
             "  latency   p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms ({} samples)",
             l.p50, l.p99, l.p999, l.max, l.samples
         )?;
+        let d = &self.distribution;
+        match (d.cv, d.max_min_ratio) {
+            (Some(cv), Some(ratio)) => writeln!(
+                f,
+                "  evenness  cv {cv:.4}, max/min {ratio:.3} over {} node{}; shares {}",
+                d.shares.len(),
+                if d.shares.len() == 1 { "" } else { "s" },
+                d.shares
+                    .iter()
+                    .map(|(name, share)| format!("{name} {:.1}%", share * 100.0))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )?,
+            _ => writeln!(f, "  evenness  - (no answer named a node)")?,
+        }
+        let s = &self.sessions;
         writeln!(
             f,
             "  sessions  {} node switches, {} of {} users switched at least once",
-            self.sessions.switches, self.sessions.users_switched, self.users
+            s.switches, s.users_switched, self.users
         )?;
+        match s.continuity {
+            Some(continuity) => {
+                write!(
+                    f,
+                    "            continuity {:.1}%: {} of {} users saw their visit count reset \
+                     ({} resets)",
+                    continuity * 100.0,
+                    s.users_reset,
+                    s.users_tracked,
+                    s.resets
+                )?;
+                if self.mode == Mode::Open {
+                    write!(
+                        f,
+                        "; open loop: a user's overlapping requests can read as resets"
+                    )?;
+                }
+                writeln!(f)?;
+            }
+            None => writeln!(
+                f,
+                "            continuity -: no answer carried x-session-visits (try --path /session)"
+            )?,
+        }
 
         writeln!(f, "\n  timeline (answers per node and errors, per second)")?;
         let col = |name: &str| name.chars().count().max(6);
@@ -453,8 +490,19 @@ mod tests {
         let json = serde_json::to_string(&report).unwrap();
         let back: Report = serde_json::from_str(&json).unwrap();
         assert_eq!(back, report);
+        // Evenness leaves the node-less answer out: web-1 2, web-2 1.
+        let d = &report.distribution;
+        assert_eq!(d.shares["web-1"], 0.6667);
+        assert_eq!(d.shares.len(), 2);
+        assert_eq!((d.cv, d.max_min_ratio), (Some(0.3333), Some(2.0)));
         let table = report.to_table();
         assert!(table.contains("web-1"), "{table}");
+        assert!(
+            table
+                .contains("cv 0.3333, max/min 2.000 over 2 nodes; shares web-1 66.7%, web-2 33.3%"),
+            "{table}"
+        );
+        assert!(table.contains("continuity -: no answer carried"), "{table}");
         assert!(table.contains("2023-11-14T22:13:20.123Z"), "{table}");
     }
 
@@ -463,8 +511,14 @@ mod tests {
         let start = Instant::now();
         let report = Recorder::new(start).finish(info(start));
         assert_eq!(report.requests, 0);
+        assert_eq!(report.distribution, Distribution::default());
         assert_eq!(report.latency_ms, Latency::default());
         assert!(report.timeline.is_empty());
-        assert!(report.to_table().contains("(no answers)"));
+        let table = report.to_table();
+        assert!(table.contains("(no answers)"), "{table}");
+        assert!(
+            table.contains("evenness  - (no answer named a node)"),
+            "{table}"
+        );
     }
 }

@@ -4,7 +4,13 @@
 //! balancer: it answers which node served a request, reports real health figures in the seed's
 //! `/healthz` schema, and has knobs for failover drills (flip health, pause like a GC, slow and
 //! large responses, echo exactly what arrived). Every response carries `x-served-by: ID`.
-//! All state is atomics on one `Shared`; the only lock guards the CPU sample `/healthz` reads.
+//! `/session` and `/v1/sessions/verify` use the node's session store (`sessions.rs`: in memory
+//! or in Redis; `session_api.rs`: the HTTP side).
+//! All other state is atomics on one `Shared`; the only lock guards the CPU sample `/healthz`
+//! reads.
+
+mod session_api;
+mod sessions;
 
 use std::convert::Infallible;
 use std::io;
@@ -34,6 +40,10 @@ use tracing::{info, warn};
 
 use crate::health_report::{CpuMeter, HealthReport};
 
+pub use session_api::{SESSION_COOKIE, X_SESSION_VISITS};
+use sessions::Store;
+pub use sessions::{MEMORY_SESSION_CAP, SESSION_TTL, SessionBackend};
+
 /// How long `shutdown` lets in-flight requests finish before cutting their connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Slow-loris guard: a client that has not sent its headers by then is dropped.
@@ -50,7 +60,8 @@ const MAX_ADMIN_BODY: usize = 4 * 1024;
 
 const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
 
-/// What `fulcrum webnode` was asked to be.
+/// What `fulcrum webnode` was asked to be. Where sessions live is the second argument of
+/// [`spawn_with_sessions`], so code that builds these options stays as it is.
 #[derive(Debug, Clone)]
 pub struct WebNodeOptions {
     pub listen: SocketAddr,
@@ -98,8 +109,18 @@ impl Drop for WebNode {
     }
 }
 
-/// Binds, spawns the server on the current tokio runtime, returns at once.
+/// Binds, spawns the server with sessions in memory on the current tokio runtime, returns at
+/// once.
 pub async fn spawn(opts: WebNodeOptions) -> io::Result<WebNode> {
+    spawn_with_sessions(opts, SessionBackend::Memory).await
+}
+
+/// [`spawn`] with sessions kept where `sessions` says. A Redis that is down does not stop the
+/// node from starting: `/session` answers 503 and `/healthz` says `DISCONNECTED` until it is up.
+pub async fn spawn_with_sessions(
+    opts: WebNodeOptions,
+    sessions: SessionBackend,
+) -> io::Result<WebNode> {
     let served_by = HeaderValue::from_str(&opts.id).map_err(|_| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -109,6 +130,9 @@ pub async fn spawn(opts: WebNodeOptions) -> io::Result<WebNode> {
     let listener = TcpListener::bind(opts.listen).await?;
     let local_addr = listener.local_addr()?;
     let started = Instant::now();
+    let cancel = CancellationToken::new();
+    let sessions_text = sessions.describe();
+    let sessions = Store::start(sessions, &opts.id, cancel.clone());
     let shared = Arc::new(Shared {
         id: opts.id,
         served_by,
@@ -118,10 +142,10 @@ pub async fn spawn(opts: WebNodeOptions) -> io::Result<WebNode> {
         active_connections: AtomicU64::new(0),
         requests: AtomicU64::new(0),
         cpu: CpuMeter::new(),
+        sessions,
     });
-    let cancel = CancellationToken::new();
     let task = tokio::spawn(serve(listener, Arc::clone(&shared), cancel.clone()));
-    info!(id = %shared.id, addr = %local_addr, "web node listening");
+    info!(id = %shared.id, addr = %local_addr, sessions = %sessions_text, "web node listening");
     Ok(WebNode {
         local_addr,
         shared,
@@ -131,8 +155,8 @@ pub async fn spawn(opts: WebNodeOptions) -> io::Result<WebNode> {
 }
 
 /// What `fulcrum webnode` runs: serve until Ctrl-C / SIGTERM, then shut down gracefully.
-pub async fn run(opts: WebNodeOptions) -> io::Result<()> {
-    let node = spawn(opts).await?;
+pub async fn run(opts: WebNodeOptions, sessions: SessionBackend) -> io::Result<()> {
+    let node = spawn_with_sessions(opts, sessions).await?;
     let signal = shutdown_signal().await;
     node.shutdown().await;
     signal
@@ -163,6 +187,7 @@ struct Shared {
     active_connections: AtomicU64,
     requests: AtomicU64,
     cpu: CpuMeter,
+    sessions: Store,
 }
 
 impl Shared {
@@ -289,6 +314,9 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<NodeBody> {
     match path.as_str() {
         "/" if is_get => text(StatusCode::OK, format!("served by {}\n", shared.id)),
         "/healthz" if is_get => healthz(shared),
+        // GET only: HEAD is a safe method and must not count a visit.
+        "/session" if method == Method::GET => session_api::session(shared, req.headers()).await,
+        "/v1/sessions/verify" if method == Method::POST => session_api::verify(shared, req).await,
         "/slow" if is_get => match query_ms(query) {
             Some(ms) => {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -326,13 +354,16 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<NodeBody> {
 
 fn healthz(shared: &Shared) -> Response<NodeBody> {
     let status = shared.health();
-    // This node has no database and keeps no sessions in Redis.
-    let body = HealthReport::new(
+    let mut body = HealthReport::new(
         &shared.id,
         status.as_str(),
         &shared.cpu,
         shared.active_connections.load(Ordering::Relaxed),
     );
+    // No database; Redis only with `--sessions redis://`. A Redis outage does not make the node
+    // DOWN: it still serves everything but sessions, and every node sharing that Redis would
+    // go down with it, leaving the balancer nothing to route to.
+    body.dependency_status.redis_session_cache = shared.sessions.redis_status();
     let code = match status {
         Health::Up => StatusCode::OK,
         Health::Down | Health::Draining => StatusCode::SERVICE_UNAVAILABLE,
