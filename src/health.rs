@@ -131,8 +131,10 @@ async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
             () = stop.cancelled() => return,
         }
         let snapshot = pool.snapshot();
+        // Absent for now (a swap in progress): the supervisor ends this task if it stays away,
+        // and must not find it gone if the name comes straight back.
         let Some(backend) = snapshot.backends.iter().find(|b| b.node.name == name) else {
-            return;
+            continue;
         };
         if snapshot.settings.health != settings {
             // A reload changed the checks: adopt the new interval, timeout and path.
