@@ -105,10 +105,13 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
 
     let mut bound = Vec::new();
     for l in &config.listeners {
-        bound.push((l, bind(&l.name, l.bind).await?));
+        let backlog = u32::try_from(l.max_connections)
+            .unwrap_or(u32::MAX)
+            .min(65_535);
+        bound.push((l, bind(&l.name, l.bind, backlog)?));
     }
     let admin_listener = match &config.admin {
-        Some(admin) => Some(bind("admin", admin.bind).await?),
+        Some(admin) => Some(bind("admin", admin.bind, 1024)?),
         None => None,
     };
 
@@ -218,14 +221,12 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
     })
 }
 
-async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            name: name.to_owned(),
-            addr,
-            source,
-        })
+fn bind(name: &str, addr: SocketAddr, backlog: u32) -> Result<TcpListener, StartError> {
+    server::listen(addr, backlog).map_err(|source| StartError::Bind {
+        name: name.to_owned(),
+        addr,
+        source,
+    })
 }
 
 impl Running {

@@ -237,7 +237,10 @@ async fn a_hundred_swaps_and_twenty_reloads_under_load_fail_no_request() {
     assert_eq!(failed, 0, "{failed} of {done} requests failed");
     // Nodes removed and re-added many times over still come up: none inherits a stale streak.
     wait_until("every node of the last list is up", || async {
-        listed(&running, "rc_swaps").await.iter().all(|(_, state)| state == "up")
+        listed(&running, "rc_swaps")
+            .await
+            .iter()
+            .all(|(_, state)| state == "up")
     })
     .await;
     let metrics = scrape(&running).await;

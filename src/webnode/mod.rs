@@ -127,7 +127,7 @@ pub async fn spawn_with_sessions(
             format!("web node id {:?} is not a valid header value", opts.id),
         )
     })?;
-    let listener = TcpListener::bind(opts.listen).await?;
+    let listener = crate::server::listen(opts.listen, 4096)?;
     let local_addr = listener.local_addr()?;
     let started = Instant::now();
     let cancel = CancellationToken::new();
