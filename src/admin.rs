@@ -1,5 +1,5 @@
-//! The admin listener: `GET /metrics` for Prometheus, `GET /healthz` for fulcrum's own health
-//! in the seed's schema, and the JSON API under `/api/` that changes pools at runtime. It runs
+//! The admin listener: `GET /metrics` for Prometheus, `GET /status` for people, `GET /healthz`
+//! for fulcrum's own health in the seed's schema, and the JSON API under `/api/` that changes pools at runtime. It runs
 //! on its own port so scrapes and changes never queue behind traffic.
 //!
 //! Reads stay open; every mutation needs `Authorization: Bearer TOKEN` when `admin.token` is
@@ -21,6 +21,7 @@ use crate::body::ProxyBody;
 use crate::control::{BackendSpec, ChangeError, Control, PoolView, ReloadError, Removal};
 use crate::health_report::{CpuMeter, HealthReport};
 use crate::proxy::local_response;
+use crate::status::RateSampler;
 
 /// API bodies are a few backends; anything bigger is a mistake or an attack.
 const MAX_API_BODY: usize = 1 << 20;
@@ -32,6 +33,7 @@ pub struct AdminState {
     pub client_connections: Arc<AtomicU64>,
     pub control: Arc<Control>,
     pub token: Option<String>,
+    pub status_rates: RateSampler,
 }
 
 pub async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<ProxyBody> {
@@ -50,6 +52,13 @@ pub async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Prox
                 "text/plain; version=0.0.4; charset=utf-8",
             )
         }
+        "/status" => {
+            let html = crate::status::render(&state.control.router(), &state.status_rates);
+            with_type(
+                Response::new(ProxyBody::local(html)),
+                "text/html; charset=utf-8",
+            )
+        }
         "/healthz" => {
             let connections = state.client_connections.load(Ordering::Relaxed);
             let report = HealthReport::new("fulcrum", "UP", &state.cpu, connections);
@@ -58,7 +67,7 @@ pub async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Prox
         }
         _ => local_response(
             StatusCode::NOT_FOUND,
-            "not found; try /metrics, /healthz or /api/pools",
+            "not found; try /status, /metrics, /healthz or /api/pools",
         ),
     }
 }

@@ -96,6 +96,8 @@ pub struct BackendView {
     pub state: &'static str,
     pub in_flight: u32,
     pub requests: u64,
+    /// Requests the node failed: refused, reset or timed out.
+    pub failures: u64,
 }
 
 /// The admin API's word for a node's state; draining wins over everything, then health,
@@ -210,6 +212,11 @@ impl Control {
         view(live, state.config.pools[pool].strategy)
     }
 
+    /// The routing table as published now.
+    pub fn router(&self) -> arc_swap::Guard<Arc<Router>> {
+        self.router.load()
+    }
+
     pub async fn pools(&self) -> Vec<(String, PoolView)> {
         let state = self.state.lock().await;
         let router = self.router.load();
@@ -290,6 +297,11 @@ impl Control {
             .map(|b| b.node.clone())
             .expect("the effective config and the live pool agree");
         node.start_draining();
+        live.journal.record(
+            &node.name,
+            "draining",
+            format!("for up to {}", humantime::format_duration(drain)),
+        );
         info!(pool, backend = name, ?drain, "backend draining");
         let control = self.clone();
         let (pool_name, deadline) = (pool.to_owned(), Instant::now() + drain);
@@ -394,6 +406,7 @@ fn view(pool: &Pool, strategy: Strategy) -> PoolView {
                 state: state_name(&b.node),
                 in_flight: b.node.in_flight(),
                 requests: b.node.requests(),
+                failures: b.node.failures(),
             })
             .collect(),
     }

@@ -162,13 +162,26 @@ async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
             node.metrics.checks_failed.increment(1);
         }
         if let Some(up) = counter.record(passed, settings.rise, settings.fall) {
-            transition(&pool.name, backend, up, &verdict, &settings);
+            transition(&pool, backend, up, &verdict, &settings);
         }
     }
 }
 
-fn transition(pool: &str, backend: &Backend, up: bool, verdict: &Verdict, settings: &HealthConfig) {
+fn transition(
+    pool: &Pool,
+    backend: &Backend,
+    up: bool,
+    verdict: &Verdict,
+    settings: &HealthConfig,
+) {
     let node = &backend.node;
+    if up {
+        pool.journal
+            .record(&node.name, "up", format!("{} checks passed", settings.rise));
+    } else {
+        pool.journal.record(&node.name, "down", verdict.to_string());
+    }
+    let pool = &*pool.name;
     if up {
         node.set_health(Health::Up);
         node.metrics.went_up.increment(1);

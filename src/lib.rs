@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod server;
+pub mod status;
 pub mod webnode;
 
 use std::io;
@@ -172,6 +173,7 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
                 client_connections: client_connections.clone(),
                 control: control.clone(),
                 token: config.admin.as_ref().and_then(|a| a.token.clone()),
+                status_rates: Default::default(),
             });
             let limits = ConnLimits {
                 header_read_timeout: Duration::from_secs(10),

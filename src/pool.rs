@@ -6,11 +6,11 @@
 //! (health, in-flight counts, metric handles) lives in [`Node`], keyed by the backend's name, and
 //! is carried over by [`Pool::replace`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
@@ -67,6 +67,8 @@ pub struct Node {
     ramp_from_ms: AtomicU64,
     /// Being removed: no new users, but requests in flight and sticky users are still served.
     draining: AtomicBool,
+    /// Requests this node failed (refused, reset, timed out), for the status page.
+    failures: AtomicU64,
     pub metrics: BackendMetrics,
 }
 
@@ -84,6 +86,7 @@ impl Node {
             refusals: AtomicU32::new(0),
             ramp_from_ms: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
         }
     }
 
@@ -179,6 +182,15 @@ impl Node {
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
+
+    /// Requests this node failed: a refused or reset connection, or no answer in time.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    pub fn failed(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// One entry of a snapshot: where a node is and how much traffic it takes.
@@ -257,7 +269,48 @@ impl PoolState {
 pub struct Pool {
     pub name: Arc<str>,
     pub metrics: PoolMetrics,
+    /// Recent state changes of its nodes, for the status page.
+    pub journal: Journal,
     state: ArcSwap<PoolState>,
+}
+
+/// How many state changes a pool remembers for the status page.
+const JOURNAL_LEN: usize = 50;
+
+/// A node's change of state, as the status page lists it.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub at: SystemTime,
+    pub backend: Arc<str>,
+    /// `up`, `down`, `added`, `draining`, `removed`.
+    pub what: &'static str,
+    pub detail: String,
+}
+
+/// The last [`JOURNAL_LEN`] events of a pool. Written by the checker and the control plane,
+/// read by the status page; never touched on the request path, so a mutex is fine.
+#[derive(Debug, Default)]
+pub struct Journal(Mutex<VecDeque<Event>>);
+
+impl Journal {
+    pub fn record(&self, backend: &Arc<str>, what: &'static str, detail: impl Into<String>) {
+        let mut events = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if events.len() == JOURNAL_LEN {
+            events.pop_front();
+        }
+        events.push_back(Event {
+            at: SystemTime::now(),
+            backend: backend.clone(),
+            what,
+            detail: detail.into(),
+        });
+    }
+
+    /// Newest first.
+    pub fn recent(&self) -> Vec<Event> {
+        let events = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        events.iter().rev().cloned().collect()
+    }
 }
 
 impl Pool {
@@ -276,6 +329,7 @@ impl Pool {
         let state = build_state(&name, config, &HashMap::new(), None, health);
         Self {
             metrics: PoolMetrics::new(&name),
+            journal: Journal::default(),
             name,
             state: ArcSwap::from_pointee(state),
         }
@@ -300,6 +354,20 @@ impl Pool {
             .then(|| current.client.clone());
         // Newcomers must prove themselves with `rise` passing checks first.
         let next = build_state(&self.name, config, &nodes, reusable_client, Health::Pending);
+        for backend in next.backends.iter() {
+            if !nodes.contains_key(&backend.node.name) {
+                let detail = format!(
+                    "at {}; pending {} checks",
+                    backend.address, config.health.rise
+                );
+                self.journal.record(&backend.node.name, "added", detail);
+            }
+        }
+        for name in nodes.keys() {
+            if !next.backends.iter().any(|b| b.node.name == *name) {
+                self.journal.record(name, "removed", "");
+            }
+        }
         self.state.store(Arc::new(next));
     }
 }

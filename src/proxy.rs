@@ -366,6 +366,7 @@ impl ProxyError {
     fn count(&self) {
         if let Some((node, kind)) = self.blame() {
             node.metrics.error(kind);
+            node.failed();
         }
     }
 

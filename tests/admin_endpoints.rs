@@ -91,3 +91,76 @@ async fn healthz_reports_fulcrum_in_the_seed_schema() {
     let missing = get(&client(), &format!("http://{admin}/nope")).await;
     assert_eq!(missing.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_each_node_its_state_rates_and_recent_changes() {
+    let mut nodes = webnodes(2).await;
+    let running = balancer(&single_pool(
+        "adm_status",
+        "round_robin",
+        &nodes_as_backends(&nodes),
+        "[pools.adm_status.health]\ninterval = \"100ms\"\ntimeout = \"80ms\"\n",
+    ))
+    .await;
+    let status_url = format!("http://{}/status", running.admin_addr().unwrap());
+    let first = get(&client(), &status_url).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.headers["content-type"], "text/html; charset=utf-8");
+    let page = first.text();
+    assert!(
+        page.contains("<meta http-equiv=refresh"),
+        "refreshes itself"
+    );
+    assert!(
+        !page.contains("src=") && !page.contains("href="),
+        "no external assets"
+    );
+    for name in ["web-1", "web-2"] {
+        assert!(
+            page.contains(&format!("<tr class=node><td>{name}</td>")),
+            "{page}"
+        );
+    }
+
+    nodes.pop().unwrap().shutdown().await;
+    let web_2 = node(&running, "web-2");
+    wait_until("web-2 is marked down", || {
+        let web_2 = web_2.clone();
+        async move { web_2.health() == fulcrum::pool::Health::Down }
+    })
+    .await;
+    for _ in 0..30 {
+        assert_eq!(get(&client(), &url(&running, "/")).await.status, 200);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let page = get(&client(), &status_url).await.text();
+    let row = |name: &str| {
+        let start = page
+            .find(&format!("<tr class=node><td>{name}</td>"))
+            .unwrap_or_else(|| panic!("no row for {name}: {page}"));
+        page[start..start + page[start..].find("</tr>").unwrap()].to_owned()
+    };
+    assert!(
+        row("web-1").contains("class='state up'"),
+        "{}",
+        row("web-1")
+    );
+    assert!(
+        row("web-2").contains("class='state down'"),
+        "{}",
+        row("web-2")
+    );
+    // Thirty requests in a bit over half a second: web-1's rate is a real number, not a dash.
+    let web_1 = row("web-1");
+    let cells: Vec<&str> = web_1.split("<td>").collect();
+    let rate: f64 = cells[7]
+        .trim_end_matches("</td>")
+        .parse()
+        .unwrap_or_else(|_| panic!("{web_1}"));
+    assert!(rate > 1.0, "{web_1}");
+    assert!(
+        page.contains("<tr class=event>")
+            && page.contains("<td>web-2</td><td><span class='state down'>down</span>"),
+        "the transition is listed: {page}"
+    );
+}
