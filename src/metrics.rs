@@ -21,6 +21,7 @@ pub const BACKEND_UP: &str = "fulcrum_backend_up";
 pub const HEALTH_CHECKS_TOTAL: &str = "fulcrum_health_checks_total";
 pub const BACKEND_TRANSITIONS_TOTAL: &str = "fulcrum_backend_transitions_total";
 pub const RETRIES_TOTAL: &str = "fulcrum_retries_total";
+pub const TLS_HANDSHAKES_TOTAL: &str = "fulcrum_tls_handshakes_total";
 
 /// The `backend` label of answers fulcrum gives itself, and the `pool` label when no route matched.
 pub const NONE: &str = "none";
@@ -68,6 +69,10 @@ fn describe() {
     describe_gauge!(
         DOWNSTREAM_CONNECTIONS,
         "Open client connections, by listener."
+    );
+    describe_counter!(
+        TLS_HANDSHAKES_TOTAL,
+        "TLS handshakes on client connections, by listener and result (ok, error, timeout)."
     );
 }
 

@@ -27,6 +27,9 @@ pub struct Config {
     pub registry: Option<RegistryConfig>,
     pub pools: BTreeMap<String, PoolConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Problems that do not stop fulcrum from running (an expired certificate): `check`
+    /// prints them, `run` logs them.
+    pub warnings: Vec<Diagnostic>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +43,35 @@ pub struct ListenerConfig {
     pub trusted_proxies: Vec<IpNet>,
     pub max_body_bytes: Option<u64>,
     pub forwarded: bool,
+    /// TLS termination; `None` serves cleartext HTTP/1.1 and h2c.
+    pub tls: Option<TlsConfig>,
+}
+
+/// A TLS listener's certificates. The files were loaded and checked (key matches certificate)
+/// when the config was validated; the listener loads them again when it starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// Served to clients that send no SNI name or one no `sni` entry claims.
+    pub default: CertPaths,
+    /// In file order; exact names win over wildcards (`*.example.com`, one label deep).
+    pub sni: Vec<SniCert>,
+    /// A client that has not completed its handshake by then is dropped.
+    pub handshake_timeout: Duration,
+}
+
+/// A PEM certificate chain (leaf first) and its PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC).
+/// Relative paths are relative to the working directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniCert {
+    /// Lower-case DNS names; `*.example.com` matches exactly one extra label.
+    pub names: Vec<String>,
+    pub paths: CertPaths,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -70,9 +102,30 @@ impl Strategy {
     }
 }
 
+/// How a pool talks to its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendProtocol {
+    /// Pooled keep-alive HTTP/1.1 connections (the default).
+    #[default]
+    Http1,
+    /// Cleartext HTTP/2 with prior knowledge: requests multiplexed over one connection per
+    /// backend. `Upgrade` requests (WebSocket) still go over HTTP/1.1.
+    H2c,
+}
+
+impl BackendProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendProtocol::Http1 => "http1",
+            BackendProtocol::H2c => "h2c",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub strategy: Strategy,
+    pub backend_protocol: BackendProtocol,
     pub slow_start: Option<Duration>,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
