@@ -59,12 +59,11 @@ impl CertDir {
 
     fn write(&self, stem: &str, params: rcgen::CertificateParams, key: &rcgen::KeyPair) -> Cert {
         let cert = params.self_signed(key).unwrap();
-        let paths = Cert {
+        Cert {
             cert: self.file(&format!("{stem}.crt"), cert.pem().as_bytes()),
             key: self.file(&format!("{stem}.key"), key.serialize_pem().as_bytes()),
             der: cert.der().to_vec(),
-        };
-        paths
+        }
     }
 
     pub fn file(&self, name: &str, contents: &[u8]) -> PathBuf {
