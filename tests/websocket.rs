@@ -15,9 +15,30 @@ use support::*;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{
-    Request as WsRequest, Response as WsResponse,
+    Callback, ErrorResponse, Request as WsRequest, Response as WsResponse,
 };
 use tokio_tungstenite::{WebSocketStream, client_async};
+
+/// Describes the handshake request the backend got, for the test to read back.
+struct Describe(std::sync::mpsc::Sender<String>);
+
+impl Callback for Describe {
+    fn on_request(self, req: &WsRequest, resp: WsResponse) -> Result<WsResponse, ErrorResponse> {
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .map_or("-", |v| v.to_str().unwrap_or("?"))
+                .to_owned()
+        };
+        let _ = self.0.send(format!(
+            "path={} proto={} xff={}",
+            req.uri().path(),
+            header("x-forwarded-proto"),
+            header("x-forwarded-for")
+        ));
+        Ok(resp)
+    }
+}
 
 /// A WebSocket server that first sends one text message describing the handshake request it
 /// got, then echoes every data message.
@@ -30,25 +51,12 @@ async fn ws_echo_backend() -> SocketAddr {
                 continue;
             };
             tokio::spawn(async move {
-                let mut seen = String::new();
-                let callback = |req: &WsRequest, resp: WsResponse| {
-                    let header = |name: &str| {
-                        req.headers()
-                            .get(name)
-                            .map_or("-", |v| v.to_str().unwrap_or("?"))
-                            .to_owned()
-                    };
-                    seen = format!(
-                        "path={} proto={} xff={}",
-                        req.uri().path(),
-                        header("x-forwarded-proto"),
-                        header("x-forwarded-for")
-                    );
-                    Ok(resp)
-                };
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, Describe(tx)).await
+                else {
                     return;
                 };
+                let seen = rx.recv().unwrap_or_default();
                 if ws.send(Message::text(seen)).await.is_err() {
                     return;
                 }
