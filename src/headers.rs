@@ -68,26 +68,20 @@ pub fn upgrade_protocol(version: Version, headers: &HeaderMap) -> Option<HeaderV
     if version != Version::HTTP_11 {
         return None;
     }
-    let tokens = |name: &HeaderName| {
+    let any_token = |name: &HeaderName, pred: fn(&str) -> bool| {
         headers
             .get_all(name)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .collect::<Vec<_>>()
+            .any(pred)
     };
-    if !tokens(&header::CONNECTION)
-        .iter()
-        .any(|t| t.eq_ignore_ascii_case("upgrade"))
-    {
-        return None;
-    }
-    let protocols = tokens(&header::UPGRADE);
-    if protocols.is_empty()
-        || protocols
-            .iter()
-            .any(|p| p.is_empty() || p.eq_ignore_ascii_case("h2c"))
+    if !any_token(&header::CONNECTION, |t| t.eq_ignore_ascii_case("upgrade"))
+        || !headers.contains_key(header::UPGRADE)
+        || any_token(&header::UPGRADE, |p| {
+            p.is_empty() || p.eq_ignore_ascii_case("h2c")
+        })
     {
         return None;
     }
