@@ -195,11 +195,10 @@ EOF
 
 # tls_tree_ticks PID: utime+stime (clock ticks) of PID and all its descendants.
 tls_tree_ticks() {
-  local root=$1
-  awk -v root="$root" '
-    FNR == 1 {
-      line = $0; sub(/^[0-9]+ \(.*\) /, "", line); split(line, f, " ")
-      pid = FILENAME; sub(/^\/proc\//, "", pid); sub(/\/stat$/, "", pid)
+  # Processes come and go while this reads: a vanished one is skipped, not an error.
+  { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v root="$1" '
+    {
+      pid = $1; line = $0; sub(/^[0-9]+ \(.*\) /, "", line); split(line, f, " ")
       parent[pid] = f[2]; ticks[pid] = f[12] + f[13]
     }
     END {
@@ -210,7 +209,7 @@ tls_tree_ticks() {
         if (q == root) total += ticks[p]
       }
       print total
-    }' /proc/[0-9]*/stat 2>/dev/null
+    }'
 }
 
 # Busy clock ticks of the whole machine (all cores) so far.
@@ -339,10 +338,10 @@ tls_bench_main() {
   declare -A pid_of=([fulcrum]=$fulcrum_pid [haproxy]=$haproxy_pid [nginx]=$nginx_pid)
   declare -A url_of=([fulcrum]="https://127.0.0.1:$pf/" [haproxy]="https://127.0.0.1:$ph/"
     [nginx]="https://127.0.0.1:$pn/")
-  local proto
-  proto=$(openssl s_client -connect "127.0.0.1:$pf" -servername bench.test </dev/null 2>/dev/null \
-    | awk -F': *' '/Protocol *:/ { print $2; exit }')
-  echo "certificate: $cert_label; fulcrum negotiates ${proto:-?} with openssl; $rounds interleaved rounds"
+  local negotiated
+  negotiated=$(openssl s_client -connect "127.0.0.1:$pf" -servername bench.test </dev/null 2>/dev/null \
+    | awk '/^New, / { sub(/,$/, "", $2); print $2 " " $NF; exit }')
+  echo "certificate: $cert_label; openssl s_client gets ${negotiated:-?} from fulcrum; $rounds interleaved rounds"
   echo "proxies on core 0 (one worker each), origins and load generators on core 1"
   echo
 
