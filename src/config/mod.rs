@@ -348,6 +348,38 @@ pool = "missing"
     }
 
     #[test]
+    fn backend_protocol_is_http1_unless_h2c_is_asked_for() {
+        assert_eq!(
+            parse(MINIMAL).unwrap().pools["web"].backend_protocol,
+            BackendProtocol::Http1
+        );
+        let h2c = parse(&format!("{MINIMAL}backend_protocol = \"h2c\"\n")).unwrap();
+        assert_eq!(h2c.pools["web"].backend_protocol, BackendProtocol::H2c);
+        let err = parse(&format!("{MINIMAL}backend_protocol = \"h3\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pools.web.backend_protocol: unknown backend protocol `h3`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_handshake_timeout_without_tls_is_a_warning() {
+        let text = MINIMAL.replace(
+            "bind = \"127.0.0.1:0\"",
+            "bind = \"127.0.0.1:0\"\ntls_handshake_timeout = \"5s\"",
+        );
+        let config = parse(&text).unwrap();
+        assert!(config.listeners[0].tls.is_none());
+        let warning = config.warnings[0].to_string();
+        assert!(
+            warning.contains("listeners[0].tls_handshake_timeout: has no effect"),
+            "{warning}"
+        );
+    }
+
+    #[test]
     fn line_col_counts_characters() {
         assert_eq!(validate::line_col("ab\ncdé\nx", 8), (3, 1));
         assert_eq!(validate::line_col("ab\ncdé", 5), (2, 3));
