@@ -255,9 +255,11 @@ async fn plaintext_and_silent_clients_are_dropped_without_stalling_a_tls_client(
         let got = reply(h2.send_request(request).await.unwrap()).await;
         assert_eq!(got.status, StatusCode::OK);
     }
+    // Handshakes in the accept loop would queue the TLS client behind 20 timeouts (10 s);
+    // the bound leaves room for a slow machine.
     let served = opened.elapsed();
     assert!(
-        served < Duration::from_millis(500),
+        served < Duration::from_secs(2),
         "the TLS client waited {served:?} behind silent clients"
     );
 
