@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use fulcrum::balance::{Pick, client_key};
-use fulcrum::config::{BackendConfig, HealthConfig, PoolConfig, Strategy};
+use fulcrum::config::{BackendConfig, BackendProtocol, HealthConfig, PoolConfig, Strategy};
 use fulcrum::pool::{InFlight, Pool, PoolState};
 
 const SIZES: [usize; 3] = [3, 30, 300];
@@ -30,6 +30,7 @@ const THREADS: usize = 2;
 fn pool_config(strategy: Strategy, backends: usize) -> PoolConfig {
     PoolConfig {
         strategy,
+        backend_protocol: BackendProtocol::Http1,
         slow_start: None,
         connect_timeout: Duration::from_secs(2),
         response_timeout: Duration::from_secs(30),

@@ -160,7 +160,7 @@ impl Control {
         if config.listeners != state.config.listeners || config.admin != state.config.admin {
             warn!("listener and admin changes take effect at the next restart");
         }
-        for warning in config.warnings() {
+        for warning in &config.warnings {
             warn!("{warning}");
         }
         self.apply(&mut state, config);

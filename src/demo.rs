@@ -1,6 +1,7 @@
-//! `fulcrum demo`: three web nodes and a balancer on loopback, from an embedded config.
+//! `fulcrum demo`: three web nodes and a balancer on loopback, from an embedded config, over
+//! HTTP and HTTPS (a self-signed certificate made at start).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
@@ -9,10 +10,42 @@ use crate::webnode::{self, WebNodeOptions};
 
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 
+/// The demo's self-signed certificate, in a temporary directory removed when the demo ends.
+struct DemoCert {
+    dir: PathBuf,
+}
+
+impl DemoCert {
+    fn create() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("fulcrum-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let demo = Self { dir };
+        let (cert, key) = crate::tls::self_signed(&["localhost", "127.0.0.1"])
+            .context("generating the demo certificate")?;
+        for (name, pem) in [("localhost.crt", cert), ("localhost.key", key)] {
+            let path = demo.dir.join(name);
+            std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(demo)
+    }
+
+    /// The embedded config with this certificate's directory filled in.
+    fn config(&self) -> anyhow::Result<Config> {
+        let text = DEMO_CONFIG.replace("$DEMO_TLS_DIR", &self.dir.display().to_string());
+        Config::parse(Path::new("<embedded demo.toml>"), &text).context("embedded demo config")
+    }
+}
+
+impl Drop for DemoCert {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Runs the demo until Ctrl-C or SIGTERM.
 pub async fn run() -> anyhow::Result<()> {
-    let config = Config::parse(Path::new("<embedded demo.toml>"), DEMO_CONFIG)
-        .context("embedded demo config")?;
+    let cert = DemoCert::create()?;
+    let config = cert.config()?;
     let mut nodes = Vec::new();
     for backend in config.pools.values().flat_map(|p| &p.backends) {
         let node = webnode::spawn(WebNodeOptions {
@@ -35,6 +68,10 @@ pub async fn run() -> anyhow::Result<()> {
         .addr("http")
         .map(|a| format!("http://{a}"))
         .unwrap_or_default();
+    let https = running
+        .addr("https")
+        .map(|a| format!("https://{a}"))
+        .unwrap_or_default();
     let admin = running
         .admin_addr()
         .map(|a| format!("http://{a}"))
@@ -42,6 +79,7 @@ pub async fn run() -> anyhow::Result<()> {
 
     println!("fulcrum demo: 3 web nodes behind one balancer (round robin)\n");
     println!("  balancer   {url}/");
+    println!("  balancer   {https}/   (TLS, self-signed certificate: curl -k)");
     for node in &nodes {
         println!(
             "  web node   {} at http://{}/",
@@ -51,14 +89,28 @@ pub async fn run() -> anyhow::Result<()> {
     }
     println!("  admin      {admin}/metrics   {admin}/healthz\n");
     println!("Try:");
-    println!(
-        "  for i in 1 2 3 4 5 6; do curl -s {url}/; done          # answers rotate web-1, web-2, web-3"
-    );
-    println!(
-        "  curl -s {url}/echo                                    # what a backend receives (X-Forwarded-*)"
-    );
-    println!("  curl -s {url}/slow?ms=500                             # a slow answer");
-    println!("  curl -s {admin}/metrics | grep ^fulcrum_requests_total");
+    for (command, what) in [
+        (
+            format!("for i in 1 2 3 4 5 6; do curl -s {url}/; done"),
+            "answers rotate web-1, web-2, web-3",
+        ),
+        (
+            format!("curl -s {url}/echo"),
+            "what a backend receives (X-Forwarded-*)",
+        ),
+        (format!("curl -s {url}/slow?ms=500"), "a slow answer"),
+        (
+            format!("curl -sk {https}/echo"),
+            "over TLS: X-Forwarded-Proto: https",
+        ),
+        (
+            format!("curl -sk --http2 -o /dev/null -w '%{{http_version}}\\n' {https}/"),
+            "HTTP/2 by ALPN: prints 2",
+        ),
+    ] {
+        println!("  {command:<68} # {what}");
+    }
+    println!("  curl -s {admin}/metrics | grep -E '^fulcrum_(requests|tls_handshakes)_total'");
     println!("\nCtrl-C stops everything.");
 
     crate::shutdown_signal().await;
@@ -67,4 +119,25 @@ pub async fn run() -> anyhow::Result<()> {
         node.shutdown().await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_config_gets_a_fresh_certificate_and_an_https_listener() {
+        let cert = DemoCert::create().unwrap();
+        let config = cert.config().unwrap();
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+        let https = config.listeners.iter().find(|l| l.name == "https").unwrap();
+        let tls = https
+            .tls
+            .as_ref()
+            .expect("the https listener terminates TLS");
+        assert!(tls.default.cert.starts_with(&cert.dir));
+        let dir = cert.dir.clone();
+        drop(cert);
+        assert!(!dir.exists(), "the certificate is removed with the demo");
+    }
 }

@@ -22,7 +22,10 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 ///
 /// `TE: trailers` survives on requests when `keep_te_trailers` is set: it is end-to-end in
-/// practice (gRPC needs it to reach the server).
+/// practice (gRPC needs it to reach the server). `Trailer` is end-to-end (RFC 9110 §6.6.2; only
+/// RFC 2616 listed it as hop-by-hop) and stays: hyper sends an HTTP/1.1 trailer field only if
+/// `Trailer` declares it. `Upgrade` goes; [`keep_upgrade`] puts it back for a passed-through
+/// upgrade.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     // Collected first: the names borrow from the Connection values we are about to remove.
     let named: Vec<HeaderName> = headers
@@ -49,7 +52,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
         &header::PROXY_AUTHENTICATE,
         &header::PROXY_AUTHORIZATION,
         &header::TE,
-        &header::TRAILER,
         &header::TRANSFER_ENCODING,
         &header::UPGRADE,
     ] {
@@ -58,6 +60,40 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, listed in `Connection` as
+/// RFC 9110 §7.8 requires), if fulcrum passes it through to the backend. `h2c` is not: it is
+/// about the client's hop only, and fulcrum already speaks HTTP/2 to clients.
+pub fn upgrade_protocol(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
+    if version != Version::HTTP_11 {
+        return None;
+    }
+    let any_token = |name: &HeaderName, pred: fn(&str) -> bool| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .any(pred)
+    };
+    if !any_token(&header::CONNECTION, |t| t.eq_ignore_ascii_case("upgrade"))
+        || !headers.contains_key(header::UPGRADE)
+        || any_token(&header::UPGRADE, |p| {
+            p.is_empty() || p.eq_ignore_ascii_case("h2c")
+        })
+    {
+        return None;
+    }
+    headers.get(header::UPGRADE).cloned()
+}
+
+/// Marks a head as a protocol switch to `protocol`, after [`remove_hop_by_hop`] took the
+/// client's (or backend's) `Connection` and `Upgrade` away.
+pub fn keep_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::UPGRADE, protocol);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
 }
 
 /// Who is asking, as the backend should be told.
@@ -296,7 +332,6 @@ mod tests {
             "keep-alive",
             "proxy-connection",
             "upgrade",
-            "trailer",
         ] {
             assert!(
                 !parts.headers.contains_key(gone),
@@ -304,6 +339,7 @@ mod tests {
             );
         }
         assert_eq!(parts.headers["te"], "trailers");
+        assert_eq!(parts.headers["trailer"], "x-checksum", "end-to-end");
         assert_eq!(parts.headers["x-kept"], "yes");
         assert_eq!(parts.headers["host"], "example.com:8080");
         assert_eq!(parts.headers["x-forwarded-host"], "example.com:8080");
@@ -328,6 +364,34 @@ mod tests {
             upstream_uri(&Authority::from_static("127.0.0.1:9001"), &parts.uri),
             "http://127.0.0.1:9001/x"
         );
+    }
+
+    #[test]
+    fn only_http11_upgrades_listed_in_connection_pass_and_never_h2c() {
+        let upgrade = |version, raw: &[(&str, &str)]| {
+            upgrade_protocol(version, &head(raw).headers).map(|v| v.to_str().unwrap().to_owned())
+        };
+        let ws = [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ];
+        assert_eq!(upgrade(Version::HTTP_11, &ws).as_deref(), Some("websocket"));
+        assert_eq!(upgrade(Version::HTTP_2, &ws), None);
+        assert_eq!(upgrade(Version::HTTP_10, &ws), None);
+        assert_eq!(upgrade(Version::HTTP_11, &[("upgrade", "websocket")]), None);
+        assert_eq!(
+            upgrade(
+                Version::HTTP_11,
+                &[("connection", "upgrade"), ("upgrade", "h2c")]
+            ),
+            None
+        );
+
+        let mut headers = head(&ws).headers;
+        remove_hop_by_hop(&mut headers, false);
+        keep_upgrade(&mut headers, HeaderValue::from_static("websocket"));
+        assert_eq!(headers["connection"], "upgrade");
+        assert_eq!(headers["upgrade"], "websocket");
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! How a request flows:
 //!
 //! ```text
-//! client ──TCP──▶ server.rs   accept (max_connections), hyper HTTP/1.1 or h2c connection,
-//!                             header-read and idle timeouts, graceful drain
+//! client ──TCP──▶ server.rs   accept (max_connections), TLS handshake (tls.rs: SNI, ALPN,
+//!                             timeout) in the connection's task, hyper HTTP/1.1 or HTTP/2
+//!                             connection, header-read and idle timeouts, graceful drain,
+//!                             byte tunnels for upgraded (WebSocket) connections
 //!                     │
 //!                     ▼
 //!                 proxy.rs    route (host, path prefix → pool)
@@ -35,6 +37,7 @@ pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod status;
+pub mod tls;
 pub mod webnode;
 
 use std::io;
@@ -46,15 +49,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin::AdminState;
 use crate::config::Config;
 use crate::control::Control;
 use crate::proxy::{ConnInfo, ListenerInfo, Router};
-use crate::server::ConnLimits;
+use crate::server::{ConnLimits, Lifecycle};
+use crate::tls::{CertError, TlsTerminator};
 
 /// How often histogram samples are folded into the exporter's buckets when nobody scrapes.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
@@ -70,6 +72,12 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error("listener `{name}`: {source}")]
+    Tls {
+        name: String,
+        #[source]
+        source: CertError,
+    },
 }
 
 /// A running balancer.
@@ -79,8 +87,7 @@ pub struct Running {
     admin: Option<SocketAddr>,
     router: Arc<ArcSwap<Router>>,
     control: Arc<Control>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
+    lifecycle: Lifecycle,
     grace: Duration,
 }
 
@@ -99,7 +106,7 @@ pub async fn start_file(path: &Path) -> Result<Running, StartError> {
 
 async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, StartError> {
     crate::metrics::recorder();
-    for warning in config.warnings() {
+    for warning in &config.warnings {
         warn!("{warning}");
     }
     let router = Arc::new(ArcSwap::from_pointee(Router::new(config)));
@@ -109,30 +116,39 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
         let backlog = u32::try_from(l.max_connections)
             .unwrap_or(u32::MAX)
             .min(65_535);
-        bound.push((l, bind(&l.name, l.bind, backlog)?));
+        let tls = match &l.tls {
+            Some(tls) => Some(Arc::new(TlsTerminator::new(&l.name, tls).map_err(
+                |source| StartError::Tls {
+                    name: l.name.clone(),
+                    source,
+                },
+            )?)),
+            None => None,
+        };
+        bound.push((l, tls, bind(&l.name, l.bind, backlog)?));
     }
     let admin_listener = match &config.admin {
         Some(admin) => Some(bind("admin", admin.bind, 1024)?),
         None => None,
     };
 
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
+    let lifecycle = Lifecycle::default();
     let control = Arc::new(Control::new(
         config.clone(),
         path,
         router.clone(),
-        shutdown.clone(),
+        lifecycle.shutdown.clone(),
     ));
     let client_connections = Arc::new(AtomicU64::new(0));
     let mut listeners = Vec::new();
-    for (l, tcp) in bound {
+    for (l, tls, tcp) in bound {
         let addr = tcp.local_addr().expect("a bound socket has an address");
-        info!(listener = %l.name, %addr, "listening");
+        let proto = if tls.is_some() { "https" } else { "http" };
+        info!(listener = %l.name, %addr, proto, "listening");
         listeners.push((l.name.clone(), addr));
         let info = Arc::new(ListenerInfo {
             name: Arc::from(l.name.as_str()),
-            proto: "http",
+            proto,
             forwarded: l.forwarded,
             max_body_bytes: l.max_body_bytes,
             trusted_proxies: l.trusted_proxies.clone().into(),
@@ -148,10 +164,12 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
             tcp,
             info.name.clone(),
             limits,
-            move |peer| {
+            tls,
+            move |peer, conn| {
                 let conn = Arc::new(ConnInfo {
                     peer,
                     listener: info.clone(),
+                    conn,
                 });
                 hyper::service::service_fn(move |req| {
                     let conn = conn.clone();
@@ -159,8 +177,7 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
                 })
             },
             client_connections.clone(),
-            shutdown.clone(),
-            tracker.clone(),
+            lifecycle.clone(),
         );
     }
 
@@ -185,7 +202,8 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
                 tcp,
                 Arc::from("admin"),
                 limits,
-                move |_peer| {
+                None,
+                move |_peer, _conn| {
                     let state = state.clone();
                     hyper::service::service_fn(move |req| {
                         let state = state.clone();
@@ -195,13 +213,12 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
                     })
                 },
                 Arc::new(AtomicU64::new(0)),
-                shutdown.clone(),
-                tracker.clone(),
+                lifecycle.clone(),
             );
             addr
         });
 
-    let upkeep_stop = shutdown.clone();
+    let upkeep_stop = lifecycle.shutdown.clone();
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(METRICS_UPKEEP);
         loop {
@@ -217,8 +234,7 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
         admin,
         router,
         control,
-        shutdown,
-        tracker,
+        lifecycle,
         grace: config.shutdown_grace,
     })
 }
@@ -258,8 +274,8 @@ impl Running {
     /// how many connections were cut off when it ran out.
     pub async fn shutdown(self) -> usize {
         info!(grace = ?self.grace, "shutting down: no new connections, finishing in-flight requests");
-        self.shutdown.cancel();
-        server::drain(&self.tracker, self.grace).await
+        self.lifecycle.shutdown.cancel();
+        server::drain(&self.lifecycle, self.grace).await
     }
 }
 

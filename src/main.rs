@@ -151,7 +151,22 @@ fn check(path: &Path) -> ExitCode {
             let mut summary = String::new();
             outln!(summary, "{}: ok", path.display());
             for l in &config.listeners {
-                outln!(summary, "  listener {:<12} {}", l.name, l.bind);
+                match &l.tls {
+                    None => {
+                        outln!(summary, "  listener {:<12} {}", l.name, l.bind);
+                    }
+                    Some(tls) => {
+                        outln!(
+                            summary,
+                            "  listener {:<12} {} tls ({} certificate{}, handshake timeout {:?})",
+                            l.name,
+                            l.bind,
+                            1 + tls.sni.len(),
+                            if tls.sni.is_empty() { "" } else { "s" },
+                            tls.handshake_timeout
+                        );
+                    }
+                }
             }
             if let Some(admin) = &config.admin {
                 let auth = if admin.token.is_some() {
@@ -164,9 +179,10 @@ fn check(path: &Path) -> ExitCode {
             for (name, pool) in &config.pools {
                 outln!(
                     summary,
-                    "  pool     {name:<12} {} backends, {}",
+                    "  pool     {name:<12} {} backends, {}, {} to backends",
                     pool.backends.len(),
-                    pool.strategy.as_str()
+                    pool.strategy.as_str(),
+                    pool.backend_protocol.as_str()
                 );
                 for b in &pool.backends {
                     outln!(
@@ -187,8 +203,8 @@ fn check(path: &Path) -> ExitCode {
                     r.pool
                 );
             }
-            for warning in config.warnings() {
-                outln!(summary, "warning: {warning}");
+            for warning in &config.warnings {
+                eprintln!("warning: {warning}");
             }
             // A closed pipe (`fulcrum check | head`) is not worth a panic.
             let _ = std::io::stdout().write_all(summary.as_bytes());

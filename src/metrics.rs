@@ -24,6 +24,7 @@ pub const HEALTH_CHECKS_TOTAL: &str = "fulcrum_health_checks_total";
 pub const BACKEND_TRANSITIONS_TOTAL: &str = "fulcrum_backend_transitions_total";
 pub const RETRIES_TOTAL: &str = "fulcrum_retries_total";
 pub const STICKY_TOTAL: &str = "fulcrum_sticky_total";
+pub const TLS_HANDSHAKES_TOTAL: &str = "fulcrum_tls_handshakes_total";
 
 /// The `backend` label of answers fulcrum gives itself, and the `pool` label when no route matched.
 pub const NONE: &str = "none";
@@ -75,6 +76,10 @@ fn describe() {
     describe_counter!(
         STICKY_TOTAL,
         "Responses of sticky_cookie pools: hit (the cookie's node served), new (no valid cookie), rerouted (the cookie's node was down or gone)."
+    );
+    describe_counter!(
+        TLS_HANDSHAKES_TOTAL,
+        "TLS handshakes on client connections, by listener and result (ok, error, timeout)."
     );
 }
 

@@ -21,10 +21,10 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::balance::{Balancer, CookieTarget, Pick, Sticky, client_key};
 use crate::body::RequestBody;
-use crate::config::{HealthConfig, PoolConfig, Strategy};
+use crate::config::{BackendProtocol, HealthConfig, PoolConfig, Strategy};
 use crate::metrics::{BackendMetrics, PoolMetrics};
 
-/// The pooled HTTP/1.1 client a pool forwards with.
+/// The pooled client a pool forwards with (HTTP/1.1 or h2c, per `backend_protocol`).
 pub type UpstreamClient = Client<HttpConnector, RequestBody>;
 
 /// What the health checker last concluded about a node.
@@ -210,6 +210,7 @@ pub struct Backend {
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
     pub strategy: Strategy,
+    pub backend_protocol: BackendProtocol,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub idle_pool_timeout: Duration,
@@ -225,6 +226,8 @@ pub struct PoolState {
     pub settings: PoolSettings,
     pub backends: Box<[Backend]>,
     pub client: UpstreamClient,
+    /// HTTP/1.1 for `Upgrade` requests (WebSocket): `client` itself unless the pool speaks h2c.
+    pub upgrade_client: UpstreamClient,
     balancer: Balancer,
 }
 
@@ -350,8 +353,9 @@ impl Pool {
             .map(|b| (b.node.name.clone(), b.node.clone()))
             .collect();
         let reusable_client = (current.settings.connect_timeout == config.connect_timeout
-            && current.settings.idle_pool_timeout == config.idle_pool_timeout)
-            .then(|| current.client.clone());
+            && current.settings.idle_pool_timeout == config.idle_pool_timeout
+            && current.settings.backend_protocol == config.backend_protocol)
+            .then(|| (current.client.clone(), current.upgrade_client.clone()));
         // Newcomers must prove themselves with `rise` passing checks first.
         let next = build_state(&self.name, config, &nodes, reusable_client, Health::Pending);
         for backend in next.backends.iter() {
@@ -376,7 +380,7 @@ fn build_state(
     pool: &Arc<str>,
     config: &PoolConfig,
     existing: &HashMap<Arc<str>, Arc<Node>>,
-    client: Option<UpstreamClient>,
+    clients: Option<(UpstreamClient, UpstreamClient)>,
     newcomer_health: Health,
 ) -> PoolState {
     let backends: Box<[Backend]> = config
@@ -397,6 +401,7 @@ fn build_state(
         .collect();
     let settings = PoolSettings {
         strategy: config.strategy,
+        backend_protocol: config.backend_protocol,
         connect_timeout: config.connect_timeout,
         response_timeout: config.response_timeout,
         idle_pool_timeout: config.idle_pool_timeout,
@@ -404,15 +409,23 @@ fn build_state(
         slow_start: config.slow_start,
         health: config.health.clone(),
     };
+    let (client, upgrade_client) = clients.unwrap_or_else(|| {
+        let http1 = upstream_client(&settings, BackendProtocol::Http1);
+        match settings.backend_protocol {
+            BackendProtocol::Http1 => (http1.clone(), http1),
+            BackendProtocol::H2c => (upstream_client(&settings, BackendProtocol::H2c), http1),
+        }
+    });
     PoolState {
         balancer: Balancer::new(config.strategy, &config.sticky, &backends),
-        client: client.unwrap_or_else(|| upstream_client(&settings)),
+        client,
+        upgrade_client,
         settings,
         backends,
     }
 }
 
-fn upstream_client(settings: &PoolSettings) -> UpstreamClient {
+fn upstream_client(settings: &PoolSettings, protocol: BackendProtocol) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(settings.connect_timeout));
     connector.set_nodelay(true);
@@ -422,6 +435,7 @@ fn upstream_client(settings: &PoolSettings) -> UpstreamClient {
         .pool_idle_timeout(settings.idle_pool_timeout)
         // The proxy writes Host itself: the client's Host is preserved, not the backend's address.
         .set_host(false)
+        .http2_only(protocol == BackendProtocol::H2c)
         .build(connector)
 }
 
@@ -439,6 +453,10 @@ impl InFlight {
         node.requests.fetch_add(1, Ordering::Relaxed);
         node.metrics.in_flight.increment(1.0);
         Self { node, started }
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
     }
 }
 
@@ -458,6 +476,7 @@ mod tests {
     fn pool_config(backends: &[(&str, u16, u32)]) -> PoolConfig {
         PoolConfig {
             strategy: Strategy::RoundRobin,
+            backend_protocol: BackendProtocol::Http1,
             slow_start: None,
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(30),

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use ipnet::IpNet;
 use tracing::{debug, warn};
 
@@ -20,6 +21,7 @@ use crate::config::{Config, strip_port};
 use crate::headers::{self, ForwardedFor};
 use crate::metrics::{ErrorKind, NONE, ResponseCounters};
 use crate::pool::{InFlight, Node, Pool};
+use crate::server::ConnHandle;
 use http_body::Body as _;
 
 /// What one listener tells the proxy path about its connections.
@@ -40,6 +42,8 @@ pub struct ListenerInfo {
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub listener: Arc<ListenerInfo>,
+    /// The connection's share for a tunnel that outlives the request (an upgrade).
+    pub conn: ConnHandle,
 }
 
 /// Routes in file order, first match wins.
@@ -169,12 +173,22 @@ async fn forward(
             &conn.listener.trusted_proxies,
         )
     });
+    // An HTTP/1.1 `Upgrade` (WebSocket) goes to the backend as one, over HTTP/1.1; hyper hands
+    // over the client's connection once the backend's 101 has been relayed.
+    let upgrade = headers::upgrade_protocol(head.version, &head.headers);
+    let mut client_upgrade = upgrade
+        .as_ref()
+        .and_then(|_| head.extensions.remove::<OnUpgrade>());
     let fwd = ForwardedFor {
         peer: conn.peer.ip(),
         proto: conn.listener.proto,
         rfc7239: conn.listener.forwarded,
     };
     headers::upstream_head(&mut head, fwd);
+    if let Some(protocol) = &upgrade {
+        headers::keep_upgrade(&mut head.headers, protocol.clone());
+    }
+
     let bodiless = body.is_end_stream();
     let mut body = (!bodiless).then_some(body);
     // Safe to repeat after a backend dropped the connection mid-exchange (RFC 9110 §9.2.2).
@@ -230,7 +244,15 @@ async fn forward(
 
         let in_flight = InFlight::start(node.clone(), started);
         let timeout = state.settings.response_timeout;
-        let error = match tokio::time::timeout(timeout, state.client.request(upstream)).await {
+        let client = match upgrade {
+            Some(_) => &state.upgrade_client,
+            None => &state.client,
+        };
+        let error = match tokio::time::timeout(timeout, client.request(upstream)).await {
+            Ok(Ok(response)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                node.answered();
+                return switch_protocols(response, client_upgrade.take(), in_flight, conn);
+            }
             Ok(Ok(response)) => {
                 node.answered();
                 let (mut head, body) = response.into_parts();
@@ -283,6 +305,33 @@ async fn forward(
     }
 }
 
+/// The backend agreed to switch protocols: relay its 101 (with its `Upgrade`) to the client and
+/// tunnel bytes both ways once both sides have switched. The request stays in flight for least
+/// connections until the tunnel closes.
+fn switch_protocols(
+    mut response: Response<Incoming>,
+    client_upgrade: Option<OnUpgrade>,
+    in_flight: InFlight,
+    conn: &ConnInfo,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let node = in_flight.node().clone();
+    let backend_upgrade = hyper::upgrade::on(&mut response);
+    let (mut head, _) = response.into_parts();
+    let protocol = head.headers.get(header::UPGRADE).cloned();
+    let (Some(client_upgrade), Some(protocol)) = (client_upgrade, protocol) else {
+        // A 101 nobody asked for (or without saying to what) cannot be relayed.
+        return Err(ProxyError::UnexpectedUpgrade { node });
+    };
+    headers::remove_hop_by_hop(&mut head.headers, false);
+    headers::keep_upgrade(&mut head.headers, protocol);
+    node.metrics
+        .responses
+        .record(StatusCode::SWITCHING_PROTOCOLS.as_u16());
+    conn.conn
+        .spawn_tunnel(client_upgrade, backend_upgrade, in_flight);
+    Ok(Response::from_parts(head, ProxyBody::empty()))
+}
+
 /// The host a request is for: the URI's authority (HTTP/2, absolute-form) or its Host header.
 fn request_host(req: &Request<Incoming>) -> Option<&str> {
     req.uri().host().or_else(|| {
@@ -324,6 +373,8 @@ pub enum ProxyError {
     },
     #[error("backend {} sent no response headers within {after:?}", node.name)]
     Timeout { node: Arc<Node>, after: Duration },
+    #[error("backend {} switched protocols for a request that did not ask to", node.name)]
+    UnexpectedUpgrade { node: Arc<Node> },
 }
 
 impl ProxyError {
@@ -344,7 +395,9 @@ impl ProxyError {
             ProxyError::Method => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::Connect { .. } | ProxyError::Reset { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect { .. }
+            | ProxyError::Reset { .. }
+            | ProxyError::UnexpectedUpgrade { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -357,7 +410,9 @@ impl ProxyError {
             | ProxyError::NoBackend
             | ProxyError::BodyTooLarge { .. } => None,
             ProxyError::Connect { node, .. } => Some((node, ErrorKind::Connect)),
-            ProxyError::Reset { node, .. } => Some((node, ErrorKind::Reset)),
+            ProxyError::Reset { node, .. } | ProxyError::UnexpectedUpgrade { node } => {
+                Some((node, ErrorKind::Reset))
+            }
             ProxyError::Timeout { node, .. } => Some((node, ErrorKind::Timeout)),
         }
     }

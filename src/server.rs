@@ -1,5 +1,6 @@
-//! The connection layer: accept, hand each TCP connection to hyper, close idle ones, and drain
-//! on shutdown. What happens to a request once hyper has parsed it is [`crate::proxy`]'s story.
+//! The connection layer: accept, run the TLS handshake (TLS listeners), hand each connection to
+//! hyper, carry upgraded connections as byte tunnels, close idle ones, and drain on shutdown.
+//! What happens to a request once hyper has parsed it is [`crate::proxy`]'s story.
 
 use std::convert::Infallible;
 use std::io;
@@ -14,18 +15,21 @@ use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper::service::Service;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use metrics::Gauge;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn};
 
 use crate::body::BoxError;
 use crate::metrics::DOWNSTREAM_CONNECTIONS;
+use crate::tls::TlsTerminator;
 
 /// Limits applied to every connection of one listener.
 #[derive(Debug, Clone)]
@@ -35,36 +39,56 @@ pub struct ConnLimits {
     /// requests (HAProxy's `timeout http-keep-alive` defaults the same way).
     pub header_read_timeout: Duration,
     /// No byte in either direction for this long closes the connection (HAProxy's
-    /// `timeout client`); the only idle bound for HTTP/2.
+    /// `timeout client`); the only idle bound for HTTP/2 and for upgraded connections.
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
 }
 
-/// Accepts connections on `listener` until `shutdown`, serving each with the service that
-/// `make_service` builds for its peer. Connection tasks join `tracker` so shutdown can wait
-/// for them.
+/// HTTP/2 flow control: a stream may have 1 MiB unread in flight (a fast upload is not held
+/// back by round trips), a connection 2 MiB in all, which bounds what one client can make
+/// fulcrum buffer whatever its number of streams.
+const H2_STREAM_WINDOW: u32 = 1 << 20;
+const H2_CONNECTION_WINDOW: u32 = 2 << 20;
+/// Streams one HTTP/2 client may have open at once (hyper's default is 200; browsers open
+/// at most ~100).
+const H2_MAX_STREAMS: u32 = 256;
+
+/// The stop signals and the task tracker every accept loop of one balancer shares.
+#[derive(Debug, Clone, Default)]
+pub struct Lifecycle {
+    /// Cancelled on Ctrl-C / SIGTERM: stop accepting, let in-flight work finish.
+    pub shutdown: CancellationToken,
+    /// Cancelled when `shutdown_grace` has run out: whatever still runs is cut off.
+    pub cut_off: CancellationToken,
+    /// Connection and tunnel tasks, so the drain can wait for them.
+    pub tracker: TaskTracker,
+}
+
+/// Accepts connections on `listener` until shutdown, serving each with the service that
+/// `make_service` builds for its peer. With `tls`, each connection's task first runs the
+/// handshake (bounded by its timeout), so a slow or silent client never holds up the loop.
 pub fn spawn_accept_loop<M, S, B>(
     listener: TcpListener,
     name: Arc<str>,
     limits: ConnLimits,
+    tls: Option<Arc<TlsTerminator>>,
     make_service: M,
     open_connections: Arc<AtomicU64>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
+    lifecycle: Lifecycle,
 ) where
-    M: Fn(SocketAddr) -> S + Send + 'static,
+    M: Fn(SocketAddr, ConnHandle) -> S + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let builder = Arc::new(connection_builder(&limits));
+    let builders = Arc::new(Builders::new(&limits));
     let connections = metrics::gauge!(DOWNSTREAM_CONNECTIONS, "listener" => name.to_string());
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let conn_tracker = tracker.clone();
-    tracker.spawn(async move {
+    let shutdown = lifecycle.shutdown.clone();
+    lifecycle.tracker.clone().spawn(async move {
         loop {
             // At max_connections we stop accepting and let the kernel's backlog queue, rather
             // than accept and drop.
@@ -84,19 +108,39 @@ pub fn spawn_accept_loop<M, S, B>(
             };
             // Small responses must not wait on Nagle's algorithm.
             let _ = stream.set_nodelay(true);
-            let service = make_service(peer);
-            let builder = builder.clone();
-            let shutdown = shutdown.clone();
-            let connections = connections.clone();
-            let open_connections = open_connections.clone();
-            let idle_timeout = limits.idle_timeout;
-            conn_tracker.spawn(async move {
-                connections.increment(1.0);
-                open_connections.fetch_add(1, Ordering::Relaxed);
-                serve_connection(stream, &builder, service, idle_timeout, shutdown).await;
-                open_connections.fetch_sub(1, Ordering::Relaxed);
-                connections.decrement(1.0);
-                drop(slot);
+            let conn = ConnHandle::new(
+                slot,
+                connections.clone(),
+                open_connections.clone(),
+                limits.idle_timeout,
+                lifecycle.clone(),
+            );
+            let service = make_service(peer, conn.clone());
+            let builders = builders.clone();
+            let tls = tls.clone();
+            lifecycle.tracker.spawn(async move {
+                let io = CountingIo {
+                    inner: stream,
+                    activity: conn.inner.activity.clone(),
+                };
+                let Some(tls) = tls else {
+                    serve_connection(io, &builders.auto, service, &conn).await;
+                    return;
+                };
+                // A connection that arrives as shutdown starts is not worth a handshake.
+                let stream = tokio::select! {
+                    stream = tls.handshake(io, peer) => stream,
+                    () = conn.inner.lifecycle.shutdown.cancelled() => None,
+                };
+                if let Some(stream) = stream {
+                    let builder = match crate::tls::alpn(&stream) {
+                        Some(b"h2") => &builders.h2,
+                        Some(b"http/1.1") => &builders.h1,
+                        // No ALPN: HTTP/1.1, or HTTP/2 with prior knowledge.
+                        _ => &builders.auto,
+                    };
+                    serve_connection(stream, builder, service, &conn).await;
+                }
             });
         }
         debug!(listener = %name, "stopped accepting");
@@ -119,53 +163,147 @@ async fn accept_error(listener: &str, e: io::Error) {
     }
 }
 
-fn connection_builder(limits: &ConnLimits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        // A head that fills the read buffer without completing is answered 431. hyper-util's
-        // auto builder does not expose hyper's separate max_header_size, so the buffer is the
-        // limit (hyper's floor is 8 KiB).
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
-    builder
+/// hyper connection builders: both protocols (cleartext, or TLS without ALPN), and one each for
+/// the protocol ALPN settled.
+struct Builders {
+    auto: auto::Builder<TokioExecutor>,
+    h1: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<TokioExecutor>,
 }
 
-async fn serve_connection<S, B>(
-    stream: TcpStream,
+impl Builders {
+    fn new(limits: &ConnLimits) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            // A head that fills the read buffer without completing is answered 431.
+            // hyper-util's auto builder does not expose hyper's separate max_header_size, so
+            // the buffer is the limit (hyper's floor is 8 KiB).
+            .max_buf_size(limits.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW);
+        Self {
+            h1: builder.clone().http1_only(),
+            h2: builder.clone().http2_only(),
+            auto: builder,
+        }
+    }
+}
+
+/// A share in one client connection, held by the connection's task and by its service.
+///
+/// An upgraded connection (WebSocket) outlives hyper's part of it: [`ConnHandle::spawn_tunnel`]
+/// keeps a share in the tunnel task, so until the tunnel ends the connection still holds its
+/// `max_connections` slot and its place in `fulcrum_downstream_connections`, the drain waits
+/// for it, and `idle_timeout` still closes it.
+#[derive(Clone)]
+pub struct ConnHandle {
+    inner: Arc<ConnShared>,
+}
+
+struct ConnShared {
+    _slot: OwnedSemaphorePermit,
+    gauge: Gauge,
+    open_connections: Arc<AtomicU64>,
+    /// Bumped by every read and write on the client socket (see [`CountingIo`]).
+    activity: Arc<AtomicU64>,
+    idle_timeout: Duration,
+    lifecycle: Lifecycle,
+}
+
+impl ConnHandle {
+    fn new(
+        slot: OwnedSemaphorePermit,
+        gauge: Gauge,
+        open_connections: Arc<AtomicU64>,
+        idle_timeout: Duration,
+        lifecycle: Lifecycle,
+    ) -> Self {
+        gauge.increment(1.0);
+        open_connections.fetch_add(1, Ordering::Relaxed);
+        Self {
+            inner: Arc::new(ConnShared {
+                _slot: slot,
+                gauge,
+                open_connections,
+                activity: Arc::new(AtomicU64::new(0)),
+                idle_timeout,
+                lifecycle,
+            }),
+        }
+    }
+
+    /// Once both sides have switched protocols, copies bytes between the client and the
+    /// backend until either closes, the connection idles for `idle_timeout`, or shutdown
+    /// cuts it off. `guard` (the request's in-flight count) lives as long as the tunnel.
+    pub fn spawn_tunnel<G: Send + 'static>(&self, client: OnUpgrade, backend: OnUpgrade, guard: G) {
+        let conn = self.clone();
+        self.inner.lifecycle.tracker.spawn(async move {
+            let _guard = guard;
+            let (client, backend) = match tokio::try_join!(client, backend) {
+                Ok(both) => both,
+                Err(e) => {
+                    debug!(error = %e, "upgrade did not complete");
+                    return;
+                }
+            };
+            let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+            let shared = &conn.inner;
+            tokio::select! {
+                result = tokio::io::copy_bidirectional(&mut client, &mut backend) => match result {
+                    Ok((up, down)) => debug!(up, down, "tunnel closed"),
+                    Err(e) => debug!(error = %e, "tunnel ended with an error"),
+                },
+                () = idle(&shared.activity, shared.idle_timeout) => debug!("closing idle tunnel"),
+                () = shared.lifecycle.cut_off.cancelled() => debug!("tunnel cut off by shutdown_grace"),
+            }
+        });
+    }
+}
+
+impl std::fmt::Debug for ConnHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnHandle")
+            .field("idle_timeout", &self.inner.idle_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ConnShared {
+    fn drop(&mut self) {
+        self.open_connections.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.decrement(1.0);
+    }
+}
+
+async fn serve_connection<I, S, B>(
+    io: I,
     builder: &auto::Builder<TokioExecutor>,
     service: S,
-    idle_timeout: Duration,
-    shutdown: CancellationToken,
+    conn: &ConnHandle,
 ) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let activity = Arc::new(AtomicU64::new(0));
-    let io = TokioIo::new(CountingIo {
-        inner: stream,
-        activity: activity.clone(),
-    });
-    let conn =
-        builder.serve_connection(io, hyper::service::service_fn(move |req| service.call(req)));
+    let shared = &conn.inner;
+    let conn = builder.serve_connection_with_upgrades(
+        TokioIo::new(io),
+        hyper::service::service_fn(move |req| service.call(req)),
+    );
     tokio::pin!(conn);
-
-    // Checking four times per idle_timeout closes an idle connection within 1.25 × the limit
-    // without reading a clock on every read and write.
-    let period = idle_timeout / 4;
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut last_seen = 0;
-    let mut quiet = Duration::ZERO;
+    let idle = idle(&shared.activity, shared.idle_timeout);
+    tokio::pin!(idle);
     let mut draining = false;
     loop {
         tokio::select! {
@@ -175,22 +313,38 @@ async fn serve_connection<S, B>(
                 }
                 return;
             }
-            () = shutdown.cancelled(), if !draining => {
+            () = shared.lifecycle.shutdown.cancelled(), if !draining => {
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = ticker.tick() => {
-                let seen = activity.load(Ordering::Relaxed);
-                if seen != last_seen {
-                    last_seen = seen;
-                    quiet = Duration::ZERO;
-                } else {
-                    quiet += period;
-                    if quiet >= idle_timeout {
-                        debug!("closing idle client connection");
-                        return;
-                    }
-                }
+            () = &mut idle => {
+                debug!("closing idle client connection");
+                return;
+            }
+            () = shared.lifecycle.cut_off.cancelled() => return,
+        }
+    }
+}
+
+/// Resolves once `activity` has not moved for `idle_timeout`. Checking four times per
+/// timeout closes an idle connection within 1.25 × the limit without reading a clock on every
+/// read and write.
+async fn idle(activity: &AtomicU64, idle_timeout: Duration) {
+    let period = idle_timeout / 4;
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_seen = activity.load(Ordering::Relaxed);
+    let mut quiet = Duration::ZERO;
+    loop {
+        ticker.tick().await;
+        let seen = activity.load(Ordering::Relaxed);
+        if seen != last_seen {
+            last_seen = seen;
+            quiet = Duration::ZERO;
+        } else {
+            quiet += period;
+            if quiet >= idle_timeout {
+                return;
             }
         }
     }
@@ -267,9 +421,10 @@ impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
     }
 }
 
-/// Waits for the connection tasks in `tracker` for at most `grace`; returns how many were
-/// still running when it ran out.
-pub async fn drain(tracker: &TaskTracker, grace: Duration) -> usize {
+/// Waits for the connection and tunnel tasks for at most `grace`, then cuts off the rest;
+/// returns how many were still running when it ran out.
+pub async fn drain(lifecycle: &Lifecycle, grace: Duration) -> usize {
+    let tracker = &lifecycle.tracker;
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         let left = tracker.len();
@@ -278,6 +433,7 @@ pub async fn drain(tracker: &TaskTracker, grace: Duration) -> usize {
             ?grace,
             "shutdown_grace ran out; cutting off connections still busy"
         );
+        lifecycle.cut_off.cancel();
         left
     } else {
         0

@@ -27,6 +27,9 @@ pub struct Config {
     pub registry: Option<RegistryConfig>,
     pub pools: BTreeMap<String, PoolConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Problems that do not stop fulcrum from running (an expired certificate): `check`
+    /// prints them, `run` logs them.
+    pub warnings: Vec<Diagnostic>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +43,35 @@ pub struct ListenerConfig {
     pub trusted_proxies: Vec<IpNet>,
     pub max_body_bytes: Option<u64>,
     pub forwarded: bool,
+    /// TLS termination; `None` serves cleartext HTTP/1.1 and h2c.
+    pub tls: Option<TlsConfig>,
+}
+
+/// A TLS listener's certificates. The files were loaded and checked (key matches certificate)
+/// when the config was validated; the listener loads them again when it starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// Served to clients that send no SNI name or one no `sni` entry claims.
+    pub default: CertPaths,
+    /// In file order; exact names win over wildcards (`*.example.com`, one label deep).
+    pub sni: Vec<SniCert>,
+    /// A client that has not completed its handshake by then is dropped.
+    pub handshake_timeout: Duration,
+}
+
+/// A PEM certificate chain (leaf first) and its PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC).
+/// Relative paths are relative to the working directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniCert {
+    /// Lower-case DNS names; `*.example.com` matches exactly one extra label.
+    pub names: Vec<String>,
+    pub paths: CertPaths,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -124,9 +156,30 @@ impl SameSite {
     }
 }
 
+/// How a pool talks to its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendProtocol {
+    /// Pooled keep-alive HTTP/1.1 connections (the default).
+    #[default]
+    Http1,
+    /// Cleartext HTTP/2 with prior knowledge: requests multiplexed over one connection per
+    /// backend. `Upgrade` requests (WebSocket) still go over HTTP/1.1.
+    H2c,
+}
+
+impl BackendProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendProtocol::Http1 => "http1",
+            BackendProtocol::H2c => "h2c",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub strategy: Strategy,
+    pub backend_protocol: BackendProtocol,
     pub slow_start: Option<Duration>,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
@@ -223,21 +276,6 @@ impl Config {
     /// Validates `text` as if read from `file` (the name only labels errors).
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         validate::parse(file, text)
-    }
-
-    /// Legal but risky settings, worded for an operator; `run` logs them and `check` prints them.
-    pub fn warnings(&self) -> Vec<String> {
-        self.pools
-            .iter()
-            .filter(|(_, pool)| {
-                pool.strategy == Strategy::StickyCookie && pool.sticky.secret.is_none()
-            })
-            .map(|(name, _)| {
-                format!(
-                    "pools.{name}.sticky.secret is not set: sticky cookies are an unkeyed hash anyone can forge to pick a node; set the same secret on every balancer"
-                )
-            })
-            .collect()
     }
 
     /// The pool a single-pool config sends everything to when it has no routes.
@@ -363,11 +401,15 @@ pool = "missing"
         assert_eq!(s.fallback, Strategy::LeastConnections);
         assert_eq!(s.max_age, Some(Duration::from_secs(1800)));
         assert_eq!(s.same_site, SameSite::Strict);
-        assert_eq!(config.warnings().len(), 1, "{:?}", config.warnings());
-        assert!(config.warnings()[0].contains("pools.web.sticky.secret is not set"));
+        assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+        assert!(
+            config.warnings[0]
+                .to_string()
+                .contains("pools.web.strategy: sticky cookies without pools.web.sticky.secret")
+        );
 
         let keyed = parse(&sticky("secret = \"k\"\n")).unwrap();
-        assert!(keyed.warnings().is_empty());
+        assert!(keyed.warnings.is_empty());
 
         let err = parse(&sticky(
             "cookie = \"a b\"\nfallback = \"ip_hash\"\npath = \"/x;y\"\nsame_site = \"None\"\nsecure = false\n",
@@ -394,6 +436,38 @@ pool = "missing"
         );
         let ok = format!("{MINIMAL}\n[admin]\nbind = \"0.0.0.0:9090\"\ntoken = \"s3cret\"\n");
         assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn backend_protocol_is_http1_unless_h2c_is_asked_for() {
+        assert_eq!(
+            parse(MINIMAL).unwrap().pools["web"].backend_protocol,
+            BackendProtocol::Http1
+        );
+        let h2c = parse(&format!("{MINIMAL}backend_protocol = \"h2c\"\n")).unwrap();
+        assert_eq!(h2c.pools["web"].backend_protocol, BackendProtocol::H2c);
+        let err = parse(&format!("{MINIMAL}backend_protocol = \"h3\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pools.web.backend_protocol: unknown backend protocol `h3`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_handshake_timeout_without_tls_is_a_warning() {
+        let text = MINIMAL.replace(
+            "bind = \"127.0.0.1:0\"",
+            "bind = \"127.0.0.1:0\"\ntls_handshake_timeout = \"5s\"",
+        );
+        let config = parse(&text).unwrap();
+        assert!(config.listeners[0].tls.is_none());
+        let warning = config.warnings[0].to_string();
+        assert!(
+            warning.contains("listeners[0].tls_handshake_timeout: has no effect"),
+            "{warning}"
+        );
     }
 
     #[test]

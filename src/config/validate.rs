@@ -1,6 +1,8 @@
 //! The raw serde mirror of the file and the validation that turns it into a [`Config`]: every
 //! rule, and the span of every mistake.
 
+mod tls;
+
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -19,6 +21,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         file,
         text,
         diagnostics: Vec::new(),
+        warnings: Vec::new(),
     };
     let raw: RawConfig = match toml::de::Deserializer::parse(text)
         .map_err(|e| (String::new(), e))
@@ -31,8 +34,9 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
             return Err(ctx.finish());
         }
     };
-    let config = ctx.validate(raw);
+    let mut config = ctx.validate(raw);
     if ctx.diagnostics.is_empty() {
+        config.warnings = std::mem::take(&mut ctx.warnings);
         Ok(config)
     } else {
         Err(ctx.finish())
@@ -69,27 +73,8 @@ struct RawListener {
     max_body_bytes: Option<Spanned<u64>>,
     #[serde(default)]
     forwarded: bool,
-    tls: Option<Spanned<RawTls>>,
+    tls: Option<Spanned<tls::RawTls>>,
     tls_handshake_timeout: Option<Spanned<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)] // the shape is accepted now so a config written for TLS gets one clear error
-struct RawTls {
-    cert: Spanned<String>,
-    key: Spanned<String>,
-    #[serde(default)]
-    sni: Vec<Spanned<RawSni>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)] // see RawTls
-struct RawSni {
-    names: Vec<String>,
-    cert: String,
-    key: String,
 }
 
 #[derive(Deserialize)]
@@ -111,6 +96,7 @@ struct RawRegistry {
 #[serde(deny_unknown_fields)]
 struct RawPool {
     strategy: Option<Spanned<String>>,
+    backend_protocol: Option<Spanned<String>>,
     slow_start: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
     response_timeout: Option<Spanned<String>>,
@@ -168,6 +154,7 @@ struct Validator<'a> {
     file: &'a Path,
     text: &'a str,
     diagnostics: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
 }
 
 impl Validator<'_> {
@@ -179,6 +166,23 @@ impl Validator<'_> {
     ) {
         let (line, column) = span.map_or((0, 0), |s| line_col(self.text, s.start));
         self.diagnostics.push(Diagnostic {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// A problem worth telling the operator that does not make the file invalid.
+    fn warn(
+        &mut self,
+        span: Option<Range<usize>>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let (line, column) = span.map_or((0, 0), |s| line_col(self.text, s.start));
+        self.warnings.push(Diagnostic {
             file: self.file.to_owned(),
             line,
             column,
@@ -378,6 +382,7 @@ impl Validator<'_> {
             registry,
             pools,
             routes,
+            warnings: Vec::new(),
         }
     }
 
@@ -413,18 +418,23 @@ impl Validator<'_> {
                 format!("{bind} is bound by another listener"),
             );
         }
-        if let Some(tls) = &l.tls {
-            self.error(
-                Some(tls.span()),
-                key("tls"),
-                "TLS termination is not available in this build yet; terminate TLS in front of fulcrum or remove [listeners.tls]",
-            );
-        }
-        let _ = self.duration(
+        let handshake_timeout = self.duration(
             &l.tls_handshake_timeout,
             &key("tls_handshake_timeout"),
             Duration::from_secs(10),
         );
+        let tls = match (&l.tls, &l.tls_handshake_timeout) {
+            (Some(tls), _) => self.tls(index, tls.get_ref(), handshake_timeout),
+            (None, Some(timeout)) => {
+                self.warn(
+                    Some(timeout.span()),
+                    key("tls_handshake_timeout"),
+                    "has no effect on a listener without [listeners.tls]",
+                );
+                None
+            }
+            (None, None) => None,
+        };
         let header_read_timeout = self.duration(
             &l.header_read_timeout,
             &key("header_read_timeout"),
@@ -482,6 +492,7 @@ impl Validator<'_> {
             trusted_proxies,
             max_body_bytes,
             forwarded: l.forwarded,
+            tls,
         })
     }
 
@@ -501,6 +512,21 @@ impl Validator<'_> {
                         format!("unknown strategy `{other}`; expected round_robin, least_connections, sticky_cookie or ip_hash"),
                     );
                     Strategy::RoundRobin
+                }
+            },
+        };
+        let backend_protocol = match raw.backend_protocol.as_ref() {
+            None => BackendProtocol::Http1,
+            Some(p) => match p.get_ref().as_str() {
+                "http1" => BackendProtocol::Http1,
+                "h2c" => BackendProtocol::H2c,
+                other => {
+                    self.error(
+                        Some(p.span()),
+                        key("backend_protocol"),
+                        format!("unknown backend protocol `{other}`; expected http1 or h2c"),
+                    );
+                    BackendProtocol::Http1
                 }
             },
         };
@@ -589,8 +615,19 @@ impl Validator<'_> {
 
         let health = self.health(name, raw.health.as_ref());
         let sticky = self.sticky(name, raw.sticky.as_ref());
+        if strategy == Strategy::StickyCookie
+            && sticky.secret.is_none()
+            && let Some(s) = &raw.strategy
+        {
+            self.warn(
+                Some(s.span()),
+                key("strategy"),
+                format!("sticky cookies without pools.{name}.sticky.secret are an unkeyed hash anyone can forge to pick a node; set the same secret on every balancer"),
+            );
+        }
         PoolConfig {
             strategy,
+            backend_protocol,
             slow_start,
             connect_timeout,
             response_timeout,

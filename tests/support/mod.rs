@@ -2,6 +2,8 @@
 //! `127.0.0.1:0`. Nothing here is a mock.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod tls;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;

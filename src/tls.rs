@@ -1,0 +1,473 @@
+//! TLS termination: loading certificate chains and keys with errors that name the file,
+//! choosing a certificate by SNI, and the handshake (bounded by `tls_handshake_timeout`,
+//! counted in `fulcrum_tls_handshakes_total`) that each connection's task runs, never the
+//! accept loop.
+//!
+//! The certificates of a listener live in one [`CertSet`] behind an `ArcSwap` in the
+//! [`CertResolver`], so a reload can publish a new set without touching the listener or the
+//! connections being served (the resolver is asked once per handshake).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use metrics::{Counter, counter};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ServerConfig, version};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tracing::debug;
+
+use crate::config::{CertPaths, TlsConfig};
+use crate::metrics::TLS_HANDSHAKES_TOTAL;
+
+/// ALPN protocols offered, in order of preference.
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// aws-lc-rs with rustls' default suites: TLS 1.3 AES-GCM and ChaCha20-Poly1305, TLS 1.2 only
+/// with ECDHE and AEAD suites; X25519MLKEM768, X25519, P-256 and P-384 key exchange.
+fn provider() -> &'static Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+}
+
+/// Which file of a certificate/key pair a [`CertError`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertFile {
+    Cert,
+    Key,
+}
+
+/// Why a certificate chain and key could not be used. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("cannot read certificate file `{}`: {source}", path.display())]
+    ReadCert {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read key file `{}`: {source}", path.display())]
+    ReadKey {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`{}` is not valid PEM: {source}", path.display())]
+    Pem {
+        file: CertFile,
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("`{}` contains no PEM certificate (-----BEGIN CERTIFICATE-----)", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("`{}` does not start with a valid X.509 certificate: {reason}", path.display())]
+    BadCertificate { path: PathBuf, reason: String },
+    #[error("`{}` contains no private key (PEM PKCS#8 `PRIVATE KEY`, PKCS#1 `RSA PRIVATE KEY` or SEC1 `EC PRIVATE KEY`)", path.display())]
+    NoKey { path: PathBuf },
+    #[error("the private key in `{}` cannot be used: {source}", path.display())]
+    BadKey {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("the private key in `{}` does not belong to the certificate in `{}`", key.display(), cert.display())]
+    Mismatch { cert: PathBuf, key: PathBuf },
+}
+
+impl CertError {
+    /// The file to point the operator at.
+    pub fn file(&self) -> CertFile {
+        match self {
+            CertError::ReadCert { .. }
+            | CertError::NoCertificate { .. }
+            | CertError::BadCertificate { .. } => CertFile::Cert,
+            CertError::ReadKey { .. }
+            | CertError::NoKey { .. }
+            | CertError::BadKey { .. }
+            | CertError::Mismatch { .. } => CertFile::Key,
+            CertError::Pem { file, .. } => *file,
+        }
+    }
+}
+
+/// A certificate chain with its key, ready to serve, and what the operator should hear about it.
+#[derive(Debug)]
+pub struct LoadedCert {
+    pub certified: Arc<CertifiedKey>,
+    /// DNS names of the leaf's subjectAltName, lower case (`*.example.com` for wildcards).
+    pub dns_names: Vec<String>,
+    /// Expired or not yet valid: clients will refuse it, but fulcrum serves it (a reload or a
+    /// restart with a fresh file fixes it without a config change).
+    pub warnings: Vec<String>,
+}
+
+impl LoadedCert {
+    /// Whether a client asking for `name` (a config SNI name, possibly `*.x`) accepts the leaf.
+    pub fn covers(&self, name: &str) -> bool {
+        self.dns_names.iter().any(|have| {
+            have == name
+                || (have.starts_with("*.")
+                    && name
+                        .split_once('.')
+                        .is_some_and(|(first, rest)| first != "*" && rest == &have[2..]))
+        })
+    }
+}
+
+/// Reads and checks one certificate chain (leaf first) and its private key.
+pub fn load_cert(paths: &CertPaths) -> Result<LoadedCert, CertError> {
+    let cert_pem = std::fs::read(&paths.cert).map_err(|source| CertError::ReadCert {
+        path: paths.cert.clone(),
+        source,
+    })?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| CertError::Pem {
+            file: CertFile::Cert,
+            path: paths.cert.clone(),
+            source,
+        })?;
+    let Some(leaf) = chain.first() else {
+        return Err(CertError::NoCertificate {
+            path: paths.cert.clone(),
+        });
+    };
+    let (dns_names, warnings) = inspect_leaf(&paths.cert, leaf)?;
+
+    let key_pem = std::fs::read(&paths.key).map_err(|source| CertError::ReadKey {
+        path: paths.key.clone(),
+        source,
+    })?;
+    let key = match PrivateKeyDer::from_pem_slice(&key_pem) {
+        Ok(key) => key,
+        Err(rustls_pki_types::pem::Error::NoItemsFound) => {
+            return Err(CertError::NoKey {
+                path: paths.key.clone(),
+            });
+        }
+        Err(source) => {
+            return Err(CertError::Pem {
+                file: CertFile::Key,
+                path: paths.key.clone(),
+                source,
+            });
+        }
+    };
+    let certified = CertifiedKey::from_der(chain, key, provider()).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => CertError::Mismatch {
+            cert: paths.cert.clone(),
+            key: paths.key.clone(),
+        },
+        source => CertError::BadKey {
+            path: paths.key.clone(),
+            source,
+        },
+    })?;
+    Ok(LoadedCert {
+        certified: Arc::new(certified),
+        dns_names,
+        warnings,
+    })
+}
+
+/// The leaf's DNS names and validity warnings.
+fn inspect_leaf(
+    path: &Path,
+    leaf: &CertificateDer<'_>,
+) -> Result<(Vec<String>, Vec<String>), CertError> {
+    let bad = |reason: String| CertError::BadCertificate {
+        path: path.to_owned(),
+        reason,
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| bad(e.to_string()))?;
+    let mut dns_names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(name) = name {
+                dns_names.push(name.to_ascii_lowercase());
+            }
+        }
+    }
+    let mut warnings = Vec::new();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let validity = cert.validity();
+    let (not_before, not_after) = (
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    );
+    if not_after < now {
+        warnings.push(format!(
+            "the certificate in `{}` expired on {}; clients will refuse it",
+            path.display(),
+            utc(not_after)
+        ));
+    } else if not_before > now {
+        warnings.push(format!(
+            "the certificate in `{}` is not valid before {}; clients will refuse it until then",
+            path.display(),
+            utc(not_before)
+        ));
+    }
+    Ok((dns_names, warnings))
+}
+
+/// `2030-01-01T00:00:00Z` for a Unix time (certificates may predate 1970 in theory: clamp).
+fn utc(unix: i64) -> String {
+    let at = UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// The certificates of one listener, by the name a client asks for.
+#[derive(Debug)]
+pub struct CertSet {
+    default: Arc<CertifiedKey>,
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// `*.example.com` is stored as `example.com`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl CertSet {
+    /// Loads every certificate of `config`, or fails on the first that cannot be used.
+    pub fn load(config: &TlsConfig) -> Result<Self, CertError> {
+        let mut set = CertSet {
+            default: load_cert(&config.default)?.certified,
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+        };
+        for sni in &config.sni {
+            let certified = load_cert(&sni.paths)?.certified;
+            for name in &sni.names {
+                let (map, key) = match name.strip_prefix("*.") {
+                    Some(suffix) => (&mut set.wildcard, suffix),
+                    None => (&mut set.exact, name.as_str()),
+                };
+                // Validation rejects a name claimed twice; should one slip through, the first wins.
+                map.entry(key.to_owned())
+                    .or_insert_with(|| certified.clone());
+            }
+        }
+        Ok(set)
+    }
+
+    /// The certificate for the SNI name a client sent: an exact name, else a wildcard one
+    /// label up, else the default.
+    pub fn pick(&self, server_name: Option<&str>) -> &Arc<CertifiedKey> {
+        let Some(name) = server_name else {
+            return &self.default;
+        };
+        let name = name.strip_suffix('.').unwrap_or(name);
+        // rustls hands over SNI names in lower case already; fold only if one is not.
+        let lowered;
+        let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = name.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            name
+        };
+        if let Some(cert) = self.exact.get(name) {
+            return cert;
+        }
+        name.split_once('.')
+            .and_then(|(_, parent)| self.wildcard.get(parent))
+            .unwrap_or(&self.default)
+    }
+}
+
+/// Chooses a listener's certificate per handshake from a swappable [`CertSet`].
+#[derive(Debug)]
+pub struct CertResolver {
+    certs: ArcSwap<CertSet>,
+}
+
+impl CertResolver {
+    pub fn new(certs: CertSet) -> Self {
+        Self {
+            certs: ArcSwap::from_pointee(certs),
+        }
+    }
+
+    /// Publishes a new set; handshakes from now on use it, established connections keep theirs.
+    pub fn replace(&self, certs: CertSet) {
+        self.certs.store(Arc::new(certs));
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.certs.load().pick(hello.server_name()).clone())
+    }
+}
+
+/// How one handshake ended: the `result` label of `fulcrum_tls_handshakes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeResult {
+    Ok,
+    Error,
+    Timeout,
+}
+
+impl HandshakeResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeResult::Ok => "ok",
+            HandshakeResult::Error => "error",
+            HandshakeResult::Timeout => "timeout",
+        }
+    }
+}
+
+/// A listener's TLS side: acceptor, certificates, handshake timeout and counters.
+pub struct TlsTerminator {
+    listener: Arc<str>,
+    acceptor: TlsAcceptor,
+    resolver: Arc<CertResolver>,
+    timeout: Duration,
+    ok: Counter,
+    error: Counter,
+    timed_out: Counter,
+}
+
+impl std::fmt::Debug for TlsTerminator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsTerminator")
+            .field("listener", &self.listener)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsTerminator {
+    /// Loads the listener's certificates and builds its rustls configuration: TLS 1.3 and 1.2,
+    /// ALPN `h2` then `http/1.1`, stateless session tickets.
+    pub fn new(listener: &str, config: &TlsConfig) -> Result<Self, CertError> {
+        let resolver = Arc::new(CertResolver::new(CertSet::load(config)?));
+        let mut server = ServerConfig::builder_with_provider(provider().clone())
+            .with_protocol_versions(&[&version::TLS13, &version::TLS12])
+            .expect("the default provider supports TLS 1.2 and 1.3")
+            .with_no_client_auth()
+            .with_cert_resolver(resolver.clone());
+        server.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        // Resumption without server-side state: TLS 1.3 tickets and TLS 1.2 session tickets.
+        server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
+            .expect("the system random number generator works");
+        let listener: Arc<str> = Arc::from(listener);
+        let count = |result: HandshakeResult| counter!(TLS_HANDSHAKES_TOTAL, "listener" => listener.to_string(), "result" => result.as_str());
+        Ok(Self {
+            ok: count(HandshakeResult::Ok),
+            error: count(HandshakeResult::Error),
+            timed_out: count(HandshakeResult::Timeout),
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            resolver,
+            timeout: config.handshake_timeout,
+            listener,
+        })
+    }
+
+    /// The resolver a certificate reload publishes into.
+    pub fn resolver(&self) -> &Arc<CertResolver> {
+        &self.resolver
+    }
+
+    /// Runs the server side of a handshake within the listener's timeout. `None` means the
+    /// client is gone or useless (plaintext on a TLS port, a bad hello, silence): the caller
+    /// drops the connection.
+    pub async fn handshake<IO>(&self, io: IO, peer: SocketAddr) -> Option<TlsStream<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (result, stream) = match tokio::time::timeout(self.timeout, self.acceptor.accept(io))
+            .await
+        {
+            Ok(Ok(stream)) => (HandshakeResult::Ok, Some(stream)),
+            Ok(Err(e)) => {
+                // Scanners and plaintext clients do this all day: not worth more than debug.
+                debug!(listener = %self.listener, %peer, error = %e, "TLS handshake failed");
+                (HandshakeResult::Error, None)
+            }
+            Err(_) => {
+                debug!(listener = %self.listener, %peer, timeout = ?self.timeout, "TLS handshake timed out");
+                (HandshakeResult::Timeout, None)
+            }
+        };
+        match result {
+            HandshakeResult::Ok => self.ok.increment(1),
+            HandshakeResult::Error => self.error.increment(1),
+            HandshakeResult::Timeout => self.timed_out.increment(1),
+        }
+        stream
+    }
+}
+
+/// The negotiated ALPN protocol of an established TLS connection.
+pub fn alpn<IO>(stream: &TlsStream<IO>) -> Option<&[u8]> {
+    stream.get_ref().1.alpn_protocol()
+}
+
+/// A self-signed certificate for `names` (DNS names or IP addresses), PEM encoded: the demo's
+/// and the tests' certificate. P-256, valid from now for a year.
+pub fn self_signed(names: &[&str]) -> Result<(String, String), rcgen::Error> {
+    let key = rcgen::KeyPair::generate()?;
+    let params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> Arc<CertifiedKey> {
+        let (cert, key) = self_signed(&["x.test"]).unwrap();
+        let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        Arc::new(CertifiedKey::from_der(chain, key, provider()).unwrap())
+    }
+
+    #[test]
+    fn sni_prefers_exact_names_then_one_level_wildcards_then_the_default() {
+        let (default, exact, wild) = (key(), key(), key());
+        let set = CertSet {
+            default: default.clone(),
+            exact: HashMap::from([("a.example".to_owned(), exact.clone())]),
+            wildcard: HashMap::from([("a.example".to_owned(), wild.clone())]),
+        };
+        let is = |name: Option<&str>, want: &Arc<CertifiedKey>| {
+            assert!(Arc::ptr_eq(set.pick(name), want), "{name:?}");
+        };
+        is(Some("a.example"), &exact);
+        is(Some("A.Example."), &exact);
+        is(Some("www.a.example"), &wild);
+        is(Some("deep.www.a.example"), &default);
+        is(Some("other.example"), &default);
+        is(None, &default);
+    }
+
+    #[test]
+    fn covers_follows_wildcard_rules() {
+        let loaded = LoadedCert {
+            certified: key(),
+            dns_names: vec!["a.example".into(), "*.b.example".into()],
+            warnings: Vec::new(),
+        };
+        assert!(loaded.covers("a.example"));
+        assert!(loaded.covers("x.b.example"));
+        assert!(loaded.covers("*.b.example"));
+        assert!(!loaded.covers("b.example"));
+        assert!(!loaded.covers("y.x.b.example"));
+        assert!(!loaded.covers("x.a.example"));
+    }
+}
