@@ -134,6 +134,10 @@ async fn api(req: Request<Incoming>, path: &str, state: &AdminState) -> Response
                     &json!({ "error": "the new config is invalid; the running config stays", "errors": errors }),
                 )
             }
+            Err(e @ ReloadError::Certificate(_)) => ok(
+                StatusCode::BAD_REQUEST,
+                &json!({ "error": "the new config is invalid; the running config stays", "errors": [e.to_string()] }),
+            ),
             Err(e @ ReloadError::NoFile) => error(StatusCode::CONFLICT, &e.to_string()),
         },
         (_, ["api", "pools"] | ["api", "pools", _] | ["api", "reload"])

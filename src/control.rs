@@ -23,6 +23,7 @@ use crate::config::{BackendConfig, Config, ConfigError, MAX_WEIGHT, Strategy};
 use crate::health;
 use crate::pool::{Health, Node, Pool};
 use crate::proxy::Router;
+use crate::tls::{CertError, CertSet, TlsTerminator};
 
 pub const CONFIG_RELOADS_TOTAL: &str = "fulcrum_config_reloads_total";
 
@@ -36,6 +37,8 @@ pub struct Control {
     router: Arc<ArcSwap<Router>>,
     shutdown: CancellationToken,
     state: Mutex<Applied>,
+    /// Each TLS listener's terminator, by listener name: a reload swaps its certificates.
+    tls: HashMap<String, Arc<TlsTerminator>>,
     reloads_ok: Counter,
     reloads_error: Counter,
 }
@@ -64,6 +67,8 @@ pub enum ReloadError {
     NoFile,
     #[error("the new config is invalid; the running config stays")]
     Invalid(#[source] ConfigError),
+    #[error("a certificate of the new config does not load; the running config stays: {0}")]
+    Certificate(#[source] CertError),
 }
 
 /// What `DELETE .../backends/NAME` did.
@@ -120,6 +125,7 @@ impl Control {
         config: Config,
         path: Option<PathBuf>,
         router: Arc<ArcSwap<Router>>,
+        tls: HashMap<String, Arc<TlsTerminator>>,
         shutdown: CancellationToken,
     ) -> Self {
         describe_counter!(
@@ -137,6 +143,7 @@ impl Control {
             router,
             shutdown,
             state: Mutex::new(Applied { config, checkers }),
+            tls,
             reloads_ok: counter!(CONFIG_RELOADS_TOTAL, "result" => "ok"),
             reloads_error: counter!(CONFIG_RELOADS_TOTAL, "result" => "error"),
         }
@@ -156,9 +163,29 @@ impl Control {
                 return Err(ReloadError::Invalid(e));
             }
         };
+        // Certificates first: a file that fails to load rejects the whole reload, like any
+        // other invalid config, before anything changed.
+        let mut certificates = Vec::new();
+        for listener in &config.listeners {
+            if let (Some(tls), Some(terminator)) = (&listener.tls, self.tls.get(&listener.name)) {
+                match CertSet::load(tls) {
+                    Ok(certs) => certificates.push((terminator, certs)),
+                    Err(e) => {
+                        self.reloads_error.increment(1);
+                        warn!(listener = %listener.name, error = %e, "reload rejected; the running config stays");
+                        return Err(ReloadError::Certificate(e));
+                    }
+                }
+            }
+        }
         let mut state = self.state.lock().await;
-        if config.listeners != state.config.listeners || config.admin != state.config.admin {
-            warn!("listener and admin changes take effect at the next restart");
+        if listeners_changed(&state.config, &config) || config.admin != state.config.admin {
+            warn!(
+                "listener changes other than certificates, and admin changes, take effect at the next restart"
+            );
+        }
+        for (terminator, certs) in certificates {
+            terminator.resolver().replace(certs);
         }
         for warning in &config.warnings {
             warn!("{warning}");
@@ -336,6 +363,16 @@ impl Control {
             info!(pool, backend = %node.name, in_flight = node.in_flight(), "drained backend removed");
         }
     }
+}
+
+/// Listener settings other than certificate contents differ (those are reloaded in place).
+fn listeners_changed(old: &Config, new: &Config) -> bool {
+    old.listeners.len() != new.listeners.len()
+        || old.listeners.iter().zip(&new.listeners).any(|(a, b)| {
+            let mut a = a.clone();
+            a.tls.clone_from(&b.tls);
+            a != *b
+        })
 }
 
 fn pool_config<'a>(

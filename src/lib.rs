@@ -133,10 +133,15 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
     };
 
     let lifecycle = Lifecycle::default();
+    let terminators = bound
+        .iter()
+        .filter_map(|(l, tls, _)| Some((l.name.clone(), tls.clone()?)))
+        .collect();
     let control = Arc::new(Control::new(
         config.clone(),
         path,
         router.clone(),
+        terminators,
         lifecycle.shutdown.clone(),
     ));
     let client_connections = Arc::new(AtomicU64::new(0));

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
+use hyper::client::conn::http1;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use support::tls::{self, CertDir};
@@ -306,5 +307,96 @@ async fn plaintext_and_silent_clients_are_dropped_without_stalling_a_tls_client(
     assert!(
         text.contains("# HELP fulcrum_tls_handshakes_total"),
         "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_reload_swaps_certificates_and_open_connections_carry_on() {
+    let dir = CertDir::new("reload");
+    let old = dir.cert("old", &["reload.test"]);
+    let new = dir.cert("new", &["reload.test"]);
+    let nodes = webnodes(1).await;
+    let config = |cert: &tls::Cert| {
+        single_pool("tls_reload", "round_robin", &nodes_as_backends(&nodes), "")
+            + &tls::tls_listener("reload", &cert.cert, &cert.key, "")
+    };
+    let path = dir.path.join("fulcrum.toml");
+    std::fs::write(&path, config(&old)).unwrap();
+    let running = fulcrum::start_file(&path).await.unwrap();
+    let addr = running.addr("reload").unwrap();
+
+    let open = tls::connect(addr, Some("reload.test"), &[H1]).await;
+    assert!(tls::peer_leaf(&open) == old.der);
+    let mut open = tls::h1(open).await;
+    let get_on = |sender: &mut http1::SendRequest<TestBody>| {
+        sender.send_request(
+            Request::get("/")
+                .header("host", "reload.test")
+                .body(empty())
+                .unwrap(),
+        )
+    };
+    assert_eq!(get_on(&mut open).await.unwrap().status(), 200);
+
+    std::fs::write(&path, config(&new)).unwrap();
+    let admin = running.admin_addr().unwrap();
+    let reload = send(
+        &client(),
+        Request::post(format!("http://{admin}/api/reload"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reload.status, 200, "{}", reload.text());
+
+    let fresh = tls::connect(addr, Some("reload.test"), &[H1]).await;
+    assert!(
+        tls::peer_leaf(&fresh) == new.der,
+        "new handshakes get the new certificate"
+    );
+    let response = get_on(&mut open)
+        .await
+        .expect("the open connection survives the reload");
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn the_sticky_cookie_is_secure_on_a_tls_listener() {
+    let dir = CertDir::new("sticky");
+    let cert = dir.cert("sticky", &["sticky.test"]);
+    let nodes = webnodes(2).await;
+    let toml = single_pool(
+        "tls_sticky",
+        "sticky_cookie",
+        &nodes_as_backends(&nodes),
+        "[pools.tls_sticky.sticky]\nsecret = \"k\"\n",
+    ) + &tls::tls_listener("sticky", &cert.cert, &cert.key, "");
+    let running = balancer(&toml).await;
+    let stream = tls::connect(running.addr("sticky").unwrap(), Some("sticky.test"), &[H1]).await;
+    let mut sender = tls::h1(stream).await;
+    let response = sender
+        .send_request(
+            Request::get("/")
+                .header("host", "sticky.test")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let set_cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        set_cookie.ends_with("; HttpOnly; SameSite=Lax; Secure"),
+        "{set_cookie}"
+    );
+    // The plain-HTTP listener of the same pool does not mark it Secure.
+    let plain = get(&client(), &url(&running, "/")).await;
+    assert!(
+        !plain.headers["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Secure")
     );
 }
