@@ -50,6 +50,17 @@ enum Command {
             value_name = "memory|redis://HOST:PORT"
         )]
         sessions: fulcrum::webnode::SessionBackend,
+        /// Announce this node to a balancer's registry (its gRPC `[registry] bind`), heartbeat,
+        /// and ask to be drained on SIGTERM / Ctrl-C.
+        #[arg(long, value_name = "URL")]
+        register: Option<String>,
+        /// With --register: the drain the balancer is asked for (sent in whole seconds).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        drain_timeout: std::time::Duration,
+        /// With --register: how long the node keeps serving after its decommission was
+        /// accepted (at most --drain-timeout).
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        drain_grace: std::time::Duration,
     },
     /// Session-aware traffic simulator: virtual users with cookie jars and source IPs.
     Load(fulcrum::load::LoadArgs),
@@ -72,9 +83,17 @@ fn main() -> ExitCode {
             listen,
             id,
             sessions,
+            register,
+            drain_timeout,
+            drain_grace,
         } => runtime().and_then(|rt| {
             let opts = fulcrum::webnode::WebNodeOptions { listen, id };
-            rt.block_on(fulcrum::webnode::run(opts, sessions))
+            let register = register.map(|url| fulcrum::webnode::RegisterOptions {
+                url,
+                drain_timeout,
+                drain_grace,
+            });
+            rt.block_on(fulcrum::webnode::run(opts, sessions, register))
                 .context("web node failed")
         }),
         Command::Load(args) => runtime().and_then(|rt| {
