@@ -180,6 +180,16 @@ fn check(path: &Path) -> ExitCode {
                 };
                 outln!(summary, "  admin    {:<12} {} ({auth})", "", admin.bind);
             }
+            if let Some(registry) = &config.registry {
+                outln!(
+                    summary,
+                    "  registry {:<12} {} -> pool {}, heartbeat {:?}",
+                    "",
+                    registry.bind,
+                    registry.pool,
+                    registry.heartbeat_interval
+                );
+            }
             for (name, pool) in &config.pools {
                 outln!(
                     summary,

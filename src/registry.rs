@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::codegen::Service as _;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{BackendConfig, RegistryConfig};
 use crate::control::{ChangeError, Control, Registration, Removal};
@@ -180,17 +180,14 @@ impl ServerRegistryService for Registry {
             .register(&inner.pool, backend)
             .await
             .map_err(status)?;
-        let known = seen
-            .insert(request.server_id.clone(), Instant::now())
-            .is_some();
+        seen.insert(request.server_id.clone(), Instant::now());
         match outcome {
             Registration::Added => inner.events.register.increment(1),
             Registration::Unchanged | Registration::Moved => inner.events.heartbeat.increment(1),
         }
-        if !known {
-            info!(pool = %inner.pool, backend = %request.server_id,
-                bootstrap_timestamp_ms = request.bootstrap_timestamp_ms, "node reported active");
-        }
+        // `Control::register` logs a change itself; a heartbeat is not worth an info line.
+        debug!(pool = %inner.pool, backend = %request.server_id, ?outcome,
+            bootstrap_timestamp_ms = request.bootstrap_timestamp_ms, "node reported active");
         Ok(Response::new(ReportActiveResponse {
             is_registered: true,
             heartbeat_interval_seconds: inner.interval_secs,

@@ -394,6 +394,18 @@ async fn a_registered_node_survives_a_reload_with_its_health() {
     assert_eq!(state_of(&running, pool, "reg-r").await, None);
 }
 
+/// Waits (up to `DEADLINE`) for a child process to exit on its own.
+async fn exited(process: &mut Process) -> std::process::ExitStatus {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(status) = process.0.try_wait().expect("wait on the web node") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the web node did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Steady GETs from `workers` keep-alive clients until `stop`; returns (done, failed) and
 /// counts answers from `watch` in `watched`.
 fn steady_load(
@@ -534,14 +546,7 @@ async fn a_webnode_with_register_joins_serves_and_leaves_on_sigterm_without_a_fa
         left_after < Duration::from_millis(1500),
         "left {left_after:?} after SIGTERM"
     );
-    let deadline = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(status) = process.0.try_wait().expect("wait on the web node") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the web node did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = exited(&mut process).await;
     // Keep the load going a little after the exit: nothing may still be routed to the node.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let from_node_total = from_node.load(Ordering::Relaxed);
@@ -551,4 +556,62 @@ async fn a_webnode_with_register_joins_serves_and_leaves_on_sigterm_without_a_fa
     assert_eq!(failed, 0, "{failed} of {done} requests failed");
     assert!(done > 200, "the load ran ({done} requests)");
     assert!(from_node_total >= 50, "the node served {from_node_total}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webnode_serves_while_its_registry_is_away_and_registers_when_it_comes() {
+    let pool = "reg_late";
+    let registry = free_port().await;
+    let listen = free_port().await;
+    let child = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args([
+            "webnode",
+            "--listen",
+            &listen.to_string(),
+            "--id",
+            "reg-late",
+            "--register",
+            &format!("http://{registry}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the web node binary");
+    let mut process = Process(child);
+    wait_until("the web node listens", || async {
+        tokio::net::TcpStream::connect(listen).await.is_ok()
+    })
+    .await;
+    // A few refused reports later, the node still answers.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let reply = get(&client(), &format!("http://{listen}/")).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.served_by(), "reg-late");
+
+    let config = with_registry(pool, &[], "1s").replace(
+        "bind = \"127.0.0.1:0\"\npool",
+        &format!("bind = \"{registry}\"\npool"),
+    );
+    let running = balancer(&config).await;
+    assert_eq!(running.registry_addr(), Some(registry));
+    wait_until("the node registers once the registry is up", || async {
+        state_of(&running, pool, "reg-late").await.as_deref() == Some("up")
+    })
+    .await;
+    assert_eq!(
+        get(&client(), &url(&running, "/")).await.served_by(),
+        "reg-late"
+    );
+
+    let pid = process.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = exited(&mut process).await;
+    assert!(status.success(), "the web node exited with {status}");
+    assert_eq!(state_of(&running, pool, "reg-late").await, None);
 }
