@@ -162,8 +162,11 @@ impl Control {
             }
         };
         let mut state = self.state.lock().await;
-        if config.listeners != state.config.listeners || config.admin != state.config.admin {
-            warn!("listener and admin changes take effect at the next restart");
+        if config.listeners != state.config.listeners
+            || config.admin != state.config.admin
+            || config.registry != state.config.registry
+        {
+            warn!("listener, admin and registry changes take effect at the next restart");
         }
         for warning in config.warnings() {
             warn!("{warning}");

@@ -615,3 +615,20 @@ async fn a_webnode_serves_while_its_registry_is_away_and_registers_when_it_comes
     assert!(status.success(), "the web node exited with {status}");
     assert_eq!(state_of(&running, pool, "reg-late").await, None);
 }
+
+#[tokio::test]
+async fn a_registry_bind_failure_fails_the_whole_start() {
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = taken.local_addr().unwrap();
+    let text = with_registry("reg_bind", &[], "1s").replace(
+        "bind = \"127.0.0.1:0\"\npool",
+        &format!("bind = \"{addr}\"\npool"),
+    );
+    let config = fulcrum::config::Config::parse(Path::new("test.toml"), &text).unwrap();
+    match fulcrum::start(&config).await {
+        Err(fulcrum::StartError::Bind { name, addr: at, .. }) => {
+            assert_eq!((name.as_str(), at), ("registry", addr));
+        }
+        other => panic!("expected a bind error for the registry, got {other:?}"),
+    }
+}
