@@ -48,6 +48,9 @@ struct Applied {
     config: Config,
     /// Stops each pool's health checker when the pool goes away.
     checkers: HashMap<String, CancellationToken>,
+    /// Nodes the registry added, by pool. Not in the file, so `apply` merges them into every
+    /// config it publishes: a reload keeps them.
+    registered: HashMap<String, Vec<BackendConfig>>,
 }
 
 /// Why an API change was refused; nothing was changed.
@@ -142,7 +145,11 @@ impl Control {
             path,
             router,
             shutdown,
-            state: Mutex::new(Applied { config, checkers }),
+            state: Mutex::new(Applied {
+                config,
+                checkers,
+                registered: HashMap::new(),
+            }),
             tls,
             reloads_ok: counter!(CONFIG_RELOADS_TOTAL, "result" => "ok"),
             reloads_error: counter!(CONFIG_RELOADS_TOTAL, "result" => "error"),
@@ -179,9 +186,12 @@ impl Control {
             }
         }
         let mut state = self.state.lock().await;
-        if listeners_changed(&state.config, &config) || config.admin != state.config.admin {
+        if listeners_changed(&state.config, &config)
+            || config.admin != state.config.admin
+            || config.registry != state.config.registry
+        {
             warn!(
-                "listener changes other than certificates, and admin changes, take effect at the next restart"
+                "listener changes other than certificates, and admin and registry changes, take effect at the next restart"
             );
         }
         for (terminator, certs) in certificates {
@@ -198,7 +208,8 @@ impl Control {
 
     /// Publishes `config`'s pools and routes. Pools that stay keep their nodes (by name, with
     /// health and counters); pools that arrive start with every node pending.
-    fn apply(&self, state: &mut Applied, config: Config) {
+    fn apply(&self, state: &mut Applied, mut config: Config) {
+        merge_registered(&mut state.registered, &mut config);
         let current = self.router.load();
         let mut pools = Vec::new();
         for (name, pool_config) in &config.pools {
@@ -373,6 +384,125 @@ fn listeners_changed(old: &Config, new: &Config) -> bool {
             a.tls.clone_from(&b.tls);
             a != *b
         })
+}
+
+// The registry's entry points (src/registry.rs). Registered nodes live in the effective config
+// like any other, and also in `Applied::registered`, which `apply` merges into each new config.
+
+/// What [`Control::register`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// A new node, pending until it passes `rise` checks.
+    Added,
+    /// Already registered at this address: a heartbeat.
+    Unchanged,
+    /// Already registered; its address changed (its name, health and sticky users stay).
+    Moved,
+}
+
+impl Control {
+    /// Adds a registered node to `pool`, or confirms one already registered and follows its
+    /// address. A name or address held by a node the registry did not add (the file's, the
+    /// API's, or a decommissioned node still draining) is a conflict.
+    pub async fn register(
+        &self,
+        pool: &str,
+        backend: BackendConfig,
+    ) -> Result<Registration, ChangeError> {
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        let config = state
+            .config
+            .pools
+            .get_mut(pool)
+            .ok_or_else(|| ChangeError::NotFound(format!("no pool named `{pool}`")))?;
+        let registered = state.registered.entry(pool.to_owned()).or_default();
+        let ours = registered.iter().position(|b| b.name == backend.name);
+        let live = config.backends.iter().position(|b| b.name == backend.name);
+        if live.is_some() && ours.is_none() {
+            return Err(ChangeError::Conflict(format!(
+                "a backend named `{}` is already in pool `{pool}` and was not registered (or is still draining)",
+                backend.name
+            )));
+        }
+        if let Some(other) = config
+            .backends
+            .iter()
+            .find(|b| b.address == backend.address && b.name != backend.name)
+        {
+            return Err(ChangeError::Conflict(format!(
+                "{} is already in pool `{pool}` as `{}`",
+                backend.address, other.name
+            )));
+        }
+        let outcome = match live {
+            Some(i) if config.backends[i] == backend => return Ok(Registration::Unchanged),
+            Some(i) => {
+                config.backends[i] = backend.clone();
+                Registration::Moved
+            }
+            None => {
+                config.backends.push(backend.clone());
+                Registration::Added
+            }
+        };
+        info!(pool, backend = %backend.name, address = %backend.address, ?outcome, "registered node");
+        match ours {
+            Some(i) => registered[i] = backend,
+            None => registered.push(backend),
+        }
+        self.publish_pool(state, pool);
+        Ok(outcome)
+    }
+
+    /// Forgets a registered node and removes it from `pool`: at once for a zero `drain`,
+    /// otherwise drained like `DELETE ...?drain=`. `NotFound` when the registry did not add it.
+    pub async fn deregister(
+        self: &Arc<Self>,
+        pool: &str,
+        name: &str,
+        drain: Duration,
+    ) -> Result<Removal, ChangeError> {
+        {
+            let mut state = self.state.lock().await;
+            let registered = state.registered.entry(pool.to_owned()).or_default();
+            let Some(i) = registered.iter().position(|b| b.name == name) else {
+                return Err(ChangeError::NotFound(format!(
+                    "no registered node named `{name}` in pool `{pool}`"
+                )));
+            };
+            registered.remove(i);
+        }
+        match self.remove_backend(pool, name, drain).await {
+            Ok((removal, _)) => Ok(removal),
+            // A reload or an API change in between already took it out: nothing left to drain.
+            Err(ChangeError::NotFound(_)) => Ok(Removal::Removed),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Adds the registered nodes to the pools of a config about to be applied. The file wins a
+/// clash of name or address: that registration is dropped (its next heartbeat is refused).
+fn merge_registered(registered: &mut HashMap<String, Vec<BackendConfig>>, config: &mut Config) {
+    for (pool, nodes) in registered.iter_mut() {
+        let Some(pool_config) = config.pools.get_mut(pool) else {
+            continue;
+        };
+        nodes.retain(|node| {
+            let clash = pool_config
+                .backends
+                .iter()
+                .any(|b| b.name == node.name || b.address == node.address);
+            if clash {
+                warn!(pool = %pool, backend = %node.name, address = %node.address,
+                    "the config file now has this name or address; the registration is dropped");
+            } else {
+                pool_config.backends.push(node.clone());
+            }
+            !clash
+        });
+    }
 }
 
 fn pool_config<'a>(

@@ -35,6 +35,7 @@ pub mod load;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod registry;
 pub mod server;
 pub mod status;
 pub mod tls;
@@ -85,6 +86,7 @@ pub enum StartError {
 pub struct Running {
     listeners: Vec<(String, SocketAddr)>,
     admin: Option<SocketAddr>,
+    registry: Option<SocketAddr>,
     router: Arc<ArcSwap<Router>>,
     control: Arc<Control>,
     lifecycle: Lifecycle,
@@ -129,6 +131,10 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
     }
     let admin_listener = match &config.admin {
         Some(admin) => Some(bind("admin", admin.bind, 1024)?),
+        None => None,
+    };
+    let registry_listener = match &config.registry {
+        Some(registry) => Some((registry, bind("registry", registry.bind, 1024)?)),
         None => None,
     };
 
@@ -223,6 +229,13 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
             addr
         });
 
+    let registry = registry_listener.map(|(registry_config, tcp)| {
+        let addr = tcp.local_addr().expect("a bound socket has an address");
+        info!(listener = "registry", %addr, pool = %registry_config.pool, "registry listening");
+        registry::Registry::new(registry_config, control.clone()).spawn(tcp, lifecycle.clone());
+        addr
+    });
+
     let upkeep_stop = lifecycle.shutdown.clone();
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(METRICS_UPKEEP);
@@ -237,6 +250,7 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
     Ok(Running {
         listeners,
         admin,
+        registry,
         router,
         control,
         lifecycle,
@@ -263,6 +277,11 @@ impl Running {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin
+    }
+
+    /// The gRPC registry's address, when the config has a `[registry]`.
+    pub fn registry_addr(&self) -> Option<SocketAddr> {
+        self.registry
     }
 
     /// The routing table, for tools that inspect pools (tests, the admin API).

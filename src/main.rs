@@ -50,6 +50,17 @@ enum Command {
             value_name = "memory|redis://HOST:PORT"
         )]
         sessions: fulcrum::webnode::SessionBackend,
+        /// Announce this node to a balancer's registry (its gRPC `[registry] bind`), heartbeat,
+        /// and ask to be drained on SIGTERM / Ctrl-C.
+        #[arg(long, value_name = "URL")]
+        register: Option<String>,
+        /// With --register: the drain the balancer is asked for (sent in whole seconds).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        drain_timeout: std::time::Duration,
+        /// With --register: how long the node keeps serving after its decommission was
+        /// accepted (at most --drain-timeout).
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        drain_grace: std::time::Duration,
     },
     /// Session-aware traffic simulator: virtual users with cookie jars and source IPs.
     Load(fulcrum::load::LoadArgs),
@@ -72,9 +83,17 @@ fn main() -> ExitCode {
             listen,
             id,
             sessions,
+            register,
+            drain_timeout,
+            drain_grace,
         } => runtime().and_then(|rt| {
             let opts = fulcrum::webnode::WebNodeOptions { listen, id };
-            rt.block_on(fulcrum::webnode::run(opts, sessions))
+            let register = register.map(|url| fulcrum::webnode::RegisterOptions {
+                url,
+                drain_timeout,
+                drain_grace,
+            });
+            rt.block_on(fulcrum::webnode::run(opts, sessions, register))
                 .context("web node failed")
         }),
         Command::Load(args) => runtime().and_then(|rt| {
@@ -175,6 +194,16 @@ fn check(path: &Path) -> ExitCode {
                     "no token"
                 };
                 outln!(summary, "  admin    {:<12} {} ({auth})", "", admin.bind);
+            }
+            if let Some(registry) = &config.registry {
+                outln!(
+                    summary,
+                    "  registry {:<12} {} -> pool {}, heartbeat {:?}",
+                    "",
+                    registry.bind,
+                    registry.pool,
+                    registry.heartbeat_interval
+                );
             }
             for (name, pool) in &config.pools {
                 outln!(

@@ -9,6 +9,7 @@
 //! All other state is atomics on one `Shared`; the only lock guards the CPU sample `/healthz`
 //! reads.
 
+mod register;
 mod session_api;
 mod sessions;
 
@@ -40,6 +41,7 @@ use tracing::{info, warn};
 
 use crate::health_report::{CpuMeter, HealthReport};
 
+pub use register::RegisterOptions;
 pub use session_api::{SESSION_COOKIE, X_SESSION_VISITS};
 use sessions::Store;
 pub use sessions::{MEMORY_SESSION_CAP, SESSION_TTL, SessionBackend};
@@ -155,9 +157,24 @@ pub async fn spawn_with_sessions(
 }
 
 /// What `fulcrum webnode` runs: serve until Ctrl-C / SIGTERM, then shut down gracefully.
-pub async fn run(opts: WebNodeOptions, sessions: SessionBackend) -> io::Result<()> {
+/// With `register`, the node also announces itself to a balancer's registry and, on the
+/// signal, is decommissioned and drained there before it stops.
+pub async fn run(
+    opts: WebNodeOptions,
+    sessions: SessionBackend,
+    register: Option<RegisterOptions>,
+) -> io::Result<()> {
     let node = spawn_with_sessions(opts, sessions).await?;
+    let registration = match register {
+        Some(register) => {
+            Some(register::Registration::start(register, node.id(), node.local_addr()).await?)
+        }
+        None => None,
+    };
     let signal = shutdown_signal().await;
+    if let Some(registration) = registration {
+        registration.leave().await;
+    }
     node.shutdown().await;
     signal
 }

@@ -1,0 +1,343 @@
+//! The seed's registry: `codesprintpro.scalability.registry.v1.ServerRegistryService` over
+//! gRPC on `[registry] bind` (proto in `proto/registry.proto`).
+//!
+//! Web nodes announce themselves with `ReportActive` (the first call registers, later ones are
+//! heartbeats), and leave with `ReportDecommission` (drained like `DELETE ...?drain=`). A node
+//! silent for three heartbeat intervals is removed by the reaper. The registry owns only the
+//! heartbeat ledger; every pool change goes through [`Control::register`] and
+//! [`Control::deregister`], so registered nodes arrive pending and survive reloads.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::server::Lifecycle;
+use metrics::{Counter, counter, describe_counter};
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tonic::codegen::Service as _;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::config::{BackendConfig, RegistryConfig};
+use crate::control::{ChangeError, Control, Registration, Removal};
+use crate::server::{self, ConnLimits};
+
+/// The generated messages, server and client.
+pub mod proto {
+    tonic::include_proto!("codesprintpro.scalability.registry.v1");
+}
+
+use proto::server_registry_service_server::{ServerRegistryService, ServerRegistryServiceServer};
+use proto::{
+    ReportActiveRequest, ReportActiveResponse, ReportDecommissionRequest,
+    ReportDecommissionResponse,
+};
+
+pub const REGISTRY_EVENTS_TOTAL: &str = "fulcrum_registry_events_total";
+
+/// `graceful_drain_timeout_seconds` left empty: the seed's default.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+/// Longer drains are cut to this; a day is past any real drain, and the cap keeps
+/// `Instant + drain` far from overflowing.
+const MAX_DRAIN_SECS: u64 = 86_400;
+/// Heartbeats a node may miss before it is removed.
+const MISSED_HEARTBEATS: u32 = 3;
+/// Ids are pool names of nodes: metric labels and log fields, so kept short and printable.
+const MAX_ID_LEN: usize = 255;
+
+/// The registry service; cheap to clone (one `Arc`).
+#[derive(Clone)]
+pub struct Registry(Arc<Inner>);
+
+struct Inner {
+    control: Arc<Control>,
+    pool: String,
+    /// What `ReportActive` answers: the configured interval in whole seconds, at least 1.
+    interval_secs: i32,
+    /// Silence after which a node is removed.
+    expiry: Duration,
+    /// Last `ReportActive` per registered id. Held across the control call, so one node's
+    /// register, decommission and expiry never interleave (calls are rare; no request waits).
+    seen: Mutex<HashMap<String, Instant>>,
+    events: Events,
+}
+
+struct Events {
+    register: Counter,
+    heartbeat: Counter,
+    expired: Counter,
+    decommission: Counter,
+}
+
+impl Registry {
+    pub fn new(config: &RegistryConfig, control: Arc<Control>) -> Self {
+        describe_counter!(
+            REGISTRY_EVENTS_TOTAL,
+            "Registry events, by event: register (a node joined), heartbeat (a known node reported active), expired (removed after 3 missed heartbeats), decommission (a node asked to leave)."
+        );
+        let event = |name: &'static str| counter!(REGISTRY_EVENTS_TOTAL, "event" => name);
+        let whole = config
+            .heartbeat_interval
+            .as_secs()
+            .clamp(1, i32::MAX as u64);
+        // Nodes heartbeat at the answered interval, so expiry is measured against whichever is
+        // longer: a "500ms" config answers 1 s and must not expire nodes after 1.5 s.
+        let interval = config.heartbeat_interval.max(Duration::from_secs(whole));
+        Self(Arc::new(Inner {
+            control,
+            pool: config.pool.clone(),
+            interval_secs: i32::try_from(whole).unwrap_or(i32::MAX),
+            expiry: interval.saturating_mul(MISSED_HEARTBEATS),
+            seen: Mutex::new(HashMap::new()),
+            events: Events {
+                register: event("register"),
+                heartbeat: event("heartbeat"),
+                expired: event("expired"),
+                decommission: event("decommission"),
+            },
+        }))
+    }
+
+    /// Serves gRPC (HTTP/2 prior knowledge) on `listener` with the same accept loop, limits and
+    /// graceful drain as the other listeners, and starts the reaper; both stop on `shutdown`.
+    pub fn spawn(self, listener: TcpListener, lifecycle: Lifecycle) {
+        tokio::spawn(self.clone().reap(lifecycle.shutdown.clone()));
+        let grpc = ServerRegistryServiceServer::new(self);
+        let limits = ConnLimits {
+            header_read_timeout: Duration::from_secs(10),
+            // A node's channel carries one call per heartbeat; minutes of quiet is a gone node.
+            idle_timeout: Duration::from_secs(300),
+            max_header_bytes: 16 * 1024,
+            max_connections: 1024,
+        };
+        server::spawn_accept_loop(
+            listener,
+            Arc::from("registry"),
+            limits,
+            None,
+            move |_peer, _conn| {
+                let grpc = grpc.clone();
+                hyper::service::service_fn(move |req| {
+                    let mut grpc = grpc.clone();
+                    // The generated service is always ready and its error type is Infallible.
+                    async move { grpc.call(req).await }
+                })
+            },
+            Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            lifecycle,
+        );
+    }
+
+    /// Removes nodes silent for `expiry`. Checks four times per interval, so a node goes at
+    /// most a quarter interval after its third missed heartbeat.
+    async fn reap(self, shutdown: CancellationToken) {
+        let inner = &self.0;
+        let period = (inner.expiry / (MISSED_HEARTBEATS * 4)).max(Duration::from_millis(50));
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let mut seen = inner.seen.lock().await;
+            let expired: Vec<String> = seen
+                .iter()
+                .filter(|(_, last)| last.elapsed() >= inner.expiry)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in expired {
+                seen.remove(&id);
+                inner.events.expired.increment(1);
+                warn!(pool = %inner.pool, backend = %id, silent_for = ?inner.expiry,
+                    "registered node missed {MISSED_HEARTBEATS} heartbeats; removing it");
+                // NotFound: an API change already took it out of the pool, which is the goal.
+                let _ = inner
+                    .control
+                    .deregister(&inner.pool, &id, Duration::ZERO)
+                    .await;
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ServerRegistryService for Registry {
+    async fn report_active(
+        &self,
+        request: Request<ReportActiveRequest>,
+    ) -> Result<Response<ReportActiveResponse>, Status> {
+        let inner = &self.0;
+        let request = request.into_inner();
+        let backend = backend(&request)?;
+        let mut seen = inner.seen.lock().await;
+        let outcome = inner
+            .control
+            .register(&inner.pool, backend)
+            .await
+            .map_err(status)?;
+        seen.insert(request.server_id.clone(), Instant::now());
+        match outcome {
+            Registration::Added => inner.events.register.increment(1),
+            Registration::Unchanged | Registration::Moved => inner.events.heartbeat.increment(1),
+        }
+        // `Control::register` logs a change itself; a heartbeat is not worth an info line.
+        debug!(pool = %inner.pool, backend = %request.server_id, ?outcome,
+            bootstrap_timestamp_ms = request.bootstrap_timestamp_ms, "node reported active");
+        Ok(Response::new(ReportActiveResponse {
+            is_registered: true,
+            heartbeat_interval_seconds: inner.interval_secs,
+        }))
+    }
+
+    async fn report_decommission(
+        &self,
+        request: Request<ReportDecommissionRequest>,
+    ) -> Result<Response<ReportDecommissionResponse>, Status> {
+        let inner = &self.0;
+        let request = request.into_inner();
+        // The contract checks the timeout before the id.
+        let drain = drain_timeout(&request.graceful_drain_timeout_seconds)?;
+        let mut seen = inner.seen.lock().await;
+        if !seen.contains_key(&request.server_id) {
+            return Err(Status::not_found(format!(
+                "no registered node `{}`",
+                request.server_id
+            )));
+        }
+        let removal = inner
+            .control
+            .deregister(&inner.pool, &request.server_id, drain)
+            .await
+            .map_err(status)?;
+        seen.remove(&request.server_id);
+        inner.events.decommission.increment(1);
+        let removal = match removal {
+            Removal::Removed => "removed",
+            Removal::Draining => "draining",
+        };
+        info!(pool = %inner.pool, backend = %request.server_id, ?drain, removal, "node decommissioned");
+        Ok(Response::new(ReportDecommissionResponse {
+            is_decommission_started: true,
+        }))
+    }
+}
+
+/// The node a `ReportActive` describes; weight 1, named by its `server_id`.
+fn backend(request: &ReportActiveRequest) -> Result<BackendConfig, Status> {
+    let id = &request.server_id;
+    if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "server_id must be 1 to {MAX_ID_LEN} bytes without control characters"
+        )));
+    }
+    let ip: IpAddr = request.ip_address.parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "ip_address `{}` is not an IP address",
+            request.ip_address
+        ))
+    })?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(Status::invalid_argument(format!(
+            "ip_address {ip} is not an address a balancer can connect to"
+        )));
+    }
+    let port = u16::try_from(request.port)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| {
+            Status::invalid_argument(format!("port {} is not in 1..=65535", request.port))
+        })?;
+    Ok(BackendConfig {
+        name: id.clone(),
+        address: SocketAddr::new(ip, port),
+        weight: 1,
+    })
+}
+
+/// `graceful_drain_timeout_seconds`: empty for the default, else ASCII digits only (no sign,
+/// no spaces, no unit); numbers past a day are cut to a day.
+pub fn drain_timeout(text: &str) -> Result<Duration, Status> {
+    if text.is_empty() {
+        return Ok(DEFAULT_DRAIN);
+    }
+    if !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Status::invalid_argument(format!(
+            "graceful_drain_timeout_seconds `{text}` must be empty or a non-negative whole number of seconds"
+        )));
+    }
+    // All digits, so the only parse failure is overflow: far past the cap anyway.
+    let secs = text.parse::<u64>().unwrap_or(u64::MAX).min(MAX_DRAIN_SECS);
+    Ok(Duration::from_secs(secs))
+}
+
+fn status(e: ChangeError) -> Status {
+    match e {
+        ChangeError::Invalid(m) => Status::invalid_argument(m),
+        ChangeError::NotFound(m) => Status::failed_precondition(m),
+        ChangeError::Conflict(m) => Status::already_exists(m),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn drain_timeout_accepts_empty_and_whole_numbers_only() {
+        assert_eq!(drain_timeout("").unwrap(), DEFAULT_DRAIN);
+        assert_eq!(drain_timeout("0").unwrap(), Duration::ZERO);
+        assert_eq!(drain_timeout("45").unwrap(), Duration::from_secs(45));
+        assert_eq!(
+            drain_timeout("99999999999999999999999").unwrap(),
+            Duration::from_secs(MAX_DRAIN_SECS)
+        );
+        for bad in ["abc", "-1", "+5", " 5", "5s", "1.5", "٣"] {
+            assert_eq!(
+                drain_timeout(bad).unwrap_err().code(),
+                Code::InvalidArgument,
+                "{bad:?}"
+            );
+        }
+    }
+
+    fn active(id: &str, ip: &str, port: i32) -> ReportActiveRequest {
+        ReportActiveRequest {
+            server_id: id.into(),
+            ip_address: ip.into(),
+            port,
+            bootstrap_timestamp_ms: 0,
+        }
+    }
+
+    #[test]
+    fn report_active_needs_an_id_a_connectable_ip_and_a_port() {
+        let ok = backend(&active("web-9", "127.0.0.1", 9009)).unwrap();
+        assert_eq!(
+            (ok.name.as_str(), ok.address, ok.weight),
+            ("web-9", "127.0.0.1:9009".parse().unwrap(), 1)
+        );
+        assert!(backend(&active("v6", "::1", 80)).is_ok());
+        for bad in [
+            active("", "127.0.0.1", 1),
+            active("a\nb", "127.0.0.1", 1),
+            active(&"x".repeat(256), "127.0.0.1", 1),
+            active("a", "localhost", 1),
+            active("a", "0.0.0.0", 1),
+            active("a", "127.0.0.1", 0),
+            active("a", "127.0.0.1", -1),
+            active("a", "127.0.0.1", 65_536),
+        ] {
+            assert_eq!(
+                backend(&bad).unwrap_err().code(),
+                Code::InvalidArgument,
+                "{bad:?}"
+            );
+        }
+    }
+}

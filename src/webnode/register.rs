@@ -1,0 +1,226 @@
+//! `fulcrum webnode --register URL`: the node's side of the seed registry.
+//!
+//! On start the node reports itself active (id, address, start time) and then heartbeats at the
+//! interval the registry answers; an unreachable registry is retried with backoff while the node
+//! keeps serving. On SIGTERM or Ctrl-C it stops heartbeating, asks the registry to decommission
+//! it (the balancer drains it), and keeps serving for a short grace so requests the balancer had
+//! already sent finish normally.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tracing::{debug, info, warn};
+
+use crate::registry::proto::server_registry_service_client::ServerRegistryServiceClient;
+use crate::registry::proto::{ReportActiveRequest, ReportDecommissionRequest};
+
+/// Each call to the registry: long enough for a loaded balancer, short enough that a shutdown
+/// waiting on an unanswered heartbeat is not held up.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Retries of an unreachable registry start here and double up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A registry answering 0 or an absurd interval is clamped to this range (seconds).
+const INTERVAL_SECS: (u64, u64) = (1, 3600);
+
+/// What `--register`, `--drain-timeout` and `--drain-grace` asked for.
+#[derive(Debug, Clone)]
+pub struct RegisterOptions {
+    /// The registry's gRPC endpoint, e.g. `http://127.0.0.1:9091`.
+    pub url: String,
+    /// The drain the balancer is asked for, sent in whole seconds (rounded up).
+    pub drain_timeout: Duration,
+    /// How long the node keeps serving once its decommission was accepted (at most
+    /// `drain_timeout`).
+    pub drain_grace: Duration,
+}
+
+/// A node announced to a registry and heartbeating in the background.
+pub struct Registration {
+    id: String,
+    options: RegisterOptions,
+    client: ServerRegistryServiceClient<Channel>,
+    stop: CancellationToken,
+    heartbeats: JoinHandle<()>,
+}
+
+impl Registration {
+    /// Starts reporting `id` at `listen`; returns at once (the first report runs in the
+    /// background). Fails only on a URL that cannot be used.
+    pub async fn start(
+        options: RegisterOptions,
+        id: &str,
+        listen: SocketAddr,
+    ) -> io::Result<Registration> {
+        let invalid = |e: &dyn std::fmt::Display| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("--register {}: {e}", options.url),
+            )
+        };
+        let uri: Uri = options.url.parse().map_err(|e| invalid(&e))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(invalid(
+                &"expected http://HOST:PORT (the balancer's [registry] bind)",
+            ));
+        }
+        let ip = advertised_ip(listen, &uri).await.map_err(|e| invalid(&e))?;
+        let channel = Endpoint::from(uri)
+            .connect_timeout(CALL_TIMEOUT)
+            .timeout(CALL_TIMEOUT)
+            .connect_lazy();
+        let client = ServerRegistryServiceClient::new(channel);
+        let report = ReportActiveRequest {
+            server_id: id.to_owned(),
+            ip_address: ip.to_string(),
+            port: i32::from(listen.port()),
+            bootstrap_timestamp_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        };
+        let stop = CancellationToken::new();
+        let heartbeats = tokio::spawn(heartbeat(
+            client.clone(),
+            report,
+            options.url.clone(),
+            stop.clone(),
+        ));
+        Ok(Registration {
+            id: id.to_owned(),
+            options,
+            client,
+            stop,
+            heartbeats,
+        })
+    }
+
+    /// Stops heartbeating, asks to be decommissioned, and (when the registry agreed) keeps the
+    /// node serving for the grace, or until a second signal.
+    pub async fn leave(mut self) {
+        // Let a heartbeat already on the wire finish first: answered after the decommission,
+        // it would register the node again.
+        self.stop.cancel();
+        if let Err(e) = (&mut self.heartbeats).await {
+            warn!(error = %e, "heartbeat task failed");
+        }
+        let drain_secs = whole_seconds(self.options.drain_timeout);
+        let request = ReportDecommissionRequest {
+            server_id: self.id.clone(),
+            graceful_drain_timeout_seconds: drain_secs.to_string(),
+        };
+        match self.client.report_decommission(request).await {
+            Ok(reply) if reply.get_ref().is_decommission_started => {
+                let grace = self.options.drain_grace.min(self.options.drain_timeout);
+                info!(id = %self.id, drain_secs, ?grace, "decommission started; serving through the grace");
+                tokio::select! {
+                    () = tokio::time::sleep(grace) => {}
+                    // A second Ctrl-C / SIGTERM means now.
+                    _ = super::shutdown_signal() => {}
+                }
+            }
+            Ok(_) => warn!(id = %self.id, "the registry did not start a decommission"),
+            Err(status) => {
+                warn!(id = %self.id, code = ?status.code(), message = status.message(), "decommission failed")
+            }
+        }
+    }
+}
+
+/// Reports active until `stop`: at the registry's interval once registered, with backoff while
+/// it cannot be reached or refuses.
+async fn heartbeat(
+    mut client: ServerRegistryServiceClient<Channel>,
+    report: ReportActiveRequest,
+    url: String,
+    stop: CancellationToken,
+) {
+    let mut registered = false;
+    let mut backoff = FIRST_BACKOFF;
+    // Bounded by `stop`; each round waits at least FIRST_BACKOFF.
+    loop {
+        let wait = match client.report_active(report.clone()).await {
+            Ok(reply) if reply.get_ref().is_registered => {
+                let secs = u64::try_from(reply.get_ref().heartbeat_interval_seconds)
+                    .unwrap_or(0)
+                    .clamp(INTERVAL_SECS.0, INTERVAL_SECS.1);
+                if registered {
+                    debug!(id = %report.server_id, "heartbeat");
+                } else {
+                    info!(id = %report.server_id, registry = %url, address = %format!("{}:{}", report.ip_address, report.port), heartbeat_secs = secs, "registered");
+                    registered = true;
+                }
+                backoff = FIRST_BACKOFF;
+                Duration::from_secs(secs)
+            }
+            outcome => {
+                let error = match outcome {
+                    Ok(_) => "the registry answered is_registered = false".to_owned(),
+                    Err(status) => format!("{:?}: {}", status.code(), status.message()),
+                };
+                warn!(id = %report.server_id, registry = %url, %error, retry_in = ?backoff, "report active failed; still serving");
+                let wait = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                wait
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// The address the balancer should connect to: the listen address, or, for a wildcard listen,
+/// the local address this host uses to reach the registry (a UDP `connect` sends nothing).
+async fn advertised_ip(listen: SocketAddr, registry: &Uri) -> io::Result<IpAddr> {
+    if !listen.ip().is_unspecified() {
+        return Ok(listen.ip());
+    }
+    let host = registry.host().unwrap_or_default().trim_matches(['[', ']']);
+    let port = registry.port_u16().unwrap_or(80);
+    let target = tokio::net::lookup_host((host, port))
+        .await?
+        .find(|a| a.is_ipv4() == listen.is_ipv4())
+        .ok_or_else(|| io::Error::other(format!("{host} has no address of the listen family")))?;
+    let unspecified = SocketAddr::new(listen.ip(), 0);
+    let socket = tokio::net::UdpSocket::bind(unspecified).await?;
+    socket.connect(target).await?;
+    Ok(socket.local_addr()?.ip())
+}
+
+/// Seconds for `graceful_drain_timeout_seconds`, rounded up so a short drain is not zero.
+fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_seconds_round_up() {
+        assert_eq!(whole_seconds(Duration::ZERO), 0);
+        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds(Duration::from_secs(30)), 30);
+        assert_eq!(whole_seconds(Duration::from_millis(1500)), 2);
+    }
+
+    #[tokio::test]
+    async fn a_wildcard_listen_advertises_the_route_to_the_registry() {
+        let uri: Uri = "http://127.0.0.1:9091".parse().unwrap();
+        let wildcard = "0.0.0.0:9001".parse().unwrap();
+        assert_eq!(
+            advertised_ip(wildcard, &uri).await.unwrap(),
+            "127.0.0.1".parse::<IpAddr>().unwrap()
+        );
+        let fixed = "127.0.0.7:9001".parse().unwrap();
+        assert_eq!(
+            advertised_ip(fixed, &uri).await.unwrap(),
+            "127.0.0.7".parse::<IpAddr>().unwrap()
+        );
+    }
+}
