@@ -121,10 +121,12 @@ for name in web-3 web-6; do
   event "$name drained through DELETE ...?drain=3s ($code)"
 done
 at 26
-curl -s "$admin/api/pools" | python3 -c '
+curl -s "$admin/api/pools" >"$out/pools.json"
+python3 - "$out/pools.json" <<'PY'
 import json, sys
-pool = json.load(sys.stdin)["pools"]["web"]
-print("  pool web now:", ", ".join(f"{b[\"name\"]} ({b[\"state\"]})" for b in pool["backends"]))'
+pool = json.load(open(sys.argv[1]))["pools"]["web"]
+print("  pool web now:", ", ".join("%s (%s)" % (b["name"], b["state"]) for b in pool["backends"]))
+PY
 kill "${node_pid[3]}" "${node_pid[6]}" 2>/dev/null || true
 wait "${node_pid[4]}" 2>/dev/null; event "web-4 exited ($?)"
 wait "${node_pid[5]}" 2>/dev/null; event "web-5 exited ($?)"
