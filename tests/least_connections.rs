@@ -189,3 +189,31 @@ async fn a_client_that_goes_away_releases_the_node() {
     .await;
     drop(sender);
 }
+
+#[tokio::test]
+async fn an_idle_pool_shares_requests_by_weight_not_all_to_the_heaviest() {
+    // One request at a time: every node is idle at each pick, so ties decide everything.
+    let nodes = webnodes(3).await;
+    let backends = [
+        (nodes[0].id(), nodes[0].local_addr(), 1),
+        (nodes[1].id(), nodes[1].local_addr(), 1),
+        (nodes[2].id(), nodes[2].local_addr(), 2),
+    ];
+    let running = balancer(&single_pool("lc_idle", "least_connections", &backends, "")).await;
+    let client = client();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..400 {
+        *counts
+            .entry(get(&client, &url(&running, "/")).await.served_by())
+            .or_default() += 1;
+    }
+    let heavy = counts.get("web-3").copied().unwrap_or(0);
+    assert!(
+        (180..=220).contains(&heavy),
+        "weight 2 of 4 is half: {counts:?}"
+    );
+    for light in ["web-1", "web-2"] {
+        let n = counts.get(light).copied().unwrap_or(0);
+        assert!((80..=120).contains(&n), "{light}: {counts:?}");
+    }
+}

@@ -58,7 +58,9 @@ impl Balancer {
     pub fn new(strategy: Strategy, sticky: &StickyConfig, backends: &[Backend]) -> Self {
         match strategy {
             Strategy::RoundRobin => Balancer::RoundRobin(RoundRobin::new(backends)),
-            Strategy::LeastConnections => Balancer::LeastConnections(LeastConnections::new()),
+            Strategy::LeastConnections => {
+                Balancer::LeastConnections(LeastConnections::new(backends))
+            }
             Strategy::StickyCookie => {
                 Balancer::StickyCookie(Box::new(Sticky::new(sticky, backends)))
             }

@@ -63,7 +63,7 @@ impl RoundRobin {
 
 /// Spreads consecutive turn numbers over 0..u64::MAX (a Fibonacci hash), so a ramping node's
 /// accepted turns are scattered through the cycle without a random number generator.
-fn scramble(turn: usize) -> u64 {
+pub(crate) fn scramble(turn: usize) -> u64 {
     (turn as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20
 }
 
