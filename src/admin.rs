@@ -134,10 +134,16 @@ async fn api(req: Request<Incoming>, path: &str, state: &AdminState) -> Response
                     &json!({ "error": "the new config is invalid; the running config stays", "errors": errors }),
                 )
             }
-            Err(e @ ReloadError::Certificate(_)) => ok(
-                StatusCode::BAD_REQUEST,
-                &json!({ "error": "the new config is invalid; the running config stays", "errors": [e.to_string()] }),
-            ),
+            Err(e @ (ReloadError::Certificate(_) | ReloadError::Listener(_))) => {
+                // "outer: cause": the cause names the file or the address.
+                let cause = std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                ok(
+                    StatusCode::BAD_REQUEST,
+                    &json!({ "error": e.to_string(), "errors": [cause] }),
+                )
+            }
             Err(e @ ReloadError::NoFile) => error(StatusCode::CONFLICT, &e.to_string()),
         },
         (_, ["api", "pools"] | ["api", "pools", _] | ["api", "reload"])

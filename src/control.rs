@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -19,11 +20,13 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{BackendConfig, Config, ConfigError, MAX_WEIGHT, Strategy};
+use crate::config::{BackendConfig, Config, ConfigError, ListenerConfig, MAX_WEIGHT, Strategy};
 use crate::health;
 use crate::pool::{Health, Node, Pool};
 use crate::proxy::Router;
+use crate::server::Lifecycle;
 use crate::tls::{CertError, CertSet, TlsTerminator};
+use crate::{BoundListener, StartError};
 
 pub const CONFIG_RELOADS_TOTAL: &str = "fulcrum_config_reloads_total";
 
@@ -37,8 +40,10 @@ pub struct Control {
     router: Arc<ArcSwap<Router>>,
     shutdown: CancellationToken,
     state: Mutex<Applied>,
-    /// Each TLS listener's terminator, by listener name: a reload swaps its certificates.
-    tls: HashMap<String, Arc<TlsTerminator>>,
+    /// The traffic listeners serving now. Read by `Running::addr` (sync), changed by reloads.
+    listeners: std::sync::Mutex<Vec<LiveListener>>,
+    client_connections: Arc<AtomicU64>,
+    lifecycle: Lifecycle,
     reloads_ok: Counter,
     reloads_error: Counter,
 }
@@ -70,8 +75,10 @@ pub enum ReloadError {
     NoFile,
     #[error("the new config is invalid; the running config stays")]
     Invalid(#[source] ConfigError),
-    #[error("a certificate of the new config does not load; the running config stays: {0}")]
+    #[error("a certificate of the new config does not load; the running config stays")]
     Certificate(#[source] CertError),
+    #[error("a new listener cannot start; the running config stays")]
+    Listener(#[source] StartError),
 }
 
 /// What `DELETE .../backends/NAME` did.
@@ -128,9 +135,10 @@ impl Control {
         config: Config,
         path: Option<PathBuf>,
         router: Arc<ArcSwap<Router>>,
-        tls: HashMap<String, Arc<TlsTerminator>>,
-        shutdown: CancellationToken,
+        client_connections: Arc<AtomicU64>,
+        lifecycle: Lifecycle,
     ) -> Self {
+        let shutdown = lifecycle.shutdown.clone();
         describe_counter!(
             CONFIG_RELOADS_TOTAL,
             "Config reloads (SIGHUP or POST /api/reload), by result: ok, or error (the running config stays)."
@@ -150,7 +158,9 @@ impl Control {
                 checkers,
                 registered: HashMap::new(),
             }),
-            tls,
+            listeners: std::sync::Mutex::new(Vec::new()),
+            client_connections,
+            lifecycle,
             reloads_ok: counter!(CONFIG_RELOADS_TOTAL, "result" => "ok"),
             reloads_error: counter!(CONFIG_RELOADS_TOTAL, "result" => "error"),
         }
@@ -170,33 +180,57 @@ impl Control {
                 return Err(ReloadError::Invalid(e));
             }
         };
-        // Certificates first: a file that fails to load rejects the whole reload, like any
-        // other invalid config, before anything changed.
-        let mut certificates = Vec::new();
-        for listener in &config.listeners {
-            if let (Some(tls), Some(terminator)) = (&listener.tls, self.tls.get(&listener.name)) {
-                match CertSet::load(tls) {
-                    Ok(certs) => certificates.push((terminator, certs)),
-                    Err(e) => {
-                        self.reloads_error.increment(1);
-                        warn!(listener = %listener.name, error = %e, "reload rejected; the running config stays");
-                        return Err(ReloadError::Certificate(e));
+        let mut state = self.state.lock().await;
+        // Everything that can fail happens before anything changes: new listeners are bound
+        // and certificates loaded first, and a failure rejects the whole reload.
+        let (kept, added, removed) = {
+            let live = self.live_listeners();
+            let mut kept = Vec::new();
+            let mut added = Vec::new();
+            for listener in &config.listeners {
+                match live.iter().find(|l| l.config.bind == listener.bind) {
+                    Some(current) => {
+                        if settings_differ(&current.config, listener) {
+                            warn!(listener = %listener.name, "listener settings other than certificates change at the next restart");
+                        }
+                        if let (Some(tls), Some(terminator)) = (&listener.tls, &current.tls) {
+                            match CertSet::load(tls) {
+                                Ok(certs) => kept.push((terminator.clone(), certs)),
+                                Err(e) => return Err(self.rejected(ReloadError::Certificate(e))),
+                            }
+                        }
                     }
+                    None => match crate::bind_listener(listener) {
+                        Ok(bound) => added.push(bound),
+                        Err(e) => return Err(self.rejected(ReloadError::Listener(e))),
+                    },
                 }
             }
+            let removed: Vec<SocketAddr> = live
+                .iter()
+                .filter(|l| !config.listeners.iter().any(|n| n.bind == l.config.bind))
+                .map(|l| l.config.bind)
+                .collect();
+            (kept, added, removed)
+        };
+        if config.admin != state.config.admin || config.registry != state.config.registry {
+            warn!("admin and registry changes take effect at the next restart");
         }
-        let mut state = self.state.lock().await;
-        if listeners_changed(&state.config, &config)
-            || config.admin != state.config.admin
-            || config.registry != state.config.registry
-        {
-            warn!(
-                "listener changes other than certificates, and admin and registry changes, take effect at the next restart"
-            );
-        }
-        for (terminator, certs) in certificates {
+        for (terminator, certs) in kept {
             terminator.resolver().replace(certs);
         }
+        {
+            let mut live = self.live_listeners();
+            live.retain(|l| {
+                let keep = !removed.contains(&l.config.bind);
+                if !keep {
+                    info!(listener = %l.config.name, addr = %l.addr, "listener removed; its connections finish gracefully");
+                    l.stop.cancel();
+                }
+                keep
+            });
+        }
+        self.serve(added);
         for warning in &config.warnings {
             warn!("{warning}");
         }
@@ -204,6 +238,47 @@ impl Control {
         self.reloads_ok.increment(1);
         info!(file = %path.display(), "config reloaded");
         Ok(())
+    }
+
+    /// Serves newly bound listeners, each stoppable on its own (a reload that drops it).
+    pub(crate) fn serve(&self, bound: Vec<BoundListener>) {
+        let mut live = self.live_listeners();
+        for listener in bound {
+            let stop = self.lifecycle.shutdown.child_token();
+            let lifecycle = Lifecycle {
+                shutdown: stop.clone(),
+                ..self.lifecycle.clone()
+            };
+            let (config, tls) = (listener.config.clone(), listener.tls.clone());
+            let addr =
+                crate::serve_listener(listener, &self.router, &self.client_connections, lifecycle);
+            live.push(LiveListener {
+                config,
+                addr,
+                tls,
+                stop,
+            });
+        }
+    }
+
+    /// The address the listener `name` serves on now.
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.live_listeners()
+            .iter()
+            .find(|l| l.config.name == name)
+            .map(|l| l.addr)
+    }
+
+    fn live_listeners(&self) -> std::sync::MutexGuard<'_, Vec<LiveListener>> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn rejected(&self, error: ReloadError) -> ReloadError {
+        self.reloads_error.increment(1);
+        warn!(error = %ErrorChain(&error), "reload rejected; the running config stays");
+        error
     }
 
     /// Publishes `config`'s pools and routes. Pools that stay keep their nodes (by name, with
@@ -376,14 +451,39 @@ impl Control {
     }
 }
 
-/// Listener settings other than certificate contents differ (those are reloaded in place).
-fn listeners_changed(old: &Config, new: &Config) -> bool {
-    old.listeners.len() != new.listeners.len()
-        || old.listeners.iter().zip(&new.listeners).any(|(a, b)| {
-            let mut a = a.clone();
-            a.tls.clone_from(&b.tls);
-            a != *b
-        })
+/// A kept listener's settings changed in a way only a restart applies (certificate contents
+/// reload in place; the certificate paths may change too).
+fn settings_differ(old: &ListenerConfig, new: &ListenerConfig) -> bool {
+    let mut old = old.clone();
+    if old.tls.is_some() && new.tls.is_some() {
+        old.tls.clone_from(&new.tls);
+    }
+    old != *new
+}
+
+/// A traffic listener serving now.
+#[derive(Debug)]
+struct LiveListener {
+    config: ListenerConfig,
+    addr: SocketAddr,
+    tls: Option<Arc<TlsTerminator>>,
+    /// Stops this listener alone: no new connections, open ones finish gracefully.
+    stop: CancellationToken,
+}
+
+/// `error: cause: root cause`, for one log line.
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
 }
 
 // The registry's entry points (src/registry.rs). Registered nodes live in the effective config

@@ -53,7 +53,7 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::admin::AdminState;
-use crate::config::Config;
+use crate::config::{Config, ListenerConfig};
 use crate::control::Control;
 use crate::proxy::{ConnInfo, ListenerInfo, Router};
 use crate::server::{ConnLimits, Lifecycle};
@@ -84,7 +84,6 @@ pub enum StartError {
 /// A running balancer.
 #[derive(Debug)]
 pub struct Running {
-    listeners: Vec<(String, SocketAddr)>,
     admin: Option<SocketAddr>,
     registry: Option<SocketAddr>,
     router: Arc<ArcSwap<Router>>,
@@ -115,19 +114,7 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
 
     let mut bound = Vec::new();
     for l in &config.listeners {
-        let backlog = u32::try_from(l.max_connections)
-            .unwrap_or(u32::MAX)
-            .min(65_535);
-        let tls = match &l.tls {
-            Some(tls) => Some(Arc::new(TlsTerminator::new(&l.name, tls).map_err(
-                |source| StartError::Tls {
-                    name: l.name.clone(),
-                    source,
-                },
-            )?)),
-            None => None,
-        };
-        bound.push((l, tls, bind(&l.name, l.bind, backlog)?));
+        bound.push(bind_listener(l)?);
     }
     let admin_listener = match &config.admin {
         Some(admin) => Some(bind("admin", admin.bind, 1024)?),
@@ -139,58 +126,15 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
     };
 
     let lifecycle = Lifecycle::default();
-    let terminators = bound
-        .iter()
-        .filter_map(|(l, tls, _)| Some((l.name.clone(), tls.clone()?)))
-        .collect();
+    let client_connections = Arc::new(AtomicU64::new(0));
     let control = Arc::new(Control::new(
         config.clone(),
         path,
         router.clone(),
-        terminators,
-        lifecycle.shutdown.clone(),
+        client_connections.clone(),
+        lifecycle.clone(),
     ));
-    let client_connections = Arc::new(AtomicU64::new(0));
-    let mut listeners = Vec::new();
-    for (l, tls, tcp) in bound {
-        let addr = tcp.local_addr().expect("a bound socket has an address");
-        let proto = if tls.is_some() { "https" } else { "http" };
-        info!(listener = %l.name, %addr, proto, "listening");
-        listeners.push((l.name.clone(), addr));
-        let info = Arc::new(ListenerInfo {
-            name: Arc::from(l.name.as_str()),
-            proto,
-            forwarded: l.forwarded,
-            max_body_bytes: l.max_body_bytes,
-            trusted_proxies: l.trusted_proxies.clone().into(),
-            router: router.clone(),
-        });
-        let limits = ConnLimits {
-            header_read_timeout: l.header_read_timeout,
-            idle_timeout: l.idle_timeout,
-            max_header_bytes: l.max_header_bytes,
-            max_connections: l.max_connections,
-        };
-        server::spawn_accept_loop(
-            tcp,
-            info.name.clone(),
-            limits,
-            tls,
-            move |peer, conn| {
-                let conn = Arc::new(ConnInfo {
-                    peer,
-                    listener: info.clone(),
-                    conn,
-                });
-                hyper::service::service_fn(move |req| {
-                    let conn = conn.clone();
-                    async move { Ok::<_, std::convert::Infallible>(proxy::handle(req, &conn).await) }
-                })
-            },
-            client_connections.clone(),
-            lifecycle.clone(),
-        );
-    }
+    control.serve(bound);
 
     let admin =
         admin_listener.map(|tcp| {
@@ -248,7 +192,6 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
     });
 
     Ok(Running {
-        listeners,
         admin,
         registry,
         router,
@@ -256,6 +199,87 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
         lifecycle,
         grace: config.shutdown_grace,
     })
+}
+
+/// A traffic listener bound and its TLS loaded, not yet serving.
+#[derive(Debug)]
+pub(crate) struct BoundListener {
+    pub config: ListenerConfig,
+    pub tls: Option<Arc<TlsTerminator>>,
+    pub tcp: TcpListener,
+}
+
+/// Loads a listener's certificates and binds its socket; nothing serves yet, so a later
+/// failure (at start or in a reload) can drop it without effect.
+pub(crate) fn bind_listener(l: &ListenerConfig) -> Result<BoundListener, StartError> {
+    let tls = match &l.tls {
+        Some(tls) => Some(Arc::new(TlsTerminator::new(&l.name, tls).map_err(
+            |source| StartError::Tls {
+                name: l.name.clone(),
+                source,
+            },
+        )?)),
+        None => None,
+    };
+    let backlog = u32::try_from(l.max_connections)
+        .unwrap_or(u32::MAX)
+        .min(65_535);
+    Ok(BoundListener {
+        config: l.clone(),
+        tls,
+        tcp: bind(&l.name, l.bind, backlog)?,
+    })
+}
+
+/// Serves a bound listener until `lifecycle.shutdown` is cancelled. Returns its address.
+pub(crate) fn serve_listener(
+    bound: BoundListener,
+    router: &Arc<ArcSwap<Router>>,
+    client_connections: &Arc<AtomicU64>,
+    lifecycle: Lifecycle,
+) -> SocketAddr {
+    let BoundListener {
+        config: l,
+        tls,
+        tcp,
+    } = bound;
+    let addr = tcp.local_addr().expect("a bound socket has an address");
+    let proto = if tls.is_some() { "https" } else { "http" };
+    info!(listener = %l.name, %addr, proto, "listening");
+    let info = Arc::new(ListenerInfo {
+        name: Arc::from(l.name.as_str()),
+        proto,
+        forwarded: l.forwarded,
+        max_body_bytes: l.max_body_bytes,
+        trusted_proxies: l.trusted_proxies.clone().into(),
+        router: router.clone(),
+    });
+    let limits = ConnLimits {
+        header_read_timeout: l.header_read_timeout,
+        idle_timeout: l.idle_timeout,
+        max_header_bytes: l.max_header_bytes,
+        max_connections: l.max_connections,
+    };
+    server::spawn_accept_loop(
+        tcp,
+        info.name.clone(),
+        limits,
+        tls,
+        move |peer, conn| {
+            let conn = Arc::new(ConnInfo {
+                peer,
+                listener: info.clone(),
+                conn,
+            });
+            hyper::service::service_fn(move |req| {
+                let conn = conn.clone();
+                async move { Ok::<_, std::convert::Infallible>(proxy::handle(req, &conn).await) }
+            })
+        },
+        client_connections.clone(),
+        lifecycle,
+    );
+    addr
 }
 
 fn bind(name: &str, addr: SocketAddr, backlog: u32) -> Result<TcpListener, StartError> {
@@ -269,10 +293,7 @@ fn bind(name: &str, addr: SocketAddr, backlog: u32) -> Result<TcpListener, Start
 impl Running {
     /// The address a listener is bound to (the real port when the config said port 0).
     pub fn addr(&self, listener: &str) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|(n, _)| n == listener)
-            .map(|(_, a)| *a)
+        self.control.listener_addr(listener)
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
