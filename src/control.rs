@@ -188,7 +188,7 @@ impl Control {
             let mut kept = Vec::new();
             let mut added = Vec::new();
             for listener in &config.listeners {
-                match live.iter().find(|l| l.config.bind == listener.bind) {
+                match live.iter().find(|l| same_listener(&l.config, listener)) {
                     Some(current) => {
                         if settings_differ(&current.config, listener) {
                             warn!(listener = %listener.name, "listener settings other than certificates change at the next restart");
@@ -206,10 +206,10 @@ impl Control {
                     },
                 }
             }
-            let removed: Vec<SocketAddr> = live
+            let removed: Vec<String> = live
                 .iter()
-                .filter(|l| !config.listeners.iter().any(|n| n.bind == l.config.bind))
-                .map(|l| l.config.bind)
+                .filter(|l| !config.listeners.iter().any(|n| same_listener(&l.config, n)))
+                .map(|l| l.config.name.clone())
                 .collect();
             (kept, added, removed)
         };
@@ -222,7 +222,7 @@ impl Control {
         {
             let mut live = self.live_listeners();
             live.retain(|l| {
-                let keep = !removed.contains(&l.config.bind);
+                let keep = !removed.contains(&l.config.name);
                 if !keep {
                     info!(listener = %l.config.name, addr = %l.addr, "listener removed; its connections finish gracefully");
                     l.stop.cancel();
@@ -449,6 +449,12 @@ impl Control {
             info!(pool, backend = %node.name, in_flight = node.in_flight(), "drained backend removed");
         }
     }
+}
+
+/// Listeners are the same one across a reload when they bind the same address; several
+/// listeners may ask for port 0 (any free port), and those are told apart by name.
+fn same_listener(old: &ListenerConfig, new: &ListenerConfig) -> bool {
+    old.bind == new.bind && (new.bind.port() != 0 || old.name == new.name)
 }
 
 /// A kept listener's settings changed in a way only a restart applies (certificate contents
