@@ -119,6 +119,17 @@ async fn shutdown_finishes_in_flight_requests_then_refuses_new_ones() {
 
 #[tokio::test]
 async fn sigterm_finishes_the_in_flight_request_and_exits_0() {
+    sigterm_mid_request(&[]).await;
+}
+
+#[tokio::test]
+async fn on_a_single_threaded_runtime_too() {
+    sigterm_mid_request(&["--threads", "1"]).await;
+}
+
+/// `fulcrum run ARGS` serves a slow request, gets SIGTERM in the middle of it, finishes it and
+/// exits 0.
+async fn sigterm_mid_request(args: &[&str]) {
     let nodes = webnodes(1).await;
     let port = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -135,10 +146,16 @@ async fn sigterm_finishes_the_in_flight_request_and_exits_0() {
         "bind = \"127.0.0.1:0\"\n[admin]",
         &format!("bind = \"{port}\"\n[admin]"),
     );
-    let path = std::env::temp_dir().join(format!("fulcrum-sigterm-{}.toml", std::process::id()));
+    let path = std::env::temp_dir().join(format!(
+        "fulcrum-sigterm-{}-{}.toml",
+        std::process::id(),
+        args.len()
+    ));
     std::fs::write(&path, config).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
-        .args(["run", "-c"])
+        .arg("run")
+        .args(args)
+        .arg("-c")
         .arg(&path)
         .stderr(std::process::Stdio::null())
         .spawn()
