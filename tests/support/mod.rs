@@ -196,7 +196,7 @@ where
 }
 
 /// A hand-written backend for behaviour the web node has no knob for. Counts requests that
-/// reached its handler.
+/// reached its handler, apart from fulcrum's health checks (which arrive at a random moment).
 pub struct Backend {
     pub addr: SocketAddr,
     pub requests: Arc<AtomicU64>,
@@ -225,8 +225,15 @@ where
             let handler = handler.clone();
             let counter = counter.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    counter.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    // fulcrum's own health checks are not traffic that "reached" the backend.
+                    let health_check = req
+                        .headers()
+                        .get(http::header::USER_AGENT)
+                        .is_some_and(|ua| ua == "fulcrum-health");
+                    if !health_check {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
                     let fut = handler(req);
                     async move { Ok::<_, Infallible>(fut.await) }
                 });
