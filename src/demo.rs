@@ -87,7 +87,9 @@ pub async fn run() -> anyhow::Result<()> {
             node.local_addr()
         );
     }
-    println!("  admin      {admin}/status (open it in a browser)   {admin}/metrics   {admin}/healthz\n");
+    println!(
+        "  admin      {admin}/status (open it in a browser)   {admin}/metrics   {admin}/healthz\n"
+    );
     println!("Try:");
     for (command, what) in [
         (
