@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::config::{BackendConfig, Config, ConfigError, ListenerConfig, MAX_WEIGHT, Strategy};
 use crate::health;
 use crate::pool::{Health, Node, Pool};
-use crate::proxy::Router;
+use crate::proxy::{ErrorChain, Router};
 use crate::server::Lifecycle;
 use crate::tls::{CertError, CertSet, TlsTerminator};
 use crate::{BoundListener, StartError};
@@ -475,21 +475,6 @@ struct LiveListener {
     tls: Option<Arc<TlsTerminator>>,
     /// Stops this listener alone: no new connections, open ones finish gracefully.
     stop: CancellationToken,
-}
-
-/// `error: cause: root cause`, for one log line.
-struct ErrorChain<'a>(&'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(e) = source {
-            write!(f, ": {e}")?;
-            source = e.source();
-        }
-        Ok(())
-    }
 }
 
 // The registry's entry points (src/registry.rs). Registered nodes live in the effective config

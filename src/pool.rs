@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use http::HeaderValue;
 use http::uri::Authority;
+use http::{HeaderMap, header};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -248,14 +248,17 @@ impl PoolState {
 
     /// Reads what the strategy needs from a request: the client address for `ip_hash`, the
     /// cookie for `sticky_cookie`, nothing for the others.
-    pub fn affinity<'a>(
+    /// Both are read lazily: round robin and least connections pay nothing for them.
+    pub fn affinity(
         &self,
-        cookies: impl Iterator<Item = &'a HeaderValue>,
+        headers: &HeaderMap,
         client_ip: impl FnOnce() -> IpAddr,
     ) -> (u64, CookieTarget) {
         match &self.balancer {
             Balancer::IpHash(_) => (client_key(client_ip()), CookieTarget::Absent),
-            Balancer::StickyCookie(sticky) => (0, sticky.target(cookies)),
+            Balancer::StickyCookie(sticky) => {
+                (0, sticky.target(headers.get_all(header::COOKIE).iter()))
+            }
             Balancer::RoundRobin(_) | Balancer::LeastConnections(_) => (0, CookieTarget::Absent),
         }
     }

@@ -166,7 +166,7 @@ async fn forward(
 
     let (mut head, body) = req.into_parts();
     let state = pool.snapshot();
-    let (client, cookie) = state.affinity(head.headers.get_all(header::COOKIE).iter(), || {
+    let (client, cookie) = state.affinity(&head.headers, || {
         headers::client_ip(
             conn.peer.ip(),
             &head.headers,
@@ -468,7 +468,7 @@ fn find_source<'a, E: std::error::Error + 'static>(
 }
 
 /// Formats an error with its whole source chain, `outer: inner: root`.
-struct ErrorChain<'a>(&'a dyn std::error::Error);
+pub(crate) struct ErrorChain<'a>(pub &'a dyn std::error::Error);
 
 impl std::fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

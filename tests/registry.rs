@@ -406,70 +406,6 @@ async fn exited(process: &mut Process) -> std::process::ExitStatus {
     }
 }
 
-/// Steady GETs from `workers` keep-alive clients until `stop`; returns (done, failed) and
-/// counts answers from `watch` in `watched`.
-fn steady_load(
-    target: String,
-    workers: usize,
-    stop: Arc<AtomicBool>,
-    watch: &'static str,
-    watched: Arc<AtomicU64>,
-) -> tokio::task::JoinHandle<(u64, u64)> {
-    tokio::spawn(async move {
-        let done = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for _ in 0..workers {
-            let (target, stop, done, failed, watched) = (
-                target.clone(),
-                stop.clone(),
-                done.clone(),
-                failed.clone(),
-                watched.clone(),
-            );
-            tasks.push(tokio::spawn(async move {
-                let client = client();
-                // Bounded: at most 20,000 requests per worker even if nobody says stop.
-                for _ in 0..20_000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let request = Request::get(&target).body(empty()).unwrap();
-                    let ok = match tokio::time::timeout(DEADLINE, client.request(request)).await {
-                        Ok(Ok(response)) => {
-                            let reply = collect(response).await;
-                            if reply.served_by() == watch {
-                                watched.fetch_add(1, Ordering::Relaxed);
-                            }
-                            if reply.status != 200 {
-                                eprintln!("failed: {} {}", reply.status, reply.text());
-                            }
-                            reply.status == 200
-                        }
-                        Ok(Err(e)) => {
-                            eprintln!("failed: {e:?}");
-                            false
-                        }
-                        Err(_) => {
-                            eprintln!("failed: no response within {DEADLINE:?}");
-                            false
-                        }
-                    };
-                    done.fetch_add(1, Ordering::Relaxed);
-                    if !ok {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }));
-        }
-        for task in tasks {
-            task.await.unwrap();
-        }
-        (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webnode_with_register_joins_serves_and_leaves_on_sigterm_without_a_failed_request() {
     let nodes = webnodes(1).await;
@@ -518,8 +454,7 @@ async fn a_webnode_with_register_joins_serves_and_leaves_on_sigterm_without_a_fa
         url(&running, "/"),
         8,
         stop.clone(),
-        "reg-e2e",
-        from_node.clone(),
+        Some(("reg-e2e", from_node.clone())),
     );
     wait_until("the registered node serves traffic", || async {
         from_node.load(Ordering::Relaxed) >= 50

@@ -5,7 +5,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fulcrum::Running;
@@ -97,59 +97,6 @@ impl Drop for ConfigFile {
 const FAST_CHECKS: &str =
     "[pools.POOL.health]\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 1\n";
 
-/// Steady GETs from `workers` keep-alive clients until `stop`; returns (done, failed).
-fn steady_load(
-    target: String,
-    workers: usize,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(u64, u64)> {
-    tokio::spawn(async move {
-        let done = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for _ in 0..workers {
-            let (target, stop, done, failed) =
-                (target.clone(), stop.clone(), done.clone(), failed.clone());
-            tasks.push(tokio::spawn(async move {
-                let client = client();
-                // Bounded: at most 20,000 requests per worker even if nobody says stop.
-                for _ in 0..20_000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let request = Request::get(&target).body(empty()).unwrap();
-                    let ok = match tokio::time::timeout(DEADLINE, client.request(request)).await {
-                        Ok(Ok(response)) => {
-                            let reply = collect(response).await;
-                            if reply.status != 200 {
-                                eprintln!("failed: {} {}", reply.status, reply.text());
-                            }
-                            reply.status == 200
-                        }
-                        Ok(Err(e)) => {
-                            eprintln!("failed: {e:?}");
-                            false
-                        }
-                        Err(_) => {
-                            eprintln!("failed: no response within {DEADLINE:?}");
-                            false
-                        }
-                    };
-                    done.fetch_add(1, Ordering::Relaxed);
-                    if !ok {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }));
-        }
-        for task in tasks {
-            task.await.unwrap();
-        }
-        (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_swaps_and_twenty_reloads_under_load_fail_no_request() {
     let nodes = webnodes(5).await;
@@ -164,7 +111,7 @@ async fn a_hundred_swaps_and_twenty_reloads_under_load_fail_no_request() {
     let file = ConfigFile::new("rc-swaps", &pool(&nodes[..3]));
     let running = fulcrum::start_file(file.path()).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let load = steady_load(url(&running, "/"), 4, stop.clone());
+    let load = steady_load(url(&running, "/"), 4, stop.clone(), None);
 
     for round in 0..100 {
         let (status, body) = match round % 4 {

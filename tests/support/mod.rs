@@ -9,7 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -263,4 +263,70 @@ impl Drop for Process {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Steady GETs from `workers` keep-alive clients until `stop` (or 20,000 each); returns
+/// (done, failed). With `watch = Some((node, count))`, answers served by `node` are counted
+/// live in `count`. Failures are printed with their cause.
+pub fn steady_load(
+    target: String,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+    watch: Option<(&'static str, Arc<AtomicU64>)>,
+) -> tokio::task::JoinHandle<(u64, u64)> {
+    tokio::spawn(async move {
+        let done = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..workers {
+            let (target, stop, done, failed, watch) = (
+                target.clone(),
+                stop.clone(),
+                done.clone(),
+                failed.clone(),
+                watch.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let client = client();
+                // Bounded: at most 20,000 requests per worker even if nobody says stop.
+                for _ in 0..20_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let request = Request::get(&target).body(empty()).unwrap();
+                    let ok = match tokio::time::timeout(DEADLINE, client.request(request)).await {
+                        Ok(Ok(response)) => {
+                            let reply = collect(response).await;
+                            if let Some((node, count)) = &watch
+                                && reply.served_by() == *node
+                            {
+                                count.fetch_add(1, Ordering::Relaxed);
+                            }
+                            if reply.status != 200 {
+                                eprintln!("failed: {} {}", reply.status, reply.text());
+                            }
+                            reply.status == 200
+                        }
+                        Ok(Err(e)) => {
+                            eprintln!("failed: {e:?}");
+                            false
+                        }
+                        Err(_) => {
+                            eprintln!("failed: no response within {DEADLINE:?}");
+                            false
+                        }
+                    };
+                    done.fetch_add(1, Ordering::Relaxed);
+                    if !ok {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+    })
 }
