@@ -28,9 +28,17 @@ set -euo pipefail
 TLS_PIDS=()
 
 # Stops every process this script started, by PID, and removes the work directory.
+# A process still there 5 s after SIGTERM gets SIGKILL, so cleaning up never hangs.
 tls_cleanup() {
-  local pid
+  local pid i
   for pid in "${TLS_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for i in $(seq 50); do
+    for pid in "${TLS_PIDS[@]}"; do
+      if kill -0 "$pid" 2>/dev/null; then sleep 0.1; continue 2; fi
+    done
+    break
+  done
+  for pid in "${TLS_PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
   for pid in "${TLS_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   TLS_PIDS=()
   if [ -n "${TLS_DIR:-}" ] && [ -d "$TLS_DIR" ]; then rm -rf "$TLS_DIR"; fi
@@ -229,35 +237,71 @@ tls_child_ticks() {
     }' <<<"$times"
 }
 
-# tls_measure NAME PID ORIGINS_PID KIND: runs one load and sets TLS_RATE (per second),
+# tls_sample_begin PID ORIGINS_PID: notes the CPU counters before a run: the process tree of
+# PID (the subject), that of ORIGINS_PID, the whole machine and this shell's finished children.
+# PID may be ORIGINS_PID itself (a run straight at the origins).
+tls_sample_begin() {
+  TLS_S_PID=$1 TLS_S_ORIGINS=$2
+  TLS_S_P=$(tls_tree_ticks "$1"); TLS_S_O=$(tls_tree_ticks "$2")
+  TLS_S_B=$(tls_busy_ticks); TLS_S_C=$(tls_child_ticks)
+}
+
+# tls_sample_end OPS SECS: for the run since tls_sample_begin, sets TLS_RATE (OPS per second),
+# TLS_CPU_US (the subject's CPU per operation, microseconds) and TLS_FOREIGN (the CPU that
+# other processes took meanwhile, % of both cores). The load generators must have run as
+# children of this shell (so they count in tls_child_ticks), not in the background.
+tls_sample_end() {
+  local ops=$1 secs=$2 hz p o b c
+  hz=$(getconf CLK_TCK)
+  p=$(( $(tls_tree_ticks "$TLS_S_PID") - TLS_S_P ))
+  o=$(( $(tls_tree_ticks "$TLS_S_ORIGINS") - TLS_S_O ))
+  [ "$TLS_S_PID" = "$TLS_S_ORIGINS" ] && o=0
+  b=$(( $(tls_busy_ticks) - TLS_S_B ))
+  c=$(( $(tls_child_ticks) - TLS_S_C ))
+  read -r TLS_RATE TLS_CPU_US TLS_FOREIGN < <(awk -v ops="$ops" -v secs="$secs" -v hz="$hz" \
+    -v p="$p" -v o="$o" -v b="$b" -v c="$c" 'BEGIN {
+      foreign = b - p - o - c; if (foreign < 0) foreign = 0
+      wall = secs > 0 ? secs : 1
+      if (ops > 0) printf "%.0f %.1f %.0f\n", ops / wall, p / hz * 1e6 / ops, foreign / hz / (2 * wall) * 100
+      else printf "0 0 %.0f\n", foreign / hz / (2 * wall) * 100
+    }')
+}
+
+# tls_seconds TEXT: h2load's "finished in 3.00s," or "finished in 950.12ms," as seconds.
+tls_seconds() {
+  awk '/^finished in/ { v = $3; sub(/,$/, "", v)
+      if (v ~ /ms$/) { sub(/ms$/, "", v); v /= 1000 } else if (v ~ /s$/) sub(/s$/, "", v)
+      print v; exit }' <<<"$1"
+}
+
+# tls_measure URL PID ORIGINS_PID KIND: runs one load and sets TLS_RATE (per second),
 # TLS_CPU_US (proxy CPU per operation, microseconds) and TLS_FOREIGN (% of both cores).
 #   KIND handshakes: $TLS_HANDSHAKES new clients, $TLS_BATCH at a time, one request each;
 #   KIND h2: h2load -c 8 -m 8 for $TLS_DURATION s; KIND h1: wrk -t1 -c64 for $TLS_DURATION s.
+# Every client run is bounded in time (timeout); one that overruns counts what it reported.
 tls_measure() {
   local url=$1 pid=$2 origins=$3 kind=$4
-  local hz before_p before_o before_b before_c after_p after_o after_b after_c out ops secs
-  hz=$(getconf CLK_TCK)
-  before_p=$(tls_tree_ticks "$pid"); before_o=$(tls_tree_ticks "$origins")
-  before_b=$(tls_busy_ticks); before_c=$(tls_child_ticks)
+  local out="" ops=0 secs=0 limit=$((TLS_DURATION + 30))
+  tls_sample_begin "$pid" "$origins"
   case "$kind" in
     handshakes)
-      ops=0 secs=0
-      local done=0 n
+      local done=0 n got
       while [ "$done" -lt "$TLS_HANDSHAKES" ]; do
         n=$TLS_BATCH
-        out=$(taskset -c 1 h2load -n "$n" -c "$n" -m 1 "$url" 2>&1)
-        ops=$((ops + $(awk '/^requests:/ { print $8 }' <<<"$out")))
-        secs=$(awk -v s="$secs" '/^finished in/ { v = $3; sub(/s,$/, "", v); if ($3 ~ /ms,$/) { v = $3; sub(/ms,$/, "", v); v /= 1000 } print s + v }' <<<"$out")
+        out=$(timeout -k 5 60 taskset -c 1 h2load -n "$n" -c "$n" -m 1 "$url" 2>&1) || true
+        got=$(awk '/^requests:/ { print $8 }' <<<"$out")
+        ops=$((ops + ${got:-0}))
+        secs=$(awk -v s="$secs" -v v="$(tls_seconds "$out")" 'BEGIN { print s + v }')
         done=$((done + n))
       done
       ;;
     h2)
-      out=$(taskset -c 1 h2load -c 8 -m 8 -D "$TLS_DURATION" "$url" 2>&1)
+      out=$(timeout -k 5 "$limit" taskset -c 1 h2load -c 8 -m 8 -D "$TLS_DURATION" "$url" 2>&1) || true
       ops=$(awk '/^requests:/ { print $8 }' <<<"$out")
       secs=$TLS_DURATION
       ;;
     h1)
-      out=$(taskset -c 1 wrk -t1 -c64 -d"${TLS_DURATION}s" "$url" 2>&1)
+      out=$(timeout -k 5 "$limit" taskset -c 1 wrk -t1 -c64 -d"${TLS_DURATION}s" "$url" 2>&1) || true
       ops=$(awk '/requests in/ { print $1 }' <<<"$out")
       secs=$(awk '/requests in/ { v = $4; sub(/s,$/, "", v); print v }' <<<"$out")
       if awk '/Non-2xx|Socket errors/ { bad = 1 } END { exit !bad }' <<<"$out"; then
@@ -265,21 +309,12 @@ tls_measure() {
       fi
       ;;
   esac
-  after_p=$(tls_tree_ticks "$pid"); after_o=$(tls_tree_ticks "$origins")
-  after_b=$(tls_busy_ticks); after_c=$(tls_child_ticks)
-  if [ -z "$ops" ] || [ "$ops" = 0 ]; then
+  tls_sample_end "${ops:-0}" "${secs:-0}"
+  if [ "${ops:-0}" = 0 ]; then
     echo "  no successful operations for $kind at $url:" >&2
     echo "$out" | tail -5 >&2
-    TLS_RATE=0 TLS_CPU_US=0 TLS_FOREIGN=0
-    return
+    TLS_RATE=0 TLS_CPU_US=0
   fi
-  read -r TLS_RATE TLS_CPU_US TLS_FOREIGN < <(awk -v ops="$ops" -v secs="$secs" -v hz="$hz" \
-    -v p=$((after_p - before_p)) -v o=$((after_o - before_o)) -v b=$((after_b - before_b)) \
-    -v c=$((after_c - before_c)) 'BEGIN {
-      foreign = b - p - o - c; if (foreign < 0) foreign = 0
-      wall = secs > 0 ? secs : 1
-      printf "%.0f %.1f %.0f\n", ops / wall, p / hz * 1e6 / ops, foreign / hz / (2 * wall) * 100
-    }')
 }
 
 # tls_median V...: the median of the values.
