@@ -22,6 +22,7 @@
 # Runs in about 3-4 minutes with the defaults. The functions (tls_*) are meant to be reused:
 # `source scripts/bench-tls.sh --lib` defines them without running anything.
 set -euo pipefail
+export LC_ALL=C # decimal points in $EPOCHREALTIME, awk and printf
 
 # ---- reusable pieces ---------------------------------------------------------------------------
 
@@ -243,27 +244,29 @@ tls_child_ticks() {
 tls_sample_begin() {
   TLS_S_PID=$1 TLS_S_ORIGINS=$2
   TLS_S_P=$(tls_tree_ticks "$1"); TLS_S_O=$(tls_tree_ticks "$2")
-  TLS_S_B=$(tls_busy_ticks); TLS_S_C=$(tls_child_ticks)
+  TLS_S_B=$(tls_busy_ticks); TLS_S_C=$(tls_child_ticks); TLS_S_T=$EPOCHREALTIME
 }
 
-# tls_sample_end OPS SECS: for the run since tls_sample_begin, sets TLS_RATE (OPS per second),
-# TLS_CPU_US (the subject's CPU per operation, microseconds) and TLS_FOREIGN (the CPU that
-# other processes took meanwhile, % of both cores). The load generators must have run as
-# children of this shell (so they count in tls_child_ticks), not in the background.
+# tls_sample_end OPS SECS: for the run since tls_sample_begin, sets TLS_RATE (OPS per SECS,
+# the load generator's own time), TLS_CPU_US (the subject's CPU per operation, microseconds)
+# and TLS_FOREIGN (the CPU that other processes took meanwhile, % of both cores over the wall
+# time since tls_sample_begin). The load generators must have run as children of this shell
+# (so they count in tls_child_ticks), not in the background.
 tls_sample_end() {
-  local ops=$1 secs=$2 hz p o b c
+  local ops=$1 secs=$2 hz p o b c elapsed
   hz=$(getconf CLK_TCK)
+  elapsed=$(awk -v a="$TLS_S_T" -v b="$EPOCHREALTIME" 'BEGIN { print b - a }')
   p=$(( $(tls_tree_ticks "$TLS_S_PID") - TLS_S_P ))
   o=$(( $(tls_tree_ticks "$TLS_S_ORIGINS") - TLS_S_O ))
   [ "$TLS_S_PID" = "$TLS_S_ORIGINS" ] && o=0
   b=$(( $(tls_busy_ticks) - TLS_S_B ))
   c=$(( $(tls_child_ticks) - TLS_S_C ))
   read -r TLS_RATE TLS_CPU_US TLS_FOREIGN < <(awk -v ops="$ops" -v secs="$secs" -v hz="$hz" \
-    -v p="$p" -v o="$o" -v b="$b" -v c="$c" 'BEGIN {
+    -v p="$p" -v o="$o" -v b="$b" -v c="$c" -v elapsed="$elapsed" 'BEGIN {
       foreign = b - p - o - c; if (foreign < 0) foreign = 0
-      wall = secs > 0 ? secs : 1
-      if (ops > 0) printf "%.0f %.1f %.0f\n", ops / wall, p / hz * 1e6 / ops, foreign / hz / (2 * wall) * 100
-      else printf "0 0 %.0f\n", foreign / hz / (2 * wall) * 100
+      foreign = elapsed > 0 ? foreign / hz / (2 * elapsed) * 100 : 0
+      if (ops > 0 && secs > 0) printf "%.0f %.1f %.0f\n", ops / secs, p / hz * 1e6 / ops, foreign
+      else printf "0 0 %.0f\n", foreign
     }')
 }
 

@@ -414,6 +414,7 @@ rate.p50|p50 ms at $r req/s (h2load --rps)|%.3f|
 rate.p99|p99 ms at $r req/s|%.3f|<=1.00
 rate.p999|p99.9 ms at $r req/s|%.3f|
 rate.achieved|req/s achieved at the fixed rate|%.0f|
+rate.cpu|proxy CPU us per req at the fixed rate|%.1f|
 idle.kib|KiB per idle client conn ($B_IDLE_CONNS open)|%.2f|<=1.00
 close.rate|new conns/s (wrk, Connection: close)|%.0f|
 close.cpu|proxy CPU us per new connection|%.1f|
@@ -492,6 +493,7 @@ bench_json_row() {
   for name in fulcrum haproxy nginx origin; do
     rounds+="\"$name\": $(bench_json_list "$key" "$name"), "
   done
+  rounds+="\"other_cpu_pct\": $(bench_json_list "${key%%.*}" foreign), "
   printf '\n    {"key": "%s", "figure": "%s", "fulcrum": %s, "haproxy": %s, "nginx": %s, "origin": %s, "fulcrum_to_haproxy": %s, "nginx_to_haproxy": %s, "goal": %s, "goal_met": %s, "rounds": {%s}}' \
     "$key" "$label" "$(bench_json_num "$f")" "$(bench_json_num "$h")" "$(bench_json_num "$n")" \
     "$(bench_json_num "$o")" "$(bench_json_num "$fr")" "$(bench_json_num "$nr")" \
@@ -649,6 +651,7 @@ bench_main() {
             B_RESULTS[rate.p99.$name]+="$B_P99 "
             B_RESULTS[rate.p999.$name]+="$B_P999 "
             B_RESULTS[rate.achieved.$name]+="$TLS_RATE "
+            B_RESULTS[rate.cpu.$name]+="$TLS_CPU_US "
             extra=$(printf '  p50 %.3f  p99 %.3f  p99.9 %.3f ms' "$B_P50" "$B_P99" "$B_P999")
             if awk -v a="$TLS_RATE" -v r="$B_RATE" 'BEGIN { exit !(a < 0.95 * r) }'; then
               extra+="  (SATURATED: below 95 % of $B_RATE req/s)"
