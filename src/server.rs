@@ -118,15 +118,22 @@ pub fn spawn_accept_loop<M, S, B>(
             let service = make_service(peer, conn.clone());
             let builders = builders.clone();
             let tls = tls.clone();
-            lifecycle.tracker.spawn(async move {
-                let io = CountingIo {
-                    inner: stream,
-                    activity: conn.inner.activity.clone(),
-                };
-                let Some(tls) = tls else {
+            let io = CountingIo {
+                inner: stream,
+                activity: conn.inner.activity.clone(),
+            };
+            // Two kinds of task rather than one that can be either: a task's size is that of
+            // its largest state, and a cleartext connection should not carry room for a TLS one
+            // for as long as it stays open.
+            let Some(tls) = tls.clone() else {
+                let builders = builders.clone();
+                lifecycle.tracker.spawn(async move {
                     serve_connection(io, &builders.auto, service, &conn).await;
-                    return;
-                };
+                });
+                continue;
+            };
+            let builders = builders.clone();
+            lifecycle.tracker.spawn(async move {
                 // A connection that arrives as shutdown starts is not worth a handshake.
                 let stream = tokio::select! {
                     stream = tls.handshake(io, peer) => stream,
