@@ -3,14 +3,16 @@
 //! What happens to a request once hyper has parsed it is [`crate::proxy`]'s story.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
@@ -311,16 +313,21 @@ async fn serve_connection<I, S, B>(
     tokio::pin!(conn);
     let idle = idle(&shared.activity, shared.idle_timeout);
     tokio::pin!(idle);
+    let shutdown = Quiet::new(shared.lifecycle.shutdown.cancelled());
+    tokio::pin!(shutdown);
+    let cut_off = Quiet::new(shared.lifecycle.cut_off.cancelled());
+    tokio::pin!(cut_off);
     let mut draining = false;
     loop {
         tokio::select! {
+            biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     debug!(error = %e, "client connection ended with an error");
                 }
                 return;
             }
-            () = shared.lifecycle.shutdown.cancelled(), if !draining => {
+            () = shutdown.as_mut(), if !draining => {
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
@@ -328,8 +335,65 @@ async fn serve_connection<I, S, B>(
                 debug!("closing idle client connection");
                 return;
             }
-            () = shared.lifecycle.cut_off.cancelled() => return,
+            () = cut_off.as_mut() => return,
         }
+    }
+}
+
+pin_project! {
+    /// Polls its future only after that future's own waker fired.
+    ///
+    /// Every wake-up of a connection's task polls each branch of its `select!`, and a
+    /// cancellation future shared by every connection takes its `Notify`'s lock on each poll:
+    /// several lock round trips per request, contended across workers. Behind a waker of its
+    /// own, the signal costs one atomic swap per wake-up until it actually fires.
+    struct Quiet<F> {
+        #[pin]
+        inner: F,
+        waker: Arc<QuietWaker>,
+    }
+}
+
+struct QuietWaker {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for QuietWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future> Quiet<F> {
+    fn new(inner: F) -> Self {
+        Self {
+            inner,
+            // Woken to begin with: the first poll registers with the signal.
+            waker: Arc::new(QuietWaker {
+                woken: AtomicBool::new(true),
+                task: AtomicWaker::new(),
+            }),
+        }
+    }
+}
+
+impl<F: Future> Future for Quiet<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        this.waker.task.register(cx.waker());
+        if !this.waker.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = Waker::from(this.waker.clone());
+        this.inner.poll(&mut Context::from_waker(&waker))
     }
 }
 
