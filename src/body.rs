@@ -16,6 +16,7 @@ use pin_project_lite::pin_project;
 use tokio::sync::oneshot;
 
 use crate::pool::InFlight;
+use crate::upstream::UpstreamConn;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -28,6 +29,9 @@ pin_project! {
             // Dropped at end of stream, so the count falls as soon as the body is done even if
             // the client keeps the connection open.
             in_flight: Option<InFlight>,
+            // The HTTP/1.1 connection the body arrives on: back to the node's idle queue once
+            // the body has ended, closed if the client goes away first.
+            conn: Option<UpstreamConn>,
         },
         Local {
             data: Option<Bytes>,
@@ -36,10 +40,21 @@ pin_project! {
 }
 
 impl ProxyBody {
-    pub fn upstream(body: Incoming, in_flight: InFlight) -> Self {
+    /// A backend's body; `conn` is the connection it arrives on, when it is one of fulcrum's
+    /// own (see [`crate::upstream`]).
+    pub fn upstream(body: Incoming, in_flight: InFlight, conn: Option<UpstreamConn>) -> Self {
+        // An empty body may never be polled (HEAD, 204, 304): its connection is free already.
+        let conn = match conn {
+            Some(conn) if body.is_end_stream() => {
+                in_flight.node().idle.put(conn);
+                None
+            }
+            conn => conn,
+        };
         ProxyBody::Upstream {
             body,
             in_flight: Some(in_flight),
+            conn,
         }
     }
 
@@ -63,9 +78,26 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.project() {
-            ProxyBodyProj::Upstream { body, in_flight } => {
-                let frame = ready!(body.poll_frame(cx));
-                if !matches!(frame, Some(Ok(_))) {
+            ProxyBodyProj::Upstream {
+                body,
+                in_flight,
+                conn,
+            } => {
+                let mut body = body;
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                // hyper stops polling once `is_end_stream` says so: the last frame is the end.
+                let ended = match &frame {
+                    Some(Ok(_)) => body.is_end_stream(),
+                    None => true,
+                    Some(Err(_)) => false,
+                };
+                if ended {
+                    // Only a body read to its end leaves the connection fit for another request.
+                    if let (Some(conn), Some(in_flight)) = (conn.take(), &in_flight) {
+                        in_flight.node().idle.put(conn);
+                    }
+                }
+                if ended || frame.as_ref().is_none_or(|f| f.is_err()) {
                     in_flight.take();
                 }
                 Poll::Ready(frame)

@@ -144,6 +144,8 @@ async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
             ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
         }
         let node = &backend.node;
+        // Nothing else visits a quiet pool's idle upstream connections: close the stale ones.
+        node.idle.expire(snapshot.settings.idle_pool_timeout);
         // A node removed and re-added under the same name between two supervisor rounds is a
         // new node (pending): it must not inherit the old one's streak.
         if counting

@@ -39,6 +39,7 @@ pub mod registry;
 pub mod server;
 pub mod status;
 pub mod tls;
+pub mod upstream;
 pub mod webnode;
 
 use std::io;

@@ -23,8 +23,10 @@ use crate::balance::{Balancer, CookieTarget, Pick, Sticky, client_key};
 use crate::body::RequestBody;
 use crate::config::{BackendProtocol, HealthConfig, PoolConfig, Strategy};
 use crate::metrics::{BackendMetrics, PoolMetrics};
+use crate::upstream::IdleConns;
 
-/// The pooled client a pool forwards with (HTTP/1.1 or h2c, per `backend_protocol`).
+/// hyper-util's pooled client, for what needs a task per connection: h2c backends and
+/// `Upgrade` requests. Other HTTP/1.1 requests go through [`crate::upstream`].
 pub type UpstreamClient = Client<HttpConnector, RequestBody>;
 
 /// What the health checker last concluded about a node.
@@ -70,6 +72,8 @@ pub struct Node {
     /// Requests this node failed (refused, reset, timed out), for the status page.
     failures: AtomicU64,
     pub metrics: BackendMetrics,
+    /// HTTP/1.1 connections waiting for the next request to this node.
+    pub idle: IdleConns,
 }
 
 impl Node {
@@ -87,6 +91,7 @@ impl Node {
             ramp_from_ms: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             failures: AtomicU64::new(0),
+            idle: IdleConns::default(),
         }
     }
 
@@ -225,8 +230,9 @@ pub struct PoolSettings {
 pub struct PoolState {
     pub settings: PoolSettings,
     pub backends: Box<[Backend]>,
-    pub client: UpstreamClient,
-    /// HTTP/1.1 for `Upgrade` requests (WebSocket): `client` itself unless the pool speaks h2c.
+    /// Set when the pool speaks h2c to its backends.
+    pub h2c_client: Option<UpstreamClient>,
+    /// HTTP/1.1 for `Upgrade` requests (WebSocket).
     pub upgrade_client: UpstreamClient,
     balancer: Balancer,
 }
@@ -358,7 +364,7 @@ impl Pool {
         let reusable_client = (current.settings.connect_timeout == config.connect_timeout
             && current.settings.idle_pool_timeout == config.idle_pool_timeout
             && current.settings.backend_protocol == config.backend_protocol)
-            .then(|| (current.client.clone(), current.upgrade_client.clone()));
+            .then(|| (current.h2c_client.clone(), current.upgrade_client.clone()));
         // Newcomers must prove themselves with `rise` passing checks first.
         let next = build_state(&self.name, config, &nodes, reusable_client, Health::Pending);
         for backend in next.backends.iter() {
@@ -383,7 +389,7 @@ fn build_state(
     pool: &Arc<str>,
     config: &PoolConfig,
     existing: &HashMap<Arc<str>, Arc<Node>>,
-    clients: Option<(UpstreamClient, UpstreamClient)>,
+    clients: Option<(Option<UpstreamClient>, UpstreamClient)>,
     newcomer_health: Health,
 ) -> PoolState {
     let backends: Box<[Backend]> = config
@@ -412,16 +418,14 @@ fn build_state(
         slow_start: config.slow_start,
         health: config.health.clone(),
     };
-    let (client, upgrade_client) = clients.unwrap_or_else(|| {
-        let http1 = upstream_client(&settings, BackendProtocol::Http1);
-        match settings.backend_protocol {
-            BackendProtocol::Http1 => (http1.clone(), http1),
-            BackendProtocol::H2c => (upstream_client(&settings, BackendProtocol::H2c), http1),
-        }
+    let (h2c_client, upgrade_client) = clients.unwrap_or_else(|| {
+        let h2c = (settings.backend_protocol == BackendProtocol::H2c)
+            .then(|| upstream_client(&settings, BackendProtocol::H2c));
+        (h2c, upstream_client(&settings, BackendProtocol::Http1))
     });
     PoolState {
         balancer: Balancer::new(config.strategy, &config.sticky, &backends),
-        client,
+        h2c_client,
         upgrade_client,
         settings,
         backends,

@@ -16,12 +16,13 @@ use ipnet::IpNet;
 use tracing::{debug, warn};
 
 use crate::balance::Pick;
-use crate::body::{BodyTooLarge, ProxyBody, RequestBody};
+use crate::body::{BodyTooLarge, BoxError, ProxyBody, RequestBody};
 use crate::config::{Config, strip_port};
 use crate::headers::{self, ForwardedFor};
 use crate::metrics::{ErrorKind, NONE, ResponseCounters};
 use crate::pool::{InFlight, Node, Pool};
 use crate::server::ConnHandle;
+use crate::upstream::{self, UpstreamError};
 use http_body::Body as _;
 
 /// What one listener tells the proxy path about its connections.
@@ -232,9 +233,18 @@ async fn forward(
                 (b, Some(giveback))
             }
         };
+        // hyper-util's client (h2c, upgrades) picks its connection by the URI's authority;
+        // an HTTP/1.1 connection of our own takes the origin form it sends.
+        let client = match (&upgrade, &state.h2c_client) {
+            (Some(_), _) => Some(&state.upgrade_client),
+            (None, h2c) => h2c.as_ref(),
+        };
         let mut upstream = Request::new(upstream_body);
         *upstream.method_mut() = head.method.clone();
-        *upstream.uri_mut() = headers::upstream_uri(&backend.authority, &head.uri);
+        *upstream.uri_mut() = match client {
+            Some(_) => headers::upstream_uri(&backend.authority, &head.uri),
+            None => headers::origin_form(&head.uri),
+        };
         *upstream.version_mut() = head.version;
         *upstream.headers_mut() = if last {
             std::mem::take(&mut head.headers)
@@ -243,17 +253,33 @@ async fn forward(
         };
 
         let in_flight = InFlight::start(node.clone(), started);
-        let timeout = state.settings.response_timeout;
-        let client = match upgrade {
-            Some(_) => &state.upgrade_client,
-            None => &state.client,
+        let settings = &state.settings;
+        let exchange = async {
+            match client {
+                None => upstream::request(
+                    &node.idle,
+                    backend.address,
+                    settings.connect_timeout,
+                    settings.idle_pool_timeout,
+                    upstream,
+                )
+                .await
+                .map(|(response, conn)| (response, Some(conn)))
+                .map_err(|e| ProxyError::exchange(node, e)),
+                Some(client) => client
+                    .request(upstream)
+                    .await
+                    .map(|response| (response, None))
+                    .map_err(|e| ProxyError::pooled_client(node, e)),
+            }
         };
-        let error = match tokio::time::timeout(timeout, client.request(upstream)).await {
-            Ok(Ok(response)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+        let timeout = settings.response_timeout;
+        let error = match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok((response, _))) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 node.answered();
                 return switch_protocols(response, client_upgrade.take(), in_flight, conn);
             }
-            Ok(Ok(response)) => {
+            Ok(Ok((response, upstream_conn))) => {
                 node.answered();
                 let (mut head, body) = response.into_parts();
                 headers::remove_hop_by_hop(&mut head.headers, false);
@@ -269,10 +295,10 @@ async fn forward(
                 node.metrics.responses.record(head.status.as_u16());
                 return Ok(Response::from_parts(
                     head,
-                    ProxyBody::upstream(body, in_flight),
+                    ProxyBody::upstream(body, in_flight, upstream_conn),
                 ));
             }
-            Ok(Err(source)) => ProxyError::upstream(node.clone(), source),
+            Ok(Err(error)) => error,
             Err(_) => ProxyError::Timeout {
                 node: node.clone(),
                 after: timeout,
@@ -363,13 +389,13 @@ pub enum ProxyError {
     Connect {
         node: Arc<Node>,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: BoxError,
     },
     #[error("backend {} failed before answering", node.name)]
     Reset {
         node: Arc<Node>,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: BoxError,
     },
     #[error("backend {} sent no response headers within {after:?}", node.name)]
     Timeout { node: Arc<Node>, after: Duration },
@@ -378,14 +404,35 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    fn upstream(node: Arc<Node>, source: hyper_util::client::legacy::Error) -> Self {
-        if let Some(limit) = find_source::<BodyTooLarge>(&source).map(|e| e.limit) {
-            return ProxyError::BodyTooLarge { limit };
+    fn exchange(node: &Arc<Node>, error: UpstreamError) -> Self {
+        match error {
+            UpstreamError::Connect(source) => ProxyError::Connect {
+                node: node.clone(),
+                source: source.into(),
+            },
+            UpstreamError::Exchange(source) => Self::failed_exchange(node, source.into()),
         }
+    }
+
+    fn pooled_client(node: &Arc<Node>, source: hyper_util::client::legacy::Error) -> Self {
         if source.is_connect() {
-            ProxyError::Connect { node, source }
+            ProxyError::Connect {
+                node: node.clone(),
+                source: source.into(),
+            }
         } else {
-            ProxyError::Reset { node, source }
+            Self::failed_exchange(node, source.into())
+        }
+    }
+
+    /// A failure after connecting: the backend's fault unless the client's body was too large.
+    fn failed_exchange(node: &Arc<Node>, source: BoxError) -> Self {
+        match find_source::<BodyTooLarge>(&*source) {
+            Some(e) => ProxyError::BodyTooLarge { limit: e.limit },
+            None => ProxyError::Reset {
+                node: node.clone(),
+                source,
+            },
         }
     }
 

@@ -1,0 +1,179 @@
+//! HTTP/1.1 connections to backends: each node keeps its own idle connections.
+//!
+//! hyper-util's pooled client files idle connections under a `(scheme, authority)` key in a
+//! mutex-guarded map; checking one out and putting it back SipHashes the authority byte by
+//! byte, twice per request, and returning it spawns a task. fulcrum already knows which node a
+//! request goes to, so the node holds its idle connections in a lock-free bounded queue:
+//! a checkout is a pop and a readiness check, a return is a push. Each connection still runs in
+//! a task of its own, which keeps the socket work batched per task as hyper intends.
+//!
+//! HTTP/2 backends (`h2c`) and `Upgrade` requests keep using hyper-util's client.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crossbeam_queue::ArrayQueue;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::body::RequestBody;
+use crate::pool::now_ms;
+
+/// Idle connections kept per backend; a connection released when the queue is full is closed.
+/// HAProxy keeps every reusable connection, nginx `keepalive N` per worker: this bounds the
+/// file descriptors one backend can hold without churning connections under heavy concurrency.
+pub const MAX_IDLE_PER_BACKEND: usize = 1024;
+
+/// The request half of one HTTP/1.1 connection to a backend; its I/O runs in a spawned task
+/// that ends when this is dropped or the backend closes.
+#[derive(Debug)]
+pub struct UpstreamConn {
+    sender: SendRequest<RequestBody>,
+    address: SocketAddr,
+    idle_since_ms: u64,
+}
+
+/// Why a request got no response from the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Nothing was sent: the request may go to another backend.
+    #[error("connect: {0}")]
+    Connect(#[source] io::Error),
+    /// The connection failed after the request may have been sent.
+    #[error(transparent)]
+    Exchange(hyper::Error),
+}
+
+impl UpstreamConn {
+    async fn connect(address: SocketAddr, timeout: Duration) -> Result<Self, io::Error> {
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+            Ok(stream) => stream?,
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within {timeout:?}"),
+                ));
+            }
+        };
+        // Small requests must not wait on Nagle's algorithm.
+        stream.set_nodelay(true)?;
+        let (sender, driver) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        tokio::spawn(async move {
+            if let Err(e) = driver.await {
+                debug!(%address, error = %e, "backend connection ended with an error");
+            }
+        });
+        Ok(Self {
+            sender,
+            address,
+            idle_since_ms: 0,
+        })
+    }
+}
+
+/// Sends `request` over an idle connection to `address` from `idle`, or a new one, and
+/// returns the response head with the connection, which goes back to `idle` once the response
+/// body has ended. A reused connection the backend closed just as the request went out hands
+/// the request back unsent: it is then sent once more over a new connection.
+pub async fn request(
+    idle: &IdleConns,
+    address: SocketAddr,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    mut request: Request<RequestBody>,
+) -> Result<(Response<Incoming>, UpstreamConn), UpstreamError> {
+    let mut reused = idle.take(address, idle_timeout);
+    loop {
+        let fresh = reused.is_none();
+        let mut conn = match reused.take() {
+            Some(conn) => conn,
+            None => UpstreamConn::connect(address, connect_timeout)
+                .await
+                .map_err(UpstreamError::Connect)?,
+        };
+        match conn.sender.try_send_request(request).await {
+            Ok(response) => return Ok((response, conn)),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if !fresh => request = unsent,
+                _ => return Err(UpstreamError::Exchange(e.into_error())),
+            },
+        }
+    }
+}
+
+/// A backend's idle connections, oldest first.
+pub struct IdleConns {
+    queue: ArrayQueue<UpstreamConn>,
+}
+
+impl std::fmt::Debug for IdleConns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdleConns")
+            .field("len", &self.queue.len())
+            .finish()
+    }
+}
+
+impl Default for IdleConns {
+    fn default() -> Self {
+        Self {
+            queue: ArrayQueue::new(MAX_IDLE_PER_BACKEND),
+        }
+    }
+}
+
+impl IdleConns {
+    /// An open connection to `address`, idle for less than `idle_timeout` and ready for a
+    /// request. Those that fail the test are let go on the way: one still busy (say, sending
+    /// the rest of an upload the backend answered early) finishes that exchange, then closes.
+    fn take(&self, address: SocketAddr, idle_timeout: Duration) -> Option<UpstreamConn> {
+        let now = now_ms();
+        let idle_timeout = idle_timeout.as_millis() as u64;
+        while let Some(conn) = self.queue.pop() {
+            if conn.address == address
+                && conn.sender.is_ready()
+                && now.saturating_sub(conn.idle_since_ms) < idle_timeout
+            {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Keeps `conn` for the next request while there is room.
+    pub fn put(&self, mut conn: UpstreamConn) {
+        if conn.sender.is_closed() {
+            return;
+        }
+        conn.idle_since_ms = now_ms();
+        let _ = self.queue.push(conn);
+    }
+
+    /// Closes connections idle for `idle_timeout` or more and those the backend closed.
+    pub fn expire(&self, idle_timeout: Duration) {
+        let now = now_ms();
+        let idle_timeout = idle_timeout.as_millis() as u64;
+        for _ in 0..self.queue.len() {
+            let Some(conn) = self.queue.pop() else { break };
+            if now.saturating_sub(conn.idle_since_ms) < idle_timeout && !conn.sender.is_closed() {
+                let _ = self.queue.push(conn);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
