@@ -11,7 +11,8 @@
 //!                     ▼
 //!                 proxy.rs    route (host, path prefix → pool)
 //!                             pick   (pool.rs snapshot + balance/*: one ArcSwap load, atomics)
-//!                             forward (headers.rs rewrites the head; pooled upstream client)
+//!                             forward (headers.rs rewrites the head; upstream.rs: the node's
+//!                                      idle HTTP/1.1 connections, or a new one)
 //!                             respond (body.rs streams the backend's body and holds the
 //!                                      in-flight count until it ends)
 //!                     │
