@@ -85,20 +85,19 @@ impl Body for ProxyBody {
             } => {
                 let mut body = body;
                 let frame = ready!(body.as_mut().poll_frame(cx));
-                // hyper stops polling once `is_end_stream` says so: the last frame is the end.
-                let ended = match &frame {
-                    Some(Ok(_)) => body.is_end_stream(),
-                    None => true,
-                    Some(Err(_)) => false,
-                };
-                if ended {
-                    // Only a body read to its end leaves the connection fit for another request.
-                    if let (Some(conn), Some(in_flight)) = (conn.take(), &in_flight) {
-                        in_flight.node().idle.put(conn);
+                match &frame {
+                    // hyper stops polling once `is_end_stream` says so: the last frame is the end.
+                    Some(Ok(_)) if !body.is_end_stream() => {}
+                    // A failed body leaves its connection unfit for reuse: it closes with us.
+                    Some(Err(_)) => {
+                        in_flight.take();
                     }
-                }
-                if ended || frame.as_ref().is_none_or(|f| f.is_err()) {
-                    in_flight.take();
+                    _ => {
+                        let in_flight = in_flight.take();
+                        if let (Some(conn), Some(in_flight)) = (conn.take(), &in_flight) {
+                            in_flight.node().idle.put(conn);
+                        }
+                    }
                 }
                 Poll::Ready(frame)
             }

@@ -119,7 +119,6 @@ pub fn spawn_accept_loop<M, S, B>(
             );
             let service = make_service(peer, conn.clone());
             let builders = builders.clone();
-            let tls = tls.clone();
             let io = CountingIo {
                 inner: stream,
                 activity: conn.inner.activity.clone(),
@@ -128,13 +127,11 @@ pub fn spawn_accept_loop<M, S, B>(
             // its largest state, and a cleartext connection should not carry room for a TLS one
             // for as long as it stays open.
             let Some(tls) = tls.clone() else {
-                let builders = builders.clone();
                 lifecycle.tracker.spawn(async move {
                     serve_connection(io, &builders.auto, service, &conn).await;
                 });
                 continue;
             };
-            let builders = builders.clone();
             lifecycle.tracker.spawn(async move {
                 // A connection that arrives as shutdown starts is not worth a handshake.
                 let stream = tokio::select! {

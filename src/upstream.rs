@@ -50,6 +50,11 @@ pub enum UpstreamError {
 }
 
 impl UpstreamConn {
+    /// Idle for less than `idle_timeout_ms` as of `now_ms`.
+    fn fresh(&self, now_ms: u64, idle_timeout_ms: u64) -> bool {
+        now_ms.saturating_sub(self.idle_since_ms) < idle_timeout_ms
+    }
+
     async fn connect(address: SocketAddr, timeout: Duration) -> Result<Self, io::Error> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
             Ok(stream) => stream?,
@@ -138,10 +143,7 @@ impl IdleConns {
         let now = now_ms();
         let idle_timeout = idle_timeout.as_millis() as u64;
         while let Some(conn) = self.queue.pop() {
-            if conn.address == address
-                && conn.sender.is_ready()
-                && now.saturating_sub(conn.idle_since_ms) < idle_timeout
-            {
+            if conn.address == address && conn.sender.is_ready() && conn.fresh(now, idle_timeout) {
                 return Some(conn);
             }
         }
@@ -163,7 +165,7 @@ impl IdleConns {
         let idle_timeout = idle_timeout.as_millis() as u64;
         for _ in 0..self.queue.len() {
             let Some(conn) = self.queue.pop() else { break };
-            if now.saturating_sub(conn.idle_since_ms) < idle_timeout && !conn.sender.is_closed() {
+            if conn.fresh(now, idle_timeout) && !conn.sender.is_closed() {
                 let _ = self.queue.push(conn);
             }
         }
