@@ -106,7 +106,7 @@ at 8
 start_node 6
 wait_for "http://127.0.0.1:$((base + 6))/healthz"
 code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "$admin/api/pools/web/backends" \
-  -d "{\"address\":\"127.0.0.1:$((base + 6))\",\"name\":\"web-6\"}")
+  -H 'Content-Type: application/json' -d "{\"address\":\"127.0.0.1:$((base + 6))\",\"name\":\"web-6\"}")
 event "web-6 added through POST /api/pools/web/backends ($code)"
 at 12
 write_config "{ address = \"127.0.0.1:$((base + 6))\", name = \"web-6\", weight = 2 }"

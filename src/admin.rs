@@ -3,8 +3,14 @@
 //! on its own port so scrapes and changes never queue behind traffic.
 //!
 //! Reads stay open; every mutation needs `Authorization: Bearer TOKEN` when `admin.token` is
-//! set, compared in constant time.
+//! set, compared in constant time. Browsers are kept out of mutations whatever the token says: a
+//! page the operator has open elsewhere can send a "simple" cross-origin `POST` (no preflight for
+//! `text/plain`), and DNS rebinding makes even `PUT`/`DELETE` same-origin in the browser's eyes.
+//! So a mutation whose `Origin` is not the admin listener's own address answers `403`, and a
+//! body that is not `application/json` answers `415`: neither can be produced by a form or a
+//! rebound page without the browser asking first.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -26,6 +32,10 @@ use crate::status::RateSampler;
 /// API bodies are a few backends; anything bigger is a mistake or an attack.
 const MAX_API_BODY: usize = 1 << 20;
 
+/// `?drain=` longer than a day is a typo, not a drain; it also keeps `now + drain` far from
+/// overflowing an `Instant`.
+pub const MAX_DRAIN: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Debug)]
 pub struct AdminState {
     pub cpu: CpuMeter,
@@ -33,6 +43,8 @@ pub struct AdminState {
     pub client_connections: Arc<AtomicU64>,
     pub control: Arc<Control>,
     pub token: Option<String>,
+    /// The admin listener's bound address: the only origin allowed to send mutations.
+    pub bind: SocketAddr,
     pub status_rates: RateSampler,
 }
 
@@ -76,12 +88,28 @@ async fn api(req: Request<Incoming>, path: &str, state: &AdminState) -> Response
     let method = req.method().clone();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let mutating = method != Method::GET && method != Method::HEAD;
-    if mutating && !authorized(&req, state.token.as_deref()) {
-        let mut response = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return response;
+    if mutating {
+        if let Some(origin) = foreign_origin(&req, state.bind) {
+            return error(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "mutations from the origin `{origin}` are refused; call the admin API directly, not from a web page"
+                ),
+            );
+        }
+        if !authorized(&req, state.token.as_deref()) {
+            let mut response = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+        if carries_body(&req) && !is_json(&req) {
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "the body must be sent with Content-Type: application/json",
+            );
+        }
     }
     let control = &state.control;
     match (&method, segments.as_slice()) {
@@ -166,7 +194,58 @@ fn authorized<B>(req: &Request<B>, token: Option<&str>) -> bool {
         .is_some_and(|given| bool::from(given.ct_eq(token.as_bytes())))
 }
 
-/// `?drain=30s`: absent or `0s` removes at once.
+/// The `Origin` of a request that a browser sent from a page other than the admin listener's
+/// own, if any. Requests without `Origin` (curl, scripts, Prometheus) are not from a page.
+///
+/// The allowed origins are IP literals (or `localhost` on a loopback bind) with the admin's
+/// port: the `Host` header is no guide, because a rebound page sends its own name there too.
+fn foreign_origin<B>(req: &Request<B>, bind: SocketAddr) -> Option<String> {
+    let origin = req.headers().get(header::ORIGIN)?;
+    let own = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.strip_prefix("http://"))
+        .is_some_and(|authority| is_own_authority(authority, bind));
+    (!own).then(|| String::from_utf8_lossy(origin.as_bytes()).into_owned())
+}
+
+fn is_own_authority(authority: &str, bind: SocketAddr) -> bool {
+    let Some((host, port)) = authority.rsplit_once(':') else {
+        return false;
+    };
+    if port.parse::<u16>().ok() != Some(bind.port()) {
+        return false;
+    }
+    let loopback_bind = bind.ip().is_loopback() || bind.ip().is_unspecified();
+    if host.eq_ignore_ascii_case("localhost") {
+        return loopback_bind;
+    }
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    match host.parse::<IpAddr>() {
+        // A wildcard bind answers on every local address: any IP literal with its port is it.
+        Ok(ip) => bind.ip().is_unspecified() || ip == bind.ip(),
+        Err(_) => false,
+    }
+}
+
+/// A body is coming: hyper knows the message has one (a length above zero, or chunked).
+fn carries_body(req: &Request<Incoming>) -> bool {
+    !http_body::Body::is_end_stream(req.body())
+}
+
+/// `application/json`, with or without parameters such as `charset`.
+fn is_json<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// `?drain=30s`: absent or `0s` removes at once; at most [`MAX_DRAIN`].
 fn drain_param(query: Option<&str>) -> Result<Duration, String> {
     let Some(value) = query
         .into_iter()
@@ -178,8 +257,15 @@ fn drain_param(query: Option<&str>) -> Result<Duration, String> {
     if value == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(value)
-        .map_err(|e| format!("drain=`{value}` is not a duration such as 30s: {e}"))
+    let drain = humantime::parse_duration(value)
+        .map_err(|e| format!("drain=`{value}` is not a duration such as 30s: {e}"))?;
+    if drain > MAX_DRAIN {
+        return Err(format!(
+            "drain=`{value}` is longer than the limit of {}",
+            humantime::format_duration(MAX_DRAIN)
+        ));
+    }
+    Ok(drain)
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(
@@ -230,4 +316,92 @@ fn with_type(mut response: Response<ProxyBody>, content_type: &'static str) -> R
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin_request(origin: &str) -> Request<()> {
+        Request::post("/api/reload")
+            .header(header::ORIGIN, origin)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn only_the_admin_listeners_own_address_is_a_trusted_origin() {
+        let loopback: SocketAddr = "127.0.0.1:9090".parse().unwrap();
+        for own in [
+            "http://127.0.0.1:9090",
+            "http://localhost:9090",
+            "http://LOCALHOST:9090",
+        ] {
+            assert_eq!(
+                foreign_origin(&origin_request(own), loopback),
+                None,
+                "{own}"
+            );
+        }
+        for foreign in [
+            "http://attacker.example",
+            "http://attacker.example:9090",
+            "http://127.0.0.1:9091",
+            "http://127.0.0.2:9090",
+            "https://127.0.0.1:9090",
+            "null",
+            "http://127.0.0.1",
+        ] {
+            assert!(
+                foreign_origin(&origin_request(foreign), loopback).is_some(),
+                "{foreign}"
+            );
+        }
+        let wildcard: SocketAddr = "[::]:9090".parse().unwrap();
+        for own in [
+            "http://10.1.2.3:9090",
+            "http://[::1]:9090",
+            "http://localhost:9090",
+        ] {
+            assert_eq!(
+                foreign_origin(&origin_request(own), wildcard),
+                None,
+                "{own}"
+            );
+        }
+        let public: SocketAddr = "10.0.0.5:9090".parse().unwrap();
+        assert!(foreign_origin(&origin_request("http://localhost:9090"), public).is_some());
+        let no_origin = Request::post("/api/reload").body(()).unwrap();
+        assert_eq!(foreign_origin(&no_origin, loopback), None);
+    }
+
+    #[test]
+    fn drain_is_bounded_to_a_day() {
+        assert_eq!(drain_param(None), Ok(Duration::ZERO));
+        assert_eq!(drain_param(Some("drain=0")), Ok(Duration::ZERO));
+        assert_eq!(drain_param(Some("drain=24h")), Ok(MAX_DRAIN));
+        for bad in [
+            "drain=25h",
+            "drain=18446744073709551615s",
+            "drain=1000y",
+            "drain=soon",
+        ] {
+            assert!(drain_param(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn json_media_type_allows_parameters_only() {
+        let with = |ct: &str| {
+            Request::post("/")
+                .header(header::CONTENT_TYPE, ct)
+                .body(())
+                .unwrap()
+        };
+        assert!(is_json(&with("application/json")));
+        assert!(is_json(&with("Application/JSON; charset=utf-8")));
+        assert!(!is_json(&with("text/plain")));
+        assert!(!is_json(&with("application/jsonp")));
+        assert!(!is_json(&Request::post("/").body(()).unwrap()));
+    }
 }

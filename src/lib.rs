@@ -147,6 +147,7 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
                 client_connections: client_connections.clone(),
                 control: control.clone(),
                 token: config.admin.as_ref().and_then(|a| a.token.clone()),
+                bind: addr,
                 status_rates: Default::default(),
             });
             let limits = ConnLimits {

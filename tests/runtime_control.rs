@@ -39,6 +39,9 @@ async fn api_at(
     if let Some(token) = token {
         request = request.header("authorization", format!("Bearer {token}"));
     }
+    if body.is_some() {
+        request = request.header("content-type", "application/json");
+    }
     let body = match body {
         Some(value) => full(value.to_string()),
         None => empty(),
@@ -392,6 +395,7 @@ async fn bad_requests_get_400_404_409_with_a_json_error_and_change_nothing() {
         let admin = running.admin_addr().unwrap();
         async move {
             let request = Request::post(format!("http://{admin}/api/pools/rc_errors/backends"))
+                .header("content-type", "application/json")
                 .body(full(body))
                 .unwrap();
             send(&client(), request).await
