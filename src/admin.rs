@@ -173,6 +173,9 @@ async fn api(req: Request<Incoming>, path: &str, state: &AdminState) -> Response
                 )
             }
             Err(e @ ReloadError::NoFile) => error(StatusCode::CONFLICT, &e.to_string()),
+            Err(e @ ReloadError::Panicked(_)) => {
+                error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
+            }
         },
         (_, ["api", "pools"] | ["api", "pools", _] | ["api", "reload"])
         | (_, ["api", "pools", _, "backends", ..]) => {

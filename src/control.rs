@@ -79,6 +79,10 @@ pub enum ReloadError {
     Certificate(#[source] CertError),
     #[error("a new listener cannot start; the running config stays")]
     Listener(#[source] StartError),
+    /// A bug, not a bad file: the reload task panicked. The task is gone, not the balancer, so
+    /// the next `SIGHUP` or `POST /api/reload` runs as usual.
+    #[error("the reload failed unexpectedly ({0}); the running config stays")]
+    Panicked(String),
 }
 
 /// What `DELETE .../backends/NAME` did.
@@ -167,7 +171,28 @@ impl Control {
     }
 
     /// Re-reads the config file and applies it; an invalid file changes nothing.
-    pub async fn reload(&self) -> Result<(), ReloadError> {
+    ///
+    /// Runs in a task of its own, so that even a bug that panics in there ends that task
+    /// alone: the caller (the SIGHUP loop, an admin request) gets an error and carries on.
+    pub async fn reload(self: &Arc<Self>) -> Result<(), ReloadError> {
+        let this = self.clone();
+        match tokio::spawn(async move { this.reload_file().await }).await {
+            Ok(result) => result,
+            Err(e) => {
+                let message = match e.try_into_panic() {
+                    Ok(panic) => panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "panic".to_owned()),
+                    Err(e) => e.to_string(),
+                };
+                Err(self.rejected(ReloadError::Panicked(message)))
+            }
+        }
+    }
+
+    async fn reload_file(&self) -> Result<(), ReloadError> {
         let Some(path) = &self.path else {
             self.reloads_error.increment(1);
             return Err(ReloadError::NoFile);

@@ -400,3 +400,50 @@ fn minimal_config_is_valid() {
     assert_eq!(checked.code(), Some(0), "stderr:\n{}", checked.stderr());
     assert!(checked.stdout().contains(": ok"), "{}", checked.stdout());
 }
+
+#[test]
+fn absurd_durations_and_counts_are_errors_naming_their_keys() {
+    let checked = check_text(
+        "absurd_values",
+        r#"[[listeners]]
+bind = "127.0.0.1:8080"
+idle_timeout = "3ns"
+header_read_timeout = "400d"
+max_connections = 18446744073709551615
+
+[pools.web]
+strategy = "sticky_cookie"
+response_timeout = "25h"
+backends = [{ address = "127.0.0.1:9001" }]
+
+[pools.web.sticky]
+secret = "k"
+max_age = "1000y"
+"#,
+    );
+    checked.assert_error(
+        3,
+        None,
+        &["listeners[0].idle_timeout: must be between 1ms and 24h"],
+    );
+    checked.assert_error(
+        4,
+        None,
+        &["listeners[0].header_read_timeout: must be between"],
+    );
+    checked.assert_error(
+        5,
+        None,
+        &["listeners[0].max_connections: must be between 1 and 10000000"],
+    );
+    checked.assert_error(
+        9,
+        None,
+        &["pools.web.response_timeout: must be between 1ms and 24h"],
+    );
+    checked.assert_error(
+        14,
+        None,
+        &["pools.web.sticky.max_age: must be between 1ms and 400d"],
+    );
+}

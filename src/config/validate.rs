@@ -43,6 +43,29 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     }
 }
 
+/// No timer fulcrum runs is useful below a millisecond, and some divide their period (the idle
+/// check runs four times per `idle_timeout`): a nanosecond value would make a zero period.
+const MIN_DURATION: Duration = Duration::from_millis(1);
+/// A day: past any real timeout, and far from overflowing `Instant + duration`.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// Browsers cap a cookie's lifetime at 400 days (RFC 6265bis); longer is never honoured.
+const MAX_COOKIE_AGE: Duration = Duration::from_secs(400 * 24 * 3600);
+/// Connections one listener may hold. The ceiling keeps the value within what a semaphore
+/// and a listen backlog accept, and 10 M is the whole web tier of the design this serves.
+const MAX_LISTENER_CONNECTIONS: u64 = 10_000_000;
+
+/// A round bound the way an operator writes it: `1ms`, `24h`, `400d`.
+fn short_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0 => format!("{}ms", d.as_millis()),
+        s if s >= 2 * 86_400 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 // ---- raw serde mirror of the file ------------------------------------------------------------
 
 #[derive(Deserialize)]
@@ -198,19 +221,44 @@ impl Validator<'_> {
         }
     }
 
+    /// A duration in `[MIN_DURATION, MAX_DURATION]`.
     fn duration(
         &mut self,
         value: &Option<Spanned<String>>,
         key: &str,
         default: Duration,
     ) -> Duration {
+        self.duration_up_to(value, key, default, MAX_DURATION)
+    }
+
+    /// A duration in `[MIN_DURATION, max]`; out of range is an error naming the key.
+    fn duration_up_to(
+        &mut self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+        max: Duration,
+    ) -> Duration {
         let Some(value) = value else { return default };
         match humantime::parse_duration(value.get_ref().trim()) {
-            Ok(d) if !d.is_zero() => d,
-            Ok(_) => {
+            Ok(d) if d.is_zero() => {
                 self.error(Some(value.span()), key, "must be greater than zero");
                 default
             }
+            Ok(d) if d < MIN_DURATION || d > max => {
+                self.error(
+                    Some(value.span()),
+                    key,
+                    format!(
+                        "must be between {} and {} (got `{}`)",
+                        short_duration(MIN_DURATION),
+                        short_duration(max),
+                        value.get_ref().trim()
+                    ),
+                );
+                default
+            }
+            Ok(d) => d,
             Err(e) => {
                 self.error(
                     Some(value.span()),
@@ -460,8 +508,12 @@ impl Validator<'_> {
         };
         let max_connections = match &l.max_connections {
             None => 100_000,
-            Some(v) if *v.get_ref() == 0 => {
-                self.error(Some(v.span()), key("max_connections"), "must be at least 1");
+            Some(v) if !(1..=MAX_LISTENER_CONNECTIONS).contains(v.get_ref()) => {
+                self.error(
+                    Some(v.span()),
+                    key("max_connections"),
+                    format!("must be between 1 and {MAX_LISTENER_CONNECTIONS}"),
+                );
                 100_000
             }
             Some(v) => *v.get_ref() as usize,
@@ -680,10 +732,14 @@ impl Validator<'_> {
             }
             sticky.secret = Some(secret.get_ref().clone());
         }
-        sticky.max_age = raw
-            .max_age
-            .as_ref()
-            .map(|_| self.duration(&raw.max_age, &key("max_age"), Duration::from_secs(3600)));
+        sticky.max_age = raw.max_age.as_ref().map(|_| {
+            self.duration_up_to(
+                &raw.max_age,
+                &key("max_age"),
+                Duration::from_secs(3600),
+                MAX_COOKIE_AGE,
+            )
+        });
         for (field, value) in [("path", &raw.path), ("domain", &raw.domain)] {
             if let Some(value) = value
                 && !value.get_ref().bytes().all(is_attribute_byte)
