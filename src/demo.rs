@@ -48,17 +48,14 @@ pub async fn run() -> anyhow::Result<()> {
     let config = cert.config()?;
     let mut nodes = Vec::new();
     for backend in config.pools.values().flat_map(|p| &p.backends) {
-        let node = webnode::spawn(WebNodeOptions {
-            listen: backend.address,
-            id: backend.name.clone(),
-        })
-        .await
-        .with_context(|| {
-            format!(
-                "starting web node {} on {} (is the port in use?)",
-                backend.name, backend.address
-            )
-        })?;
+        let node = webnode::spawn(WebNodeOptions::new(backend.address, backend.name.clone()))
+            .await
+            .with_context(|| {
+                format!(
+                    "starting web node {} on {} (is the port in use?)",
+                    backend.name, backend.address
+                )
+            })?;
         nodes.push(node);
     }
     let running = crate::start(&config)

@@ -48,6 +48,11 @@ enum Command {
         listen: SocketAddr,
         #[arg(long)]
         id: String,
+        /// Opens the control endpoints (`POST /admin/health`, `POST /admin/pause`) to callers
+        /// sending `Authorization: Bearer TOKEN`; without it they answer 403. Read from the
+        /// environment so the token stays out of `ps`.
+        #[arg(long, env = "FULCRUM_WEBNODE_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
         /// Where `/session` keeps its counts: `memory` (this node only) or
         /// `redis://HOST:PORT` (shared by every node pointed at it).
         #[arg(
@@ -90,12 +95,16 @@ fn main() -> ExitCode {
         Command::Webnode {
             listen,
             id,
+            admin_token,
             sessions,
             register,
             drain_timeout,
             drain_grace,
         } => runtime().and_then(|rt| {
-            let opts = fulcrum::webnode::WebNodeOptions { listen, id };
+            let opts = fulcrum::webnode::WebNodeOptions {
+                admin_token,
+                ..fulcrum::webnode::WebNodeOptions::new(listen, id)
+            };
             let register = register.map(|url| fulcrum::webnode::RegisterOptions {
                 url,
                 drain_timeout,

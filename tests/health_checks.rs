@@ -200,10 +200,7 @@ async fn status_down_in_a_200_body_is_a_failure() {
         &fast_checks("hc_body"),
     ))
     .await;
-    let admin = format!("http://{}/admin/health", nodes[0].local_addr());
-    let req = http::Request::post(admin)
-        .body(full(r#"{"status":"DOWN"}"#))
-        .unwrap();
+    let req = node_control(&nodes[0], "/admin/health", r#"{"status":"DOWN"}"#);
     assert_eq!(send(&client(), req).await.status, 200);
     let web1 = node(&running, "web-1");
     wait_until("DOWN in the body takes the node out", || async {
@@ -232,12 +229,14 @@ async fn a_hanging_check_is_a_failure_at_the_timeout() {
     })
     .await;
     // A 10 s "GC pause": the node accepts connections but answers nothing.
-    let pause = format!("http://{}/admin/pause?ms=10000", nodes[0].local_addr());
     let started = Instant::now();
     assert_eq!(
-        send(&client(), http::Request::post(pause).body(empty()).unwrap())
-            .await
-            .status,
+        send(
+            &client(),
+            node_control(&nodes[0], "/admin/pause?ms=10000", "")
+        )
+        .await
+        .status,
         200
     );
     wait_until("hung checks take the node out", || async {
@@ -260,12 +259,9 @@ async fn with_every_node_down_the_answer_is_503_in_under_100ms() {
     ))
     .await;
     for n in &nodes {
-        let admin = format!("http://{}/admin/health", n.local_addr());
         send(
             &client(),
-            http::Request::post(admin)
-                .body(full(r#"{"status":"DOWN"}"#))
-                .unwrap(),
+            node_control(n, "/admin/health", r#"{"status":"DOWN"}"#),
         )
         .await;
     }

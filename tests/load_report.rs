@@ -45,10 +45,7 @@ async fn run(flags: &[&str]) -> Report {
 }
 
 async fn node(id: &str, sessions: SessionBackend) -> WebNode {
-    let opts = WebNodeOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        id: id.into(),
-    };
+    let opts = WebNodeOptions::new("127.0.0.1:0".parse().unwrap(), id);
     webnode::spawn_with_sessions(opts, sessions)
         .await
         .expect("web node starts")

@@ -39,12 +39,9 @@ async fn run(flags: &[&str]) -> Report {
 }
 
 async fn web_node(id: &str) -> WebNode {
-    webnode::spawn(WebNodeOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        id: id.into(),
-    })
-    .await
-    .expect("web node starts")
+    webnode::spawn(WebNodeOptions::new("127.0.0.1:0".parse().unwrap(), id))
+        .await
+        .expect("web node starts")
 }
 
 /// A hand-written HTTP/1.1 backend for what the web node has no knob for; the handler sees

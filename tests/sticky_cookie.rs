@@ -295,10 +295,10 @@ async fn balancer_process(name: &str, addr: SocketAddr, config: &str) -> Process
 async fn two_balancer_processes_with_one_config_agree_on_every_cookie() {
     let nodes = webnodes(3).await;
     // web-1 again, at another address: balancer B knows it there.
-    let moved = fulcrum::webnode::spawn(fulcrum::webnode::WebNodeOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        id: "web-1".into(),
-    })
+    let moved = fulcrum::webnode::spawn(fulcrum::webnode::WebNodeOptions::new(
+        "127.0.0.1:0".parse().unwrap(),
+        "web-1",
+    ))
     .await
     .unwrap();
     let (a_addr, b_addr) = (free_port().await, free_port().await);

@@ -15,12 +15,11 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 
 const DEADLINE: Duration = Duration::from_secs(10);
+const ADMIN_TOKEN: &str = "drill-token";
 
 async fn node(id: &str) -> WebNode {
-    let opts = WebNodeOptions {
-        listen: "127.0.0.1:0".parse().expect("loopback address"),
-        id: id.to_owned(),
-    };
+    let opts = WebNodeOptions::new("127.0.0.1:0".parse().expect("loopback address"), id)
+        .with_admin_token(ADMIN_TOKEN);
     webnode::spawn(opts).await.expect("spawn web node")
 }
 
@@ -82,6 +81,25 @@ async fn fetch(addr: SocketAddr, method: Method, path: &str, body: &'static [u8]
 
 async fn get(addr: SocketAddr, path: &str) -> Reply {
     fetch(addr, Method::GET, path, b"").await
+}
+
+/// A control request (`POST /admin/...`) with the node's admin token.
+async fn control(addr: SocketAddr, path: &str, body: &'static [u8]) -> Reply {
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let resp = send(
+        addr,
+        Method::POST,
+        path,
+        &[("authorization", &bearer)],
+        Bytes::from_static(body),
+    )
+    .await;
+    let (parts, body) = resp.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.expect("body").to_bytes(),
+    }
 }
 
 /// Polls `/healthz` until `pred` holds on its JSON, or fails at the deadline.
@@ -179,7 +197,7 @@ async fn admin_health_flips_what_healthz_answers() {
         serde_json::json!({"status": "UP"})
     );
 
-    let down = fetch(addr, Method::POST, "/admin/health", br#"{"status":"DOWN"}"#).await;
+    let down = control(addr, "/admin/health", br#"{"status":"DOWN"}"#).await;
     assert_eq!(down.status, StatusCode::OK);
     assert_eq!(down.json()["status"], "DOWN");
     let reply = get(addr, "/healthz").await;
@@ -188,28 +206,73 @@ async fn admin_health_flips_what_healthz_answers() {
     assert_eq!(reply.json()["instanceId"], "web-d");
     assert_eq!(get(addr, "/admin/health").await.json()["status"], "DOWN");
 
-    fetch(
-        addr,
-        Method::POST,
-        "/admin/health",
-        br#"{"status":"DRAINING"}"#,
-    )
-    .await;
+    control(addr, "/admin/health", br#"{"status":"DRAINING"}"#).await;
     let reply = get(addr, "/healthz").await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reply.json()["status"], "DRAINING");
 
     for bad in [&b"{\"status\":\"SIDEWAYS\"}"[..], b"not json", b""] {
-        let reply = fetch(addr, Method::POST, "/admin/health", bad).await;
+        let reply = control(addr, "/admin/health", bad).await;
         assert_eq!(reply.status, StatusCode::BAD_REQUEST);
         assert!(reply.json()["error"].is_string());
     }
     assert_eq!(get(addr, "/healthz").await.json()["status"], "DRAINING");
 
-    fetch(addr, Method::POST, "/admin/health", br#"{"status":"UP"}"#).await;
+    control(addr, "/admin/health", br#"{"status":"UP"}"#).await;
     let reply = get(addr, "/healthz").await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.json()["status"], "UP");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn control_endpoints_need_the_admin_token_and_are_off_without_one() {
+    let node = node("web-t").await;
+    let addr = node.local_addr();
+    for headers in [&[][..], &[("authorization", "Bearer wrong")][..]] {
+        for path in ["/admin/health", "/admin/pause?ms=60000"] {
+            let reply = send(
+                addr,
+                Method::POST,
+                path,
+                headers,
+                Bytes::from_static(br#"{"status":"DOWN"}"#),
+            )
+            .await;
+            assert_eq!(
+                reply.status(),
+                StatusCode::UNAUTHORIZED,
+                "{path} {headers:?}"
+            );
+        }
+    }
+    // Nothing changed: still up, and not paused.
+    let started = Instant::now();
+    assert_eq!(get(addr, "/healthz").await.json()["status"], "UP");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A node started without --admin-token has no control endpoints at all.
+    let closed = webnode::spawn(WebNodeOptions::new(
+        "127.0.0.1:0".parse().unwrap(),
+        "web-closed",
+    ))
+    .await
+    .unwrap();
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let reply = send(
+        closed.local_addr(),
+        Method::POST,
+        "/admin/health",
+        &[("authorization", &bearer)],
+        Bytes::from_static(br#"{"status":"DOWN"}"#),
+    )
+    .await;
+    assert_eq!(reply.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        get(closed.local_addr(), "/healthz").await.json()["status"],
+        "UP"
+    );
+    closed.shutdown().await;
     node.shutdown().await;
 }
 
@@ -219,7 +282,7 @@ async fn pause_stalls_requests_while_admin_stays_responsive() {
     let addr = node.local_addr();
     let pause = Duration::from_millis(600);
     let started = Instant::now();
-    let reply = fetch(addr, Method::POST, "/admin/pause?ms=600", b"").await;
+    let reply = control(addr, "/admin/pause?ms=600", b"").await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.json(), serde_json::json!({"paused_ms": 600}));
 
@@ -246,7 +309,7 @@ async fn pause_stalls_requests_while_admin_stays_responsive() {
             "answered after {elapsed:?}, inside the pause"
         );
     }
-    let bad = fetch(addr, Method::POST, "/admin/pause", b"").await;
+    let bad = control(addr, "/admin/pause", b"").await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     node.shutdown().await;
 }
@@ -293,7 +356,8 @@ async fn bytes_streams_exactly_n_bytes() {
     let empty = get(addr, "/bytes?n=0").await;
     assert_eq!(empty.status, StatusCode::OK);
     assert!(empty.body.is_empty());
-    for bad in ["/bytes", "/bytes?n=lots", "/bytes?n=1e6"] {
+    let too_many = format!("/bytes?n={}", webnode::MAX_BYTES + 1);
+    for bad in ["/bytes", "/bytes?n=lots", "/bytes?n=1e6", &too_many] {
         assert_eq!(
             get(addr, bad).await.status,
             StatusCode::BAD_REQUEST,

@@ -34,6 +34,7 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -59,6 +60,9 @@ const CHUNK_LEN: usize = 64 * 1024;
 static CHUNK: [u8; CHUNK_LEN] = [b'x'; CHUNK_LEN];
 /// `POST /admin/health` bodies are tiny; refuse anything larger than this.
 const MAX_ADMIN_BODY: usize = 4 * 1024;
+/// `/bytes?n=` past this is refused: a GiB is more than any drill streams, and an unbounded `n`
+/// would let one request keep the node busy forever.
+pub const MAX_BYTES: u64 = 1 << 30;
 
 const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
 
@@ -68,6 +72,28 @@ const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
 pub struct WebNodeOptions {
     pub listen: SocketAddr,
     pub id: String,
+    /// Bearer token the control endpoints (`POST /admin/health`, `POST /admin/pause`) require.
+    /// `None` turns them off: a node behind a balancer is reachable by every client, and
+    /// flipping its health or pausing it is a drill for its operator only.
+    pub admin_token: Option<String>,
+}
+
+impl WebNodeOptions {
+    /// A node on `listen` named `id`, with its control endpoints off.
+    pub fn new(listen: SocketAddr, id: impl Into<String>) -> Self {
+        Self {
+            listen,
+            id: id.into(),
+            admin_token: None,
+        }
+    }
+
+    /// The same node with its control endpoints open to `token`.
+    #[must_use]
+    pub fn with_admin_token(mut self, token: impl Into<String>) -> Self {
+        self.admin_token = Some(token.into());
+        self
+    }
 }
 
 /// A running web node. Dropping it stops accepting and drains in the background;
@@ -145,6 +171,7 @@ pub async fn spawn_with_sessions(
         requests: AtomicU64::new(0),
         cpu: CpuMeter::new(),
         sessions,
+        admin_token: opts.admin_token,
     });
     let task = tokio::spawn(serve(listener, Arc::clone(&shared), cancel.clone()));
     info!(id = %shared.id, addr = %local_addr, sessions = %sessions_text, "web node listening");
@@ -205,6 +232,7 @@ struct Shared {
     requests: AtomicU64,
     cpu: CpuMeter,
     sessions: Store,
+    admin_token: Option<String>,
 }
 
 impl Shared {
@@ -342,7 +370,11 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<NodeBody> {
             None => text(StatusCode::BAD_REQUEST, "ms must be a whole number\n"),
         },
         "/bytes" if is_get => match query_u64(query, "n") {
-            Some(n) => bytes_response(n),
+            Some(n) if n <= MAX_BYTES => bytes_response(n),
+            Some(_) => text(
+                StatusCode::BAD_REQUEST,
+                format!("n must be at most {MAX_BYTES}\n"),
+            ),
             None => text(StatusCode::BAD_REQUEST, "n must be a whole number\n"),
         },
         "/echo" => echo(req).await,
@@ -352,20 +384,53 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<NodeBody> {
                 status: shared.health(),
             },
         ),
-        "/admin/health" if method == Method::POST => set_health(shared, req).await,
-        "/admin/pause" if method == Method::POST => match query_ms(query) {
-            Some(ms) => {
-                // +1 µs rounds the start up, so a stall is never a hair shorter than asked.
-                let until = shared.now_us().saturating_add(1 + ms * 1000);
-                shared.pause_until_us.store(until, Ordering::Release);
-                json(StatusCode::OK, &serde_json::json!({ "paused_ms": ms }))
+        "/admin/health" | "/admin/pause" if method == Method::POST => {
+            match control_refusal(shared, &req) {
+                Some(refusal) => refusal,
+                None if path == "/admin/health" => set_health(shared, req).await,
+                None => pause(shared, query),
             }
-            None => error_json(StatusCode::BAD_REQUEST, "ms must be a whole number"),
-        },
+        }
         _ => match path.strip_prefix("/status/") {
             Some(code) => status_response(code),
             None => text(StatusCode::NOT_FOUND, "not found\n"),
         },
+    }
+}
+
+/// Why a control request may not go ahead: the endpoints are off, or the token is wrong.
+fn control_refusal(shared: &Shared, req: &Request<Incoming>) -> Option<Response<NodeBody>> {
+    let Some(token) = &shared.admin_token else {
+        return Some(error_json(
+            StatusCode::FORBIDDEN,
+            "control endpoints are off; start the node with --admin-token",
+        ));
+    };
+    let given = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    // Constant time, so the answer's timing does not tell how much of a guess was right.
+    if given.is_some_and(|given| bool::from(given.ct_eq(token.as_bytes()))) {
+        return None;
+    }
+    let mut refusal = error_json(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+    refusal.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer"),
+    );
+    Some(refusal)
+}
+
+fn pause(shared: &Shared, query: Option<&str>) -> Response<NodeBody> {
+    match query_ms(query) {
+        Some(ms) => {
+            // +1 µs rounds the start up, so a stall is never a hair shorter than asked.
+            let until = shared.now_us().saturating_add(1 + ms * 1000);
+            shared.pause_until_us.store(until, Ordering::Release);
+            json(StatusCode::OK, &serde_json::json!({ "paused_ms": ms }))
+        }
+        None => error_json(StatusCode::BAD_REQUEST, "ms must be a whole number"),
     }
 }
 

@@ -29,16 +29,26 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
+/// The token [`webnodes`] open their control endpoints (`POST /admin/...`) to.
+pub const NODE_ADMIN_TOKEN: &str = "drill-token";
+
+/// A control request to a web node (`POST /admin/health`, `POST /admin/pause?ms=N`) with the
+/// token [`webnodes`] use.
+pub fn node_control(node: &WebNode, path_and_query: &str, body: &str) -> Request<TestBody> {
+    Request::post(format!("http://{}{path_and_query}", node.local_addr()))
+        .header("authorization", format!("Bearer {NODE_ADMIN_TOKEN}"))
+        .body(full(body.to_owned()))
+        .unwrap()
+}
+
 pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// `n` web nodes named `web-1` … `web-n`.
 pub async fn webnodes(n: usize) -> Vec<WebNode> {
     let mut nodes = Vec::new();
     for i in 1..=n {
-        let opts = WebNodeOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            id: format!("web-{i}"),
-        };
+        let opts = WebNodeOptions::new("127.0.0.1:0".parse().unwrap(), format!("web-{i}"))
+            .with_admin_token(NODE_ADMIN_TOKEN);
         nodes.push(webnode::spawn(opts).await.expect("web node starts"));
     }
     nodes
