@@ -7,7 +7,7 @@
 //! kept here, so each change is "edit the config, rebuild what it touches".
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -42,6 +42,8 @@ pub struct Control {
     state: Mutex<Applied>,
     /// The traffic listeners serving now. Read by `Running::addr` (sync), changed by reloads.
     listeners: std::sync::Mutex<Vec<LiveListener>>,
+    /// The admin and registry sockets, as bound at start (they change only with a restart).
+    services: std::sync::OnceLock<Vec<(&'static str, SocketAddr)>>,
     client_connections: Arc<AtomicU64>,
     lifecycle: Lifecycle,
     reloads_ok: Counter,
@@ -163,6 +165,7 @@ impl Control {
                 registered: HashMap::new(),
             }),
             listeners: std::sync::Mutex::new(Vec::new()),
+            services: std::sync::OnceLock::new(),
             client_connections,
             lifecycle,
             reloads_ok: counter!(CONFIG_RELOADS_TOTAL, "result" => "ok"),
@@ -294,6 +297,54 @@ impl Control {
             .map(|l| l.addr)
     }
 
+    /// Records the admin and registry addresses as bound, for [`Control::own_socket`].
+    pub(crate) fn set_services(&self, admin: Option<SocketAddr>, registry: Option<SocketAddr>) {
+        let services = [("admin API", admin), ("registry", registry)]
+            .into_iter()
+            .filter_map(|(name, addr)| Some((name, addr?)))
+            .collect();
+        // Set once, at start; a second call would describe the same sockets.
+        let _ = self.services.set(services);
+    }
+
+    /// Which of fulcrum's own sockets a backend at `addr` would be, if any: a traffic listener
+    /// serving now, the admin API or the registry. Traffic sent there comes back into fulcrum;
+    /// the admin address would even serve the admin API to every client of the public
+    /// listener. A wildcard bind (`0.0.0.0`, `[::]`) is reached at its port through every
+    /// loopback address and every address of the machine's interfaces.
+    ///
+    /// The one rule for the registry (`PERMISSION_DENIED`) and the admin API (`400`).
+    pub fn own_socket(&self, addr: SocketAddr) -> Option<String> {
+        // Listed only when a wildcard bind has the port asked about, and then once.
+        let mut interfaces: Option<Option<Vec<IpAddr>>> = None;
+        let mut is_interface = |ip: IpAddr| match interfaces.get_or_insert_with(interface_ips) {
+            Some(list) => list.contains(&ip),
+            // Unknown: better to refuse a node than to let fulcrum's own port through.
+            None => true,
+        };
+        let mut reached = |bind: SocketAddr| reaches(bind, addr, &mut is_interface);
+        if let Some(listener) = self.live_listeners().iter().find(|l| reached(l.addr)) {
+            return Some(format!(
+                "listener `{}` ({})",
+                listener.config.name, listener.addr
+            ));
+        }
+        self.services
+            .get()
+            .into_iter()
+            .flatten()
+            .find(|(_, bind)| reached(*bind))
+            .map(|(name, bind)| format!("{name} ({bind})"))
+    }
+
+    /// `own_socket` as an API refusal.
+    fn refuse_own(&self, backend: &BackendConfig) -> Result<(), ChangeError> {
+        match self.own_socket(backend.address) {
+            Some(own) => Err(ChangeError::Invalid(own_message(backend.address, &own))),
+            None => Ok(()),
+        }
+    }
+
     fn live_listeners(&self) -> std::sync::MutexGuard<'_, Vec<LiveListener>> {
         self.listeners
             .lock()
@@ -309,7 +360,9 @@ impl Control {
     /// Publishes `config`'s pools and routes. Pools that stay keep their nodes (by name, with
     /// health and counters); pools that arrive start with every node pending.
     fn apply(&self, state: &mut Applied, mut config: Config) {
-        merge_registered(&mut state.registered, &mut config);
+        merge_registered(&mut state.registered, &mut config, |addr| {
+            self.own_socket(addr)
+        });
         let current = self.router.load();
         let mut pools = Vec::new();
         for (name, pool_config) in &config.pools {
@@ -382,6 +435,9 @@ impl Control {
             backends.push(backend);
         }
         let mut state = self.state.lock().await;
+        for backend in &backends {
+            self.refuse_own(backend)?;
+        }
         let config = pool_config(&mut state, pool)?;
         config.backends = backends;
         Ok(self.publish_pool(&state, pool))
@@ -395,6 +451,7 @@ impl Control {
     ) -> Result<PoolView, ChangeError> {
         let backend = validate(spec)?;
         let mut state = self.state.lock().await;
+        self.refuse_own(&backend)?;
         let config = pool_config(&mut state, pool)?;
         check_unique(&config.backends, &backend)?;
         config.backends.push(backend);
@@ -512,21 +569,42 @@ pub enum Registration {
     Added,
     /// Already registered at this address: a heartbeat.
     Unchanged,
-    /// Already registered; its address changed (its name, health and sticky users stay).
+    /// Already registered; its address changed. Its name, counters and sticky users stay, but
+    /// it is pending again until `rise` checks pass at the new address.
     Moved,
+}
+
+/// Why [`Control::register`] refused a node; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+    #[error("{}", own_message(*address, owner))]
+    OwnSocket { address: SocketAddr, owner: String },
+    #[error("pool `{pool}` already has {max} registered nodes (registry.max_nodes)")]
+    Full { pool: String, max: usize },
 }
 
 impl Control {
     /// Adds a registered node to `pool`, or confirms one already registered and follows its
     /// address. A name or address held by a node the registry did not add (the file's, the
-    /// API's, or a decommissioned node still draining) is a conflict.
+    /// API's, or a decommissioned node still draining) is a conflict; one of fulcrum's own
+    /// sockets is refused, and so is a new node beyond `max_nodes` registered ones.
     pub async fn register(
         &self,
         pool: &str,
         backend: BackendConfig,
-    ) -> Result<Registration, ChangeError> {
+        max_nodes: usize,
+    ) -> Result<Registration, RegisterError> {
         let mut state = self.state.lock().await;
         let state = &mut *state;
+        // Under the lock: a reload that adds a listener cannot slip in between.
+        if let Some(owner) = self.own_socket(backend.address) {
+            return Err(RegisterError::OwnSocket {
+                address: backend.address,
+                owner,
+            });
+        }
         let config = state
             .config
             .pools
@@ -539,7 +617,8 @@ impl Control {
             return Err(ChangeError::Conflict(format!(
                 "a backend named `{}` is already in pool `{pool}` and was not registered (or is still draining)",
                 backend.name
-            )));
+            ))
+            .into());
         }
         if let Some(other) = config
             .backends
@@ -549,7 +628,8 @@ impl Control {
             return Err(ChangeError::Conflict(format!(
                 "{} is already in pool `{pool}` as `{}`",
                 backend.address, other.name
-            )));
+            ))
+            .into());
         }
         let outcome = match live {
             Some(i) if config.backends[i] == backend => return Ok(Registration::Unchanged),
@@ -557,18 +637,51 @@ impl Control {
                 config.backends[i] = backend.clone();
                 Registration::Moved
             }
+            None if registered.len() >= max_nodes => {
+                return Err(RegisterError::Full {
+                    pool: pool.to_owned(),
+                    max: max_nodes,
+                });
+            }
             None => {
                 config.backends.push(backend.clone());
                 Registration::Added
             }
         };
         info!(pool, backend = %backend.name, address = %backend.address, ?outcome, "registered node");
+        if outcome == Registration::Moved {
+            self.unprove(pool, &backend, config.health.rise);
+        }
         match ours {
             Some(i) => registered[i] = backend,
             None => registered.push(backend),
         }
         self.publish_pool(state, pool);
         Ok(outcome)
+    }
+
+    /// A node that moved has passed no check at its new address: pending again. Done before
+    /// the snapshot with the new address is published, so a health checker that sees the new
+    /// address also sees the node pending and counts `rise` passes from zero there.
+    fn unprove(&self, pool: &str, backend: &BackendConfig, rise: u32) {
+        let router = self.router.load();
+        let Some(live) = router.pool(pool) else {
+            return;
+        };
+        let snapshot = live.snapshot();
+        if let Some(node) = snapshot
+            .backends
+            .iter()
+            .find(|b| *b.node.name == *backend.name)
+            .map(|b| &b.node)
+        {
+            node.set_health(Health::Pending);
+            live.journal.record(
+                &node.name,
+                "moved",
+                format!("to {}; pending {rise} checks", backend.address),
+            );
+        }
     }
 
     /// Forgets a registered node and removes it from `pool`: at once for a zero `drain`,
@@ -599,8 +712,13 @@ impl Control {
 }
 
 /// Adds the registered nodes to the pools of a config about to be applied. The file wins a
-/// clash of name or address: that registration is dropped (its next heartbeat is refused).
-fn merge_registered(registered: &mut HashMap<String, Vec<BackendConfig>>, config: &mut Config) {
+/// clash of name or address, and a listener the reload added wins over a node at its address:
+/// that registration is dropped (its next heartbeat is refused).
+fn merge_registered(
+    registered: &mut HashMap<String, Vec<BackendConfig>>,
+    config: &mut Config,
+    own_socket: impl Fn(SocketAddr) -> Option<String>,
+) {
     for (pool, nodes) in registered.iter_mut() {
         let Some(pool_config) = config.pools.get_mut(pool) else {
             continue;
@@ -613,12 +731,55 @@ fn merge_registered(registered: &mut HashMap<String, Vec<BackendConfig>>, config
             if clash {
                 warn!(pool = %pool, backend = %node.name, address = %node.address,
                     "the config file now has this name or address; the registration is dropped");
-            } else {
-                pool_config.backends.push(node.clone());
+                return false;
             }
-            !clash
+            if let Some(owner) = own_socket(node.address) {
+                warn!(pool = %pool, backend = %node.name, address = %node.address, %owner,
+                    "a registered node is now at one of fulcrum's own sockets; the registration is dropped");
+                return false;
+            }
+            pool_config.backends.push(node.clone());
+            true
         });
     }
+}
+
+/// Whether a connection to `addr` would reach a socket bound to `bind`. A wildcard bind
+/// accepts on every local address of either family (a `[::]` socket is dual-stack unless
+/// told otherwise); `is_interface` says whether an address belongs to this machine.
+/// IPv4-mapped IPv6 addresses are the IPv4 address they carry.
+fn reaches(
+    bind: SocketAddr,
+    addr: SocketAddr,
+    is_interface: &mut impl FnMut(IpAddr) -> bool,
+) -> bool {
+    if bind.port() != addr.port() {
+        return false;
+    }
+    let (bind_ip, ip) = (bind.ip().to_canonical(), addr.ip().to_canonical());
+    if bind_ip.is_unspecified() {
+        ip.is_loopback() || is_interface(ip)
+    } else {
+        bind_ip == ip
+    }
+}
+
+/// The machine's interface addresses now (they change with DHCP, VPNs, containers), or `None`
+/// when they cannot be listed.
+fn interface_ips() -> Option<Vec<IpAddr>> {
+    match if_addrs::get_if_addrs() {
+        Ok(interfaces) => Some(interfaces.iter().map(|i| i.ip().to_canonical()).collect()),
+        Err(e) => {
+            warn!(error = %e, "cannot list this machine's addresses; every address at a wildcard-bound port counts as fulcrum's own");
+            None
+        }
+    }
+}
+
+fn own_message(address: SocketAddr, owner: &str) -> String {
+    format!(
+        "{address} is fulcrum's own {owner}: a backend there would send traffic back into fulcrum"
+    )
 }
 
 fn pool_config<'a>(

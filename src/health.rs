@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::BuildHasher;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -122,7 +123,7 @@ async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
         () = stop.cancelled() => return,
     }
     let mut counter: Option<Counter> = None;
-    let mut counting: Option<Arc<Node>> = None;
+    let mut counting: Option<(Arc<Node>, SocketAddr)> = None;
     let mut ticker = tokio::time::interval(settings.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
     loop {
@@ -147,16 +148,27 @@ async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
         // Nothing else visits a quiet pool's idle upstream connections: close the stale ones.
         node.idle.expire(snapshot.settings.idle_pool_timeout);
         // A node removed and re-added under the same name between two supervisor rounds is a
-        // new node (pending): it must not inherit the old one's streak.
+        // new node (pending), and a node that moved has proven nothing at its new address:
+        // neither inherits the old streak.
         if counting
             .as_ref()
-            .is_none_or(|current| !Arc::ptr_eq(current, node))
+            .is_none_or(|(current, at)| !Arc::ptr_eq(current, node) || *at != backend.address)
         {
-            counting = Some(node.clone());
+            counting = Some((node.clone(), backend.address));
             counter = None;
         }
         let counter = counter.get_or_insert_with(|| Counter::new(node.health() == Health::Up));
         let verdict = check(&client, backend, &settings).await;
+        // The node moved while it was being checked: the verdict is about the old address.
+        if pool
+            .snapshot()
+            .backends
+            .iter()
+            .find(|b| b.node.name == name)
+            .is_none_or(|b| b.address != backend.address)
+        {
+            continue;
+        }
         let passed = verdict == Verdict::Pass;
         if passed {
             node.metrics.checks_passed.increment(1);

@@ -123,7 +123,11 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
         None => None,
     };
     let registry_listener = match &config.registry {
-        Some(registry) => Some((registry, bind("registry", registry.bind, 1024)?)),
+        Some(registry) => Some((
+            registry,
+            registry_tls(registry)?,
+            bind("registry", registry.bind, 1024)?,
+        )),
         None => None,
     };
 
@@ -137,6 +141,14 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
         lifecycle.clone(),
     ));
     control.serve(bound);
+    control.set_services(
+        admin_listener
+            .as_ref()
+            .and_then(|tcp| tcp.local_addr().ok()),
+        registry_listener
+            .as_ref()
+            .and_then(|(_, _, tcp)| tcp.local_addr().ok()),
+    );
 
     let admin =
         admin_listener.map(|tcp| {
@@ -176,10 +188,15 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
             addr
         });
 
-    let registry = registry_listener.map(|(registry_config, tcp)| {
+    let registry = registry_listener.map(|(registry_config, tls, tcp)| {
         let addr = tcp.local_addr().expect("a bound socket has an address");
-        info!(listener = "registry", %addr, pool = %registry_config.pool, "registry listening");
-        registry::Registry::new(registry_config, control.clone()).spawn(tcp, lifecycle.clone());
+        info!(listener = "registry", %addr, pool = %registry_config.pool, tls = tls.is_some(),
+            token = registry_config.token.is_some(), "registry listening");
+        registry::Registry::new(registry_config, control.clone()).spawn(
+            tcp,
+            tls,
+            lifecycle.clone(),
+        );
         addr
     });
 
@@ -202,6 +219,33 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
         lifecycle,
         grace: config.shutdown_grace,
     })
+}
+
+/// The registry's TLS, loaded before anything serves. A registry open to the network without a
+/// token or client CA is refused here too, for a `Config` built in code rather than parsed.
+fn registry_tls(
+    registry: &config::RegistryConfig,
+) -> Result<Option<Arc<TlsTerminator>>, StartError> {
+    if let Some(message) = registry.unauthenticated() {
+        return Err(StartError::Config(config::ConfigError {
+            diagnostics: vec![config::Diagnostic {
+                file: PathBuf::new(),
+                line: 0,
+                column: 0,
+                key: "registry.bind".to_owned(),
+                message,
+            }],
+        }));
+    }
+    let Some(tls) = &registry.tls else {
+        return Ok(None);
+    };
+    TlsTerminator::grpc("registry", &tls.certs, tls.client_ca.as_deref())
+        .map(|terminator| Some(Arc::new(terminator)))
+        .map_err(|source| StartError::Tls {
+            name: "registry".to_owned(),
+            source,
+        })
 }
 
 /// A traffic listener bound and its TLS loaded, not yet serving.

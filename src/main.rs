@@ -72,6 +72,26 @@ enum Command {
         /// accepted (at most --drain-timeout).
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         drain_grace: std::time::Duration,
+        /// With --register: the registry's bearer token (its `[registry] token`). Prefer the
+        /// environment variable: a command-line argument is visible to every user in `ps`.
+        #[arg(
+            long,
+            env = "FULCRUM_REGISTRY_TOKEN",
+            hide_env_values = true,
+            value_name = "TOKEN"
+        )]
+        registry_token: Option<String>,
+        /// With --register https://...: PEM CA certificates the registry's certificate must
+        /// chain to.
+        #[arg(long, value_name = "PEM")]
+        registry_ca: Option<PathBuf>,
+        /// With --register https://...: this node's client certificate (PEM), for a registry
+        /// with `client_ca`.
+        #[arg(long, value_name = "PEM", requires = "registry_key")]
+        registry_cert: Option<PathBuf>,
+        /// The private key of --registry-cert (PEM).
+        #[arg(long, value_name = "PEM", requires = "registry_cert")]
+        registry_key: Option<PathBuf>,
     },
     /// Session-aware traffic simulator: virtual users with cookie jars and source IPs.
     Load(fulcrum::load::LoadArgs),
@@ -100,6 +120,10 @@ fn main() -> ExitCode {
             register,
             drain_timeout,
             drain_grace,
+            registry_token,
+            registry_ca,
+            registry_cert,
+            registry_key,
         } => runtime().and_then(|rt| {
             let opts = fulcrum::webnode::WebNodeOptions {
                 admin_token,
@@ -107,6 +131,9 @@ fn main() -> ExitCode {
             };
             let register = register.map(|url| fulcrum::webnode::RegisterOptions {
                 url,
+                token: registry_token.map(fulcrum::config::Secret::new),
+                ca: registry_ca,
+                identity: registry_cert.zip(registry_key),
                 drain_timeout,
                 drain_grace,
             });
@@ -232,13 +259,22 @@ fn check(path: &Path) -> ExitCode {
                 outln!(summary, "  admin    {:<12} {} ({auth})", "", admin.bind);
             }
             if let Some(registry) = &config.registry {
+                let auth = match (&registry.token, &registry.tls) {
+                    (Some(_), Some(tls)) if tls.client_ca.is_some() => "token set, mutual TLS",
+                    (Some(_), Some(_)) => "token set, TLS",
+                    (Some(_), None) => "token set",
+                    (None, Some(tls)) if tls.client_ca.is_some() => "mutual TLS",
+                    (None, Some(_)) => "TLS, no token",
+                    (None, None) => "no token",
+                };
                 outln!(
                     summary,
-                    "  registry {:<12} {} -> pool {}, heartbeat {:?}",
+                    "  registry {:<12} {} -> pool {}, heartbeat {:?}, at most {} nodes ({auth})",
                     "",
                     registry.bind,
                     registry.pool,
-                    registry.heartbeat_interval
+                    registry.heartbeat_interval,
+                    registry.max_nodes
                 );
             }
             for (name, pool) in &config.pools {

@@ -6,25 +6,35 @@
 //! silent for three heartbeat intervals is removed by the reaper. The registry owns only the
 //! heartbeat ledger; every pool change goes through [`Control::register`] and
 //! [`Control::deregister`], so registered nodes arrive pending and survive reloads.
+//!
+//! Whoever reaches this listener can point the balancer's traffic anywhere, so it is a trust
+//! boundary: with `token`, a call without `authorization: Bearer TOKEN` is `UNAUTHENTICATED`
+//! before the service sees it; with `[registry.tls]` and `client_ca`, a client without a
+//! certificate from that CA never completes the handshake. An address outside
+//! `allowed_networks` or at one of fulcrum's own sockets is `PERMISSION_DENIED`, a node beyond
+//! `max_nodes` is `RESOURCE_EXHAUSTED`; none of them changes anything.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::server::Lifecycle;
+use ipnet::IpNet;
 use metrics::{Counter, counter, describe_counter};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::Service as _;
+use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::config::{BackendConfig, RegistryConfig};
-use crate::control::{ChangeError, Control, Registration, Removal};
-use crate::server::{self, ConnLimits};
+use crate::control::{ChangeError, Control, RegisterError, Registration, Removal};
+use crate::server::{self, ConnLimits, Lifecycle};
+use crate::tls::TlsTerminator;
 
 /// The generated messages, server and client.
 pub mod proto {
@@ -56,6 +66,10 @@ pub struct Registry(Arc<Inner>);
 struct Inner {
     control: Arc<Control>,
     pool: String,
+    /// `Bearer TOKEN`, the whole `authorization` value a call must carry.
+    bearer: Option<Arc<[u8]>>,
+    allowed_networks: Vec<IpNet>,
+    max_nodes: usize,
     /// What `ReportActive` answers: the configured interval in whole seconds, at least 1.
     interval_secs: i32,
     /// Silence after which a node is removed.
@@ -71,13 +85,18 @@ struct Events {
     heartbeat: Counter,
     expired: Counter,
     decommission: Counter,
+    refused: Counter,
 }
+
+/// The peer of a registry call, for the log line of a refusal.
+#[derive(Debug, Clone, Copy)]
+struct Peer(SocketAddr);
 
 impl Registry {
     pub fn new(config: &RegistryConfig, control: Arc<Control>) -> Self {
         describe_counter!(
             REGISTRY_EVENTS_TOTAL,
-            "Registry events, by event: register (a node joined), heartbeat (a known node reported active), expired (removed after 3 missed heartbeats), decommission (a node asked to leave)."
+            "Registry events, by event: register (a node joined), heartbeat (a known node reported active), expired (removed after 3 missed heartbeats), decommission (a node asked to leave), refused (no valid token, an address not allowed, or max_nodes reached)."
         );
         let event = |name: &'static str| counter!(REGISTRY_EVENTS_TOTAL, "event" => name);
         let whole = config
@@ -90,6 +109,12 @@ impl Registry {
         Self(Arc::new(Inner {
             control,
             pool: config.pool.clone(),
+            bearer: config
+                .token
+                .as_ref()
+                .map(|t| Arc::from(format!("Bearer {}", t.expose()).into_bytes())),
+            allowed_networks: config.allowed_networks.clone(),
+            max_nodes: config.max_nodes,
             interval_secs: i32::try_from(whole).unwrap_or(i32::MAX),
             expiry: interval.saturating_mul(MISSED_HEARTBEATS),
             seen: Mutex::new(HashMap::new()),
@@ -98,15 +123,23 @@ impl Registry {
                 heartbeat: event("heartbeat"),
                 expired: event("expired"),
                 decommission: event("decommission"),
+                refused: event("refused"),
             },
         }))
     }
 
-    /// Serves gRPC (HTTP/2 prior knowledge) on `listener` with the same accept loop, limits and
-    /// graceful drain as the other listeners, and starts the reaper; both stop on `shutdown`.
-    pub fn spawn(self, listener: TcpListener, lifecycle: Lifecycle) {
+    /// Serves gRPC (HTTP/2 prior knowledge, or over `tls`) on `listener` with the same accept
+    /// loop, limits and graceful drain as the other listeners, and starts the reaper; both stop
+    /// on `shutdown`. Every call passes the token check first.
+    pub fn spawn(
+        self,
+        listener: TcpListener,
+        tls: Option<Arc<TlsTerminator>>,
+        lifecycle: Lifecycle,
+    ) {
         tokio::spawn(self.clone().reap(lifecycle.shutdown.clone()));
-        let grpc = ServerRegistryServiceServer::new(self);
+        let auth = Auth(self.0.clone());
+        let grpc = ServerRegistryServiceServer::with_interceptor(self, auth);
         let limits = ConnLimits {
             header_read_timeout: Duration::from_secs(10),
             // A node's channel carries one call per heartbeat; minutes of quiet is a gone node.
@@ -118,11 +151,12 @@ impl Registry {
             listener,
             Arc::from("registry"),
             limits,
-            None,
-            move |_peer, _conn| {
+            tls,
+            move |peer, _conn| {
                 let grpc = grpc.clone();
-                hyper::service::service_fn(move |req| {
+                hyper::service::service_fn(move |mut req: http::Request<_>| {
                     let mut grpc = grpc.clone();
+                    req.extensions_mut().insert(Peer(peer));
                     // The generated service is always ready and its error type is Infallible.
                     async move { grpc.call(req).await }
                 })
@@ -172,14 +206,34 @@ impl ServerRegistryService for Registry {
         request: Request<ReportActiveRequest>,
     ) -> Result<Response<ReportActiveResponse>, Status> {
         let inner = &self.0;
+        let peer = request.extensions().get::<Peer>().copied();
         let request = request.into_inner();
         let backend = backend(&request)?;
+        let ip = backend.address.ip();
+        if !inner.allowed_networks.iter().any(|net| net.contains(&ip)) {
+            return Err(inner.refuse(
+                peer,
+                Some(&request.server_id),
+                Status::permission_denied(format!("{ip} is outside registry.allowed_networks")),
+            ));
+        }
         let mut seen = inner.seen.lock().await;
-        let outcome = inner
+        let outcome = match inner
             .control
-            .register(&inner.pool, backend)
+            .register(&inner.pool, backend, inner.max_nodes)
             .await
-            .map_err(status)?;
+        {
+            Ok(outcome) => outcome,
+            Err(RegisterError::Change(e)) => return Err(status(e)),
+            Err(e @ RegisterError::OwnSocket { .. }) => {
+                let denied = Status::permission_denied(e.to_string());
+                return Err(inner.refuse(peer, Some(&request.server_id), denied));
+            }
+            Err(e @ RegisterError::Full { .. }) => {
+                let exhausted = Status::resource_exhausted(e.to_string());
+                return Err(inner.refuse(peer, Some(&request.server_id), exhausted));
+            }
+        };
         seen.insert(request.server_id.clone(), Instant::now());
         match outcome {
             Registration::Added => inner.events.register.increment(1),
@@ -227,6 +281,45 @@ impl ServerRegistryService for Registry {
     }
 }
 
+impl Inner {
+    /// Counts and logs a refused call; returns its status.
+    fn refuse(&self, peer: Option<Peer>, id: Option<&str>, status: Status) -> Status {
+        self.events.refused.increment(1);
+        warn!(pool = %self.pool, backend = id, peer = ?peer.map(|p| p.0), code = ?status.code(),
+            reason = status.message(), "registry call refused");
+        status
+    }
+}
+
+/// The token check, run on every call before the service sees it. Without a token configured
+/// it lets everything through (the config only allows that on loopback, or with mTLS).
+#[derive(Clone)]
+struct Auth(Arc<Inner>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(bearer) = &self.0.bearer else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes());
+        // Constant time, so how long a refusal takes says nothing of how close a guess was.
+        if given.is_some_and(|given| bool::from(given.ct_eq(&bearer[..]))) {
+            return Ok(request);
+        }
+        let peer = request.extensions().get::<Peer>().copied();
+        Err(self.0.refuse(
+            peer,
+            None,
+            Status::unauthenticated(
+                "a valid bearer token is required (metadata `authorization: Bearer TOKEN`)",
+            ),
+        ))
+    }
+}
+
 /// The node a `ReportActive` describes; weight 1, named by its `server_id`.
 fn backend(request: &ReportActiveRequest) -> Result<BackendConfig, Status> {
     let id = &request.server_id;
@@ -241,6 +334,8 @@ fn backend(request: &ReportActiveRequest) -> Result<BackendConfig, Status> {
             request.ip_address
         ))
     })?;
+    // `::ffff:10.0.0.1` is 10.0.0.1 for the network and own-socket rules and for connecting.
+    let ip = ip.to_canonical();
     if ip.is_unspecified() || ip.is_multicast() {
         return Err(Status::invalid_argument(format!(
             "ip_address {ip} is not an address a balancer can connect to"

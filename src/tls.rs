@@ -17,9 +17,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use metrics::{Counter, counter};
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{ServerConfig, version};
+use rustls::{RootCertStore, ServerConfig, version};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -32,6 +33,8 @@ use crate::metrics::TLS_HANDSHAKES_TOTAL;
 
 /// ALPN protocols offered, in order of preference.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+/// What a gRPC listener (the registry) offers: HTTP/2 only.
+const ALPN_GRPC: [&[u8]; 1] = [b"h2"];
 
 /// aws-lc-rs with rustls' default suites: TLS 1.3 AES-GCM and ChaCha20-Poly1305, TLS 1.2 only
 /// with ECDHE and AEAD suites; X25519MLKEM768, X25519, P-256 and P-384 key exchange.
@@ -230,6 +233,38 @@ fn utc(unix: i64) -> String {
     humantime::format_rfc3339_seconds(at).to_string()
 }
 
+/// Requires a client certificate that chains to one of the CA certificates in `path` (PEM):
+/// the registry's mutual TLS. Errors name the file as [`CertFile::Cert`].
+pub fn client_verifier(path: &Path) -> Result<Arc<dyn ClientCertVerifier>, CertError> {
+    let pem = std::fs::read(path).map_err(|source| CertError::ReadCert {
+        path: path.to_owned(),
+        source,
+    })?;
+    let cas = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| CertError::Pem {
+            file: CertFile::Cert,
+            path: path.to_owned(),
+            source,
+        })?;
+    if cas.is_empty() {
+        return Err(CertError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    let bad = |reason: String| CertError::BadCertificate {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut roots = RootCertStore::empty();
+    for ca in cas {
+        roots.add(ca).map_err(|e| bad(e.to_string()))?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider().clone())
+        .build()
+        .map_err(|e| bad(e.to_string()))
+}
+
 /// The certificates of one listener, by the name a client asks for.
 #[derive(Debug)]
 pub struct CertSet {
@@ -353,13 +388,36 @@ impl TlsTerminator {
     /// Loads the listener's certificates and builds its rustls configuration: TLS 1.3 and 1.2,
     /// ALPN `h2` then `http/1.1`, stateless session tickets.
     pub fn new(listener: &str, config: &TlsConfig) -> Result<Self, CertError> {
+        Self::build(listener, config, None, &ALPN)
+    }
+
+    /// The registry's TLS: gRPC, so ALPN `h2` only; with `client_ca`, a client without a
+    /// certificate signed by one of its CAs does not complete the handshake.
+    pub fn grpc(
+        listener: &str,
+        config: &TlsConfig,
+        client_ca: Option<&Path>,
+    ) -> Result<Self, CertError> {
+        let verifier = client_ca.map(client_verifier).transpose()?;
+        Self::build(listener, config, verifier, &ALPN_GRPC)
+    }
+
+    fn build(
+        listener: &str,
+        config: &TlsConfig,
+        clients: Option<Arc<dyn ClientCertVerifier>>,
+        alpn: &[&[u8]],
+    ) -> Result<Self, CertError> {
         let resolver = Arc::new(CertResolver::new(CertSet::load(config)?));
-        let mut server = ServerConfig::builder_with_provider(provider().clone())
+        let builder = ServerConfig::builder_with_provider(provider().clone())
             .with_protocol_versions(&[&version::TLS13, &version::TLS12])
-            .expect("the default provider supports TLS 1.2 and 1.3")
-            .with_no_client_auth()
-            .with_cert_resolver(resolver.clone());
-        server.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+            .expect("the default provider supports TLS 1.2 and 1.3");
+        let builder = match clients {
+            Some(verifier) => builder.with_client_cert_verifier(verifier),
+            None => builder.with_no_client_auth(),
+        };
+        let mut server = builder.with_cert_resolver(resolver.clone());
+        server.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         // Resumption without server-side state: TLS 1.3 tickets and TLS 1.2 session tickets.
         server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
             .expect("the system random number generator works");

@@ -85,6 +85,91 @@ pub struct RegistryConfig {
     pub bind: SocketAddr,
     pub pool: String,
     pub heartbeat_interval: Duration,
+    /// Every call must carry gRPC metadata `authorization: Bearer TOKEN`.
+    pub token: Option<Secret>,
+    /// A registered address must fall in one of these.
+    pub allowed_networks: Vec<IpNet>,
+    /// Registered nodes the pool takes at most; a new one beyond is refused.
+    pub max_nodes: usize,
+    pub tls: Option<RegistryTls>,
+}
+
+impl RegistryConfig {
+    /// Whether a caller must prove who it is (a token, or a certificate `client_ca` signed)
+    /// before it may change the pool. A registry that does not may only listen on loopback.
+    pub fn authenticates(&self) -> bool {
+        self.token.is_some() || self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
+    }
+
+    /// What is wrong with a registry that lets whoever reaches it change the pool: a bind
+    /// beyond loopback with neither a token nor a client CA. `check`, `run` and `start` all
+    /// refuse it.
+    pub fn unauthenticated(&self) -> Option<String> {
+        if self.bind.ip().is_loopback() || self.authenticates() {
+            return None;
+        }
+        let hint = if self.tls.is_some() {
+            " ([registry.tls] without client_ca encrypts, but lets anyone in)"
+        } else {
+            ""
+        };
+        Some(format!(
+            "a non-loopback registry bind needs registry.token or [registry.tls] with client_ca{hint}: whoever reaches it can add backends to pool `{}`",
+            self.pool
+        ))
+    }
+}
+
+/// `[registry.tls]`: the registry speaks TLS (ALPN `h2`), and with `client_ca` requires a
+/// client certificate signed by one of its CAs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistryTls {
+    /// The registry's certificate: `default` only, no SNI entries.
+    pub certs: TlsConfig,
+    /// PEM file of the CA certificates client certificates must chain to.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `registry.max_nodes` when absent, and its ceiling: a registered node costs a health-check
+/// task and an idle-connection queue, so the bound is what one balancer can check.
+pub const DEFAULT_REGISTRY_MAX_NODES: usize = 1024;
+pub const MAX_REGISTRY_MAX_NODES: usize = 100_000;
+
+/// `registry.allowed_networks` when absent: loopback and the private ranges. Link-local
+/// (169.254.0.0/16 holds the cloud metadata service) and public addresses must be listed.
+pub fn default_allowed_networks() -> Vec<IpNet> {
+    [
+        "127.0.0.0/8",
+        "::1/128",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "fc00::/7",
+    ]
+    .iter()
+    .map(|net| net.parse().expect("the default networks are valid CIDRs"))
+    .collect()
+}
+
+/// A credential from the config: compared and sent, never printed (`Debug` hides it, so a
+/// logged config or struct does not leak it).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

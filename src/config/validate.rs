@@ -1,6 +1,7 @@
 //! The raw serde mirror of the file and the validation that turns it into a [`Config`]: every
 //! rule, and the span of every mistake.
 
+mod registry;
 mod tls;
 
 use std::collections::{BTreeMap, HashSet};
@@ -75,7 +76,7 @@ struct RawConfig {
     #[serde(default)]
     listeners: Vec<Spanned<RawListener>>,
     admin: Option<Spanned<RawAdmin>>,
-    registry: Option<Spanned<RawRegistry>>,
+    registry: Option<Spanned<registry::RawRegistry>>,
     #[serde(default)]
     pools: BTreeMap<String, Spanned<RawPool>>,
     #[serde(default)]
@@ -105,14 +106,6 @@ struct RawListener {
 struct RawAdmin {
     bind: Spanned<String>,
     token: Option<Spanned<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRegistry {
-    bind: Spanned<String>,
-    pool: Spanned<String>,
-    heartbeat_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -291,6 +284,22 @@ impl Validator<'_> {
         }
     }
 
+    /// A CIDR, or a bare IP address as the network of that one address.
+    fn network(&mut self, value: &Spanned<String>, key: &str) -> Option<IpNet> {
+        let text = value.get_ref().trim();
+        let parsed = text
+            .parse::<IpNet>()
+            .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+        if parsed.is_err() {
+            self.error(
+                Some(value.span()),
+                key,
+                format!("`{text}` is not a CIDR or IP address"),
+            );
+        }
+        parsed.ok()
+    }
+
     fn validate(&mut self, raw: RawConfig) -> Config {
         let shutdown_grace = self.duration(
             &raw.shutdown_grace,
@@ -356,27 +365,10 @@ impl Validator<'_> {
             pools.insert(name.clone(), pool_config);
         }
 
-        let registry = raw.registry.as_ref().and_then(|r| {
-            let r = r.get_ref();
-            let bind = self.socket_addr(&r.bind, "registry.bind");
-            if !raw.pools.contains_key(r.pool.get_ref()) {
-                self.error(
-                    Some(r.pool.span()),
-                    "registry.pool",
-                    format!("no pool named `{}`", r.pool.get_ref()),
-                );
-            }
-            let heartbeat_interval = self.duration(
-                &r.heartbeat_interval,
-                "registry.heartbeat_interval",
-                Duration::from_secs(5),
-            );
-            Some(RegistryConfig {
-                bind: bind?,
-                pool: r.pool.get_ref().clone(),
-                heartbeat_interval,
-            })
-        });
+        let registry = raw
+            .registry
+            .as_ref()
+            .and_then(|r| self.registry(r.get_ref(), &raw.pools, &mut binds));
 
         let mut routes = Vec::new();
         for (i, route) in raw.routes.iter().enumerate() {
@@ -518,21 +510,11 @@ impl Validator<'_> {
             }
             Some(v) => *v.get_ref() as usize,
         };
-        let mut trusted_proxies = Vec::new();
-        for cidr in &l.trusted_proxies {
-            let text = cidr.get_ref().trim();
-            let parsed = text
-                .parse::<IpNet>()
-                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
-            match parsed {
-                Ok(net) => trusted_proxies.push(net),
-                Err(_) => self.error(
-                    Some(cidr.span()),
-                    key("trusted_proxies"),
-                    format!("`{text}` is not a CIDR or IP address"),
-                ),
-            }
-        }
+        let trusted_proxies = l
+            .trusted_proxies
+            .iter()
+            .filter_map(|cidr| self.network(cidr, &key("trusted_proxies")))
+            .collect();
         let max_body_bytes = l.max_body_bytes.as_ref().map(|v| *v.get_ref());
         Some(ListenerConfig {
             name,

@@ -5,15 +5,25 @@
 //! keeps serving. On SIGTERM or Ctrl-C it stops heartbeating, asks the registry to decommission
 //! it (the balancer drains it), and keeps serving for a short grace so requests the balancer had
 //! already sent finish normally.
+//!
+//! Every call carries `authorization: Bearer TOKEN` when a token was given (the balancer's
+//! `[registry] token`); an `https://` registry is verified against `--registry-ca`, and
+//! `--registry-cert`/`--registry-key` are the node's client certificate for mutual TLS.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::codegen::InterceptedService;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 use tracing::{debug, info, warn};
+
+use crate::config::Secret;
 
 use crate::registry::proto::server_registry_service_client::ServerRegistryServiceClient;
 use crate::registry::proto::{ReportActiveRequest, ReportDecommissionRequest};
@@ -27,11 +37,18 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A registry answering 0 or an absurd interval is clamped to this range (seconds).
 const INTERVAL_SECS: (u64, u64) = (1, 3600);
 
-/// What `--register`, `--drain-timeout` and `--drain-grace` asked for.
+/// What `--register`, `--registry-*`, `--drain-timeout` and `--drain-grace` asked for.
 #[derive(Debug, Clone)]
 pub struct RegisterOptions {
-    /// The registry's gRPC endpoint, e.g. `http://127.0.0.1:9091`.
+    /// The registry's gRPC endpoint, e.g. `http://127.0.0.1:9091`, or `https://` for a
+    /// registry with `[registry.tls]`.
     pub url: String,
+    /// Sent as `authorization: Bearer TOKEN` on every call.
+    pub token: Option<Secret>,
+    /// PEM CA certificates the registry's certificate must chain to (`https://` only).
+    pub ca: Option<PathBuf>,
+    /// The node's client certificate and key (PEM), for a registry with `client_ca`.
+    pub identity: Option<(PathBuf, PathBuf)>,
     /// The drain the balancer is asked for, sent in whole seconds (rounded up).
     pub drain_timeout: Duration,
     /// How long the node keeps serving once its decommission was accepted (at most
@@ -39,11 +56,31 @@ pub struct RegisterOptions {
     pub drain_grace: Duration,
 }
 
+type Client = ServerRegistryServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// Puts the token on every call; without one, sends calls as they are.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// A node announced to a registry and heartbeating in the background.
 pub struct Registration {
     id: String,
     options: RegisterOptions,
-    client: ServerRegistryServiceClient<Channel>,
+    client: Client,
     stop: CancellationToken,
     heartbeats: JoinHandle<()>,
 }
@@ -63,17 +100,48 @@ impl Registration {
             )
         };
         let uri: Uri = options.url.parse().map_err(|e| invalid(&e))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
-            return Err(invalid(
-                &"expected http://HOST:PORT (the balancer's [registry] bind)",
-            ));
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
+                return Err(invalid(
+                    &"expected http://HOST:PORT or https://HOST:PORT (the balancer's [registry] bind)",
+                ));
+            }
+        };
+        if uri.host().is_none() {
+            return Err(invalid(&"the URL has no host"));
         }
+        let bearer = match &options.token {
+            Some(token) => {
+                let mut value = MetadataValue::try_from(format!("Bearer {}", token.expose()))
+                    .map_err(|_| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            "--registry-token must be printable ASCII",
+                        )
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
         let ip = advertised_ip(listen, &uri).await.map_err(|e| invalid(&e))?;
-        let channel = Endpoint::from(uri)
+        let mut endpoint = Endpoint::from(uri)
             .connect_timeout(CALL_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
-            .connect_lazy();
-        let client = ServerRegistryServiceClient::new(channel);
+            .timeout(CALL_TIMEOUT);
+        match (https, client_tls(&options)?) {
+            (true, Some(tls)) => endpoint = endpoint.tls_config(tls).map_err(|e| invalid(&e))?,
+            (true, None) => return Err(invalid(&"an https:// registry needs --registry-ca")),
+            (false, Some(_)) => {
+                return Err(invalid(
+                    &"--registry-ca, --registry-cert and --registry-key need an https:// URL",
+                ));
+            }
+            (false, None) => {}
+        }
+        let client =
+            ServerRegistryServiceClient::with_interceptor(endpoint.connect_lazy(), Bearer(bearer));
         let report = ReportActiveRequest {
             server_id: id.to_owned(),
             ip_address: ip.to_string(),
@@ -133,7 +201,7 @@ impl Registration {
 /// Reports active until `stop`: at the registry's interval once registered, with backoff while
 /// it cannot be reached or refuses.
 async fn heartbeat(
-    mut client: ServerRegistryServiceClient<Channel>,
+    mut client: Client,
     report: ReportActiveRequest,
     url: String,
     stop: CancellationToken,
@@ -172,6 +240,32 @@ async fn heartbeat(
             () = stop.cancelled() => return,
         }
     }
+}
+
+/// The TLS side of the registry connection, when any `--registry-*` file was given.
+fn client_tls(options: &RegisterOptions) -> io::Result<Option<ClientTlsConfig>> {
+    if options.ca.is_none() && options.identity.is_none() {
+        return Ok(None);
+    }
+    let read = |flag: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{flag} {}: cannot read: {e}", path.display()),
+            )
+        })
+    };
+    let mut tls = ClientTlsConfig::new();
+    if let Some(ca) = &options.ca {
+        tls = tls.ca_certificate(Certificate::from_pem(read("--registry-ca", ca)?));
+    }
+    if let Some((cert, key)) = &options.identity {
+        tls = tls.identity(Identity::from_pem(
+            read("--registry-cert", cert)?,
+            read("--registry-key", key)?,
+        ));
+    }
+    Ok(Some(tls))
 }
 
 /// The address the balancer should connect to: the listen address, or, for a wildcard listen,

@@ -88,7 +88,7 @@ impl Validator<'_> {
 
     /// Loads one certificate and key so their problems are found now, each at its key; warns
     /// about an expired certificate and about `names` the certificate does not cover.
-    fn cert_pair(
+    pub(super) fn cert_pair(
         &mut self,
         prefix: &str,
         cert: &Spanned<String>,
