@@ -855,3 +855,41 @@ fn view(pool: &Pool, strategy: Strategy) -> PoolView {
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reached(bind: &str, addr: &str, interfaces: &[&str]) -> bool {
+        let interfaces: Vec<IpAddr> = interfaces.iter().map(|i| i.parse().unwrap()).collect();
+        reaches(bind.parse().unwrap(), addr.parse().unwrap(), &mut |ip| {
+            interfaces.contains(&ip)
+        })
+    }
+
+    #[test]
+    fn a_socket_is_reached_at_its_own_address_and_a_wildcard_at_every_local_one() {
+        assert!(reached("127.0.0.1:9090", "127.0.0.1:9090", &[]));
+        assert!(reached("127.0.0.1:9090", "[::ffff:127.0.0.1]:9090", &[]));
+        assert!(!reached("127.0.0.1:9090", "127.0.0.1:9091", &[]));
+        assert!(!reached("127.0.0.1:9090", "127.0.0.2:9090", &[]));
+        assert!(!reached("[::1]:9090", "127.0.0.1:9090", &[]));
+        for wildcard in ["0.0.0.0:8080", "[::]:8080"] {
+            for local in [
+                "127.0.0.1:8080",
+                "127.9.9.9:8080",
+                "[::1]:8080",
+                "192.0.2.2:8080",
+                "[fd00::2]:8080",
+                "[::ffff:192.0.2.2]:8080",
+            ] {
+                assert!(
+                    reached(wildcard, local, &["192.0.2.2", "fd00::2"]),
+                    "{wildcard} {local}"
+                );
+            }
+            assert!(!reached(wildcard, "192.0.2.3:8080", &["192.0.2.2"]));
+            assert!(!reached(wildcard, "127.0.0.1:8081", &[]));
+        }
+    }
+}

@@ -164,3 +164,121 @@ impl Validator<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{
+        Config, ConfigError, DEFAULT_REGISTRY_MAX_NODES, Secret, default_allowed_networks,
+    };
+
+    fn parse(registry: &str) -> Result<Config, ConfigError> {
+        let text = format!(
+            "[[listeners]]\nbind = \"127.0.0.1:0\"\n[pools.web]\nbackends = []\n[registry]\npool = \"web\"\n{registry}"
+        );
+        Config::parse(Path::new("test.toml"), &text)
+    }
+
+    fn errors(registry: &str) -> String {
+        parse(registry).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_loopback_registry_needs_no_auth_and_gets_the_defaults() {
+        let config = parse("bind = \"127.0.0.1:9091\"\n").unwrap();
+        let registry = config.registry.unwrap();
+        assert_eq!(registry.token, None);
+        assert_eq!(registry.allowed_networks, default_allowed_networks());
+        assert_eq!(registry.max_nodes, DEFAULT_REGISTRY_MAX_NODES);
+        assert!(registry.tls.is_none());
+        let allowed = |ip: &str| {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            registry.allowed_networks.iter().any(|n| n.contains(&ip))
+        };
+        for ip in [
+            "127.0.0.1",
+            "::1",
+            "10.1.2.3",
+            "172.31.0.1",
+            "192.168.1.1",
+            "fd00::2",
+        ] {
+            assert!(allowed(ip), "{ip}");
+        }
+        for ip in [
+            "169.254.169.254",
+            "8.8.8.8",
+            "172.32.0.1",
+            "fe80::1",
+            "2001:db8::1",
+        ] {
+            assert!(!allowed(ip), "{ip}");
+        }
+    }
+
+    #[test]
+    fn a_registry_beyond_loopback_needs_a_token_or_a_client_ca() {
+        for bind in ["0.0.0.0:9091", "[::]:9091", "10.0.0.5:9091"] {
+            let err = errors(&format!("bind = \"{bind}\"\n"));
+            assert!(
+                err.contains("test.toml:7:8: registry.bind: a non-loopback registry bind needs registry.token"),
+                "{bind}: {err}"
+            );
+        }
+        let config = parse("bind = \"0.0.0.0:9091\"\ntoken = \"t0k3n\"\n").unwrap();
+        assert_eq!(config.registry.unwrap().token, Some(Secret::new("t0k3n")));
+    }
+
+    #[test]
+    fn registry_keys_are_bounded_and_all_mistakes_reported() {
+        let err = errors(
+            "bind = \"127.0.0.1:9091\"\ntoken = \"two words\"\nallowed_networks = [\"10.0.0.0/8\", \"nope\"]\nmax_nodes = 0\n",
+        );
+        for expected in [
+            "registry.token: must be printable ASCII without spaces",
+            "registry.allowed_networks: `nope` is not a CIDR or IP address",
+            "registry.max_nodes: must be between 1 and 100000",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
+        for bad in [
+            "max_nodes = 100001",
+            "max_nodes = -1",
+            "token = \"\"",
+            "allowed_networks = []",
+        ] {
+            assert!(
+                parse(&format!("bind = \"127.0.0.1:9091\"\n{bad}\n")).is_err(),
+                "{bad} accepted"
+            );
+        }
+        let ok = parse("bind = \"127.0.0.1:9091\"\nallowed_networks = [\"10.0.0.0/8\", \"192.0.2.7\"]\nmax_nodes = 100000\n")
+            .unwrap()
+            .registry
+            .unwrap();
+        assert_eq!(ok.allowed_networks.len(), 2);
+        assert_eq!(ok.max_nodes, 100_000);
+        let err = errors(
+            "bind = \"127.0.0.1:9091\"\n[registry.tls]\ncert = \"/nonexistent.crt\"\nkey = \"/nonexistent.key\"\nclient_ca = \"/nonexistent-ca.crt\"\nsni = []\n",
+        );
+        assert!(err.contains("registry.tls.sni"), "{err}");
+        let err = errors(
+            "bind = \"127.0.0.1:9091\"\n[registry.tls]\ncert = \"/nonexistent.crt\"\nkey = \"/nonexistent.key\"\nclient_ca = \"/nonexistent-ca.crt\"\n",
+        );
+        for expected in [
+            "registry.tls.cert: cannot read certificate file `/nonexistent.crt`",
+            "registry.tls.client_ca: cannot read certificate file `/nonexistent-ca.crt`",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_output() {
+        let config = parse("bind = \"127.0.0.1:9091\"\ntoken = \"hunter2-registry\"\n").unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("Secret(..)"), "{debug}");
+    }
+}
