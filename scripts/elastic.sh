@@ -28,6 +28,10 @@ cargo build --release --quiet
 bin=./target/release/fulcrum
 admin="http://127.0.0.1:$((base + 90))"
 registry="http://127.0.0.1:$((base + 91))"
+# The registry takes calls with this token only; nodes read it from the environment (an
+# argument would show in `ps`).
+registry_token=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
+export FULCRUM_REGISTRY_TOKEN=$registry_token
 
 pids=()
 cleanup() {
@@ -58,6 +62,7 @@ bind = "127.0.0.1:$((base + 90))"
 bind = "127.0.0.1:$((base + 91))"
 pool = "web"
 heartbeat_interval = "1s"
+token = "$registry_token"
 [pools.web]
 strategy = "least_connections"
 backends = [
@@ -101,7 +106,7 @@ echo "steady load: $rate req/s for ${duration}s; pool web starts with web-1..3"
 at 4
 start_node 4 --register "$registry"
 start_node 5 --register "$registry"
-event "web-4 and web-5 started with --register (registry adds them; routable after rise passes)"
+event "web-4 and web-5 started with --register and the registry token (registry adds them; routable after rise passes)"
 at 8
 start_node 6
 wait_for "http://127.0.0.1:$((base + 6))/healthz"

@@ -191,7 +191,9 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
     let registry = registry_listener.map(|(registry_config, tls, tcp)| {
         let addr = tcp.local_addr().expect("a bound socket has an address");
         info!(listener = "registry", %addr, pool = %registry_config.pool, tls = tls.is_some(),
-            token = registry_config.token.is_some(), "registry listening");
+            token_required = registry_config.token.is_some(),
+            client_certificate_required = registry_config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+            "registry listening");
         registry::Registry::new(registry_config, control.clone()).spawn(
             tcp,
             tls,
