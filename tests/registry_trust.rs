@@ -366,12 +366,9 @@ async fn a_node_that_moves_is_pending_until_rise_passes_at_its_new_address() {
     }
 
     // Something starts answering there: up after `rise` passes, and traffic goes there.
-    let moved = webnode::spawn(WebNodeOptions {
-        listen: new_addr,
-        id: "web-moved".into(),
-    })
-    .await
-    .expect("a web node at the new address");
+    let moved = webnode::spawn(WebNodeOptions::new(new_addr, "web-moved"))
+        .await
+        .expect("a web node at the new address");
     let answering = Instant::now();
     wait_until("the moved node rises at its new address", || async {
         state_of(&running, pool, "reg-m").await.as_deref() == Some("up")
