@@ -159,10 +159,11 @@ async fn a_wildcard_listener_is_reached_through_every_local_address() {
 #[tokio::test]
 async fn addresses_outside_allowed_networks_are_refused() {
     let pool = "trust_networks";
-    let running = balancer(&registry_config(pool, &[], "5s", "")).await;
+    // What the README recommends: loopback and the private ranges.
+    let private = "allowed_networks = [\"127.0.0.0/8\", \"::1/128\", \"10.0.0.0/8\", \"172.16.0.0/12\", \"192.168.0.0/16\", \"fc00::/7\"]";
+    let running = balancer(&registry_config(pool, &[], "5s", private)).await;
     let mut registry = registry_client(&running).await;
-    // Public, link-local (the cloud metadata service), unique-local outside fc00::/7: none is in
-    // the default networks (loopback and private ranges).
+    // Public, link-local (the cloud metadata service), documentation: none is in those.
     for ip in ["8.8.8.8", "169.254.169.254", "fe80::1", "2001:db8::1"] {
         let addr = SocketAddr::new(ip.parse().unwrap(), 8080);
         let err = registry
@@ -187,7 +188,7 @@ async fn addresses_outside_allowed_networks_are_refused() {
     }
     assert!(listed(&running, pool).await.is_empty());
 
-    // Listing networks replaces the defaults: loopback is then refused too.
+    // Loopback is refused too when it is not listed.
     let nodes = webnodes(1).await;
     let pool = "trust_networks_listed";
     let running = balancer(&registry_config(

@@ -135,20 +135,14 @@ pub struct RegistryTls {
 pub const DEFAULT_REGISTRY_MAX_NODES: usize = 1024;
 pub const MAX_REGISTRY_MAX_NODES: usize = 100_000;
 
-/// `registry.allowed_networks` when absent: loopback and the private ranges. Link-local
-/// (169.254.0.0/16 holds the cloud metadata service) and public addresses must be listed.
+/// `registry.allowed_networks` when absent: any address (the contract's default), less the
+/// rules that always hold (fulcrum's own sockets, unspecified and multicast addresses). An
+/// operator narrows it to the web tier's networks; the README's Security section says why.
 pub fn default_allowed_networks() -> Vec<IpNet> {
-    [
-        "127.0.0.0/8",
-        "::1/128",
-        "10.0.0.0/8",
-        "172.16.0.0/12",
-        "192.168.0.0/16",
-        "fc00::/7",
-    ]
-    .iter()
-    .map(|net| net.parse().expect("the default networks are valid CIDRs"))
-    .collect()
+    ["0.0.0.0/0", "::/0"]
+        .iter()
+        .map(|net| net.parse().expect("the default networks are valid CIDRs"))
+        .collect()
 }
 
 /// A credential from the config: compared and sent, never printed (`Debug` hides it, so a

@@ -95,7 +95,7 @@ impl Validator<'_> {
                     self.error(
                         Some(list.span()),
                         "registry.allowed_networks",
-                        "must list at least one network (leave it out for loopback and the private ranges)",
+                        "must list at least one network (leave it out to allow any address)",
                     );
                 }
                 list.get_ref()
@@ -196,6 +196,8 @@ mod tests {
             let ip: std::net::IpAddr = ip.parse().unwrap();
             registry.allowed_networks.iter().any(|n| n.contains(&ip))
         };
+        // The contract's default is any address; the rules that always hold (own sockets,
+        // unspecified, multicast) are the registry's, not the networks'.
         for ip in [
             "127.0.0.1",
             "::1",
@@ -203,17 +205,10 @@ mod tests {
             "172.31.0.1",
             "192.168.1.1",
             "fd00::2",
-        ] {
-            assert!(allowed(ip), "{ip}");
-        }
-        for ip in [
-            "169.254.169.254",
             "8.8.8.8",
-            "172.32.0.1",
-            "fe80::1",
             "2001:db8::1",
         ] {
-            assert!(!allowed(ip), "{ip}");
+            assert!(allowed(ip), "{ip}");
         }
     }
 
