@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::server::Lifecycle;
-use metrics::{Counter, counter, describe_counter};
+use metrics::{Counter, counter};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio::time::MissedTickBehavior;
@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{BackendConfig, RegistryConfig};
 use crate::control::{ChangeError, Control, Registration, Removal};
+use crate::metrics::REGISTRY_EVENTS_TOTAL;
 use crate::server::{self, ConnLimits};
 
 /// The generated messages, server and client.
@@ -36,8 +37,6 @@ use proto::{
     ReportActiveRequest, ReportActiveResponse, ReportDecommissionRequest,
     ReportDecommissionResponse,
 };
-
-pub const REGISTRY_EVENTS_TOTAL: &str = "fulcrum_registry_events_total";
 
 /// `graceful_drain_timeout_seconds` left empty: the seed's default.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
@@ -75,10 +74,6 @@ struct Events {
 
 impl Registry {
     pub fn new(config: &RegistryConfig, control: Arc<Control>) -> Self {
-        describe_counter!(
-            REGISTRY_EVENTS_TOTAL,
-            "Registry events, by event: register (a node joined), heartbeat (a known node reported active), expired (removed after 3 missed heartbeats), decommission (a node asked to leave)."
-        );
         let event = |name: &'static str| counter!(REGISTRY_EVENTS_TOTAL, "event" => name);
         let whole = config
             .heartbeat_interval
