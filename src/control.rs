@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use metrics::{Counter, counter, describe_counter};
+use metrics::{Counter, counter};
 use serde::Serialize;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -22,13 +22,12 @@ use tracing::{info, warn};
 
 use crate::config::{BackendConfig, Config, ConfigError, ListenerConfig, MAX_WEIGHT, Strategy};
 use crate::health;
+use crate::metrics::CONFIG_RELOADS_TOTAL;
 use crate::pool::{Health, Node, Pool};
 use crate::proxy::{ErrorChain, Router};
 use crate::server::Lifecycle;
 use crate::tls::{CertError, CertSet, TlsTerminator};
 use crate::{BoundListener, StartError};
-
-pub const CONFIG_RELOADS_TOTAL: &str = "fulcrum_config_reloads_total";
 
 /// How often a drain looks whether its node has finished its requests.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
@@ -145,10 +144,6 @@ impl Control {
         lifecycle: Lifecycle,
     ) -> Self {
         let shutdown = lifecycle.shutdown.clone();
-        describe_counter!(
-            CONFIG_RELOADS_TOTAL,
-            "Config reloads (SIGHUP or POST /api/reload), by result: ok, or error (the running config stays)."
-        );
         let mut checkers = HashMap::new();
         for pool in router.load().pools() {
             let stop = shutdown.child_token();
@@ -383,6 +378,11 @@ impl Control {
         }
         self.router
             .store(Arc::new(Router::assemble(&config, pools)));
+        for gone in current.pools() {
+            if !config.pools.contains_key(&*gone.name) {
+                gone.remove_metrics();
+            }
+        }
         state.checkers.retain(|name, stop| {
             let keep = config.pools.contains_key(name);
             if !keep {

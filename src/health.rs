@@ -1,15 +1,21 @@
 //! Active health checks: one task per node, supervised per pool.
 //!
-//! A node task sends `GET path` every `interval` (its first check at a random offset, so a large
-//! pool is not checked in lock-step), feeds each verdict to a [`Counter`] and publishes a
-//! transition by storing the node's health atomic, which is all the request path reads. The
-//! counter is conservative: `fall` consecutive failures take a node out and `rise` consecutive
-//! passes bring it back, so one slow check never flaps a node.
+//! A node task sends `GET path` about every `interval` and feeds each verdict to a [`Counter`];
+//! a transition is published by storing the node's health atomic, which is all the request path
+//! reads. The counter is conservative: `fall` consecutive failures take a node out and `rise`
+//! consecutive passes bring it back, so one slow check never flaps a node.
+//!
+//! Timing ([`next_start`], [`Jitter`]): the first check comes at a random offset within one
+//! interval, so a large pool is not checked in lock-step, and each later one a jittered interval
+//! (±10 %, as HAProxy's `spread-checks` and Envoy's `interval_jitter_percent` do) after the
+//! previous one started, but never before it ended: `timeout` may exceed `interval`, and checks
+//! of one node never overlap. A pool change (API, reload, registry) wakes the supervisor and the
+//! node tasks, so a new node is checked at once and a reloaded interval applies at once.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::BuildHasher;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +25,8 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::time::MissedTickBehavior;
+use rand::RngExt;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -28,6 +35,10 @@ use crate::pool::{Backend, Health, Node, Pool};
 
 /// Health answers larger than this are judged by status alone.
 const MAX_HEALTH_BODY: usize = 64 * 1024;
+
+/// Each interval between two checks is stretched or shrunk by up to this share, so checks that
+/// started together drift apart instead of hitting a backend in bursts.
+const JITTER_PERCENT: u32 = 10;
 
 /// The outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,21 +89,57 @@ impl Counter {
     }
 }
 
+/// The random parts of a node's check schedule.
+#[derive(Debug)]
+pub struct Jitter<R> {
+    rng: R,
+}
+
+impl Jitter<rand::rngs::SmallRng> {
+    /// Seeded once per node task from the thread-local generator, which itself cannot be held
+    /// across an `await`. Not a secret: a fast non-cryptographic generator will do.
+    pub fn from_os() -> Self {
+        Self::new(rand::make_rng())
+    }
+}
+
+impl<R: rand::Rng> Jitter<R> {
+    pub fn new(rng: R) -> Self {
+        Self { rng }
+    }
+
+    /// When a node's first check comes: anywhere within one interval.
+    pub fn first_offset(&mut self, interval: Duration) -> Duration {
+        interval.mul_f64(self.rng.random_range(0.0..1.0))
+    }
+
+    /// The time from one check's start to the next one's: `interval` ±10 %.
+    pub fn interval(&mut self, interval: Duration) -> Duration {
+        let spread = f64::from(JITTER_PERCENT) / 100.0;
+        interval.mul_f64(self.rng.random_range(1.0 - spread..=1.0 + spread))
+    }
+}
+
+/// When the check after one that ran from `started` to `ended` may start: one (jittered)
+/// `interval` after the previous start, or when the previous check ended if that is later.
+/// Checks of a node therefore never overlap, whatever `timeout` is.
+pub fn next_start(started: Instant, ended: Instant, interval: Duration) -> Instant {
+    (started + interval).max(ended)
+}
+
 /// The client checks go through: keep-alive, so a check reuses the node's connection.
 type CheckClient = Client<HttpConnector, Empty<Bytes>>;
 
-/// Starts checking every node of `pool` until `shutdown`. Nodes that join the pool later get
-/// a task at the next supervision tick; a node's task ends when it leaves the pool.
+/// Starts checking every node of `pool` until `shutdown`. A node that joins the pool gets its
+/// task as soon as the pool changes; a node's task ends when it leaves the pool.
 pub fn spawn_checker(pool: Arc<Pool>, shutdown: CancellationToken) {
     tokio::spawn(async move {
         let mut tasks: HashMap<Arc<str>, CancellationToken> = HashMap::new();
-        let mut ticker = tokio::time::interval(pool.snapshot().settings.health.interval);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
         loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                () = shutdown.cancelled() => break,
-            }
+            // Registered before the snapshot is read, so a change published in between is
+            // not missed.
+            let mut changed = pin!(pool.changed.notified());
+            changed.as_mut().enable();
             let snapshot = pool.snapshot();
             tasks.retain(|name, token| {
                 let present = snapshot.backends.iter().any(|b| &b.node.name == name);
@@ -108,6 +155,12 @@ pub fn spawn_checker(pool: Arc<Pool>, shutdown: CancellationToken) {
                     tokio::spawn(check_node(pool.clone(), backend.node.name.clone(), token));
                 }
             }
+            // Changes wake it; the timer, at the current interval, is only a safety net.
+            tokio::select! {
+                () = tokio::time::sleep(snapshot.settings.health.interval) => {}
+                () = changed => {}
+                () = shutdown.cancelled() => break,
+            }
         }
     });
 }
@@ -115,35 +168,45 @@ pub fn spawn_checker(pool: Arc<Pool>, shutdown: CancellationToken) {
 async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
     let mut settings = pool.snapshot().settings.health.clone();
     let mut client = check_client(&settings);
-    // A random first offset within one interval spreads a pool's checks over time.
-    let jitter =
-        std::collections::hash_map::RandomState::new().hash_one(&*name) % interval_ms(&settings);
-    tokio::select! {
-        () = tokio::time::sleep(Duration::from_millis(jitter)) => {}
-        () = stop.cancelled() => return,
-    }
+    let mut jitter = Jitter::from_os();
+    let mut next = Instant::now() + jitter.first_offset(settings.interval);
+    // Start and end of the last check, from which a changed interval re-plans the next one.
+    let mut last: Option<(Instant, Instant)> = None;
     let mut counter: Option<Counter> = None;
     let mut counting: Option<(Arc<Node>, SocketAddr)> = None;
-    let mut ticker = tokio::time::interval(settings.interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            () = stop.cancelled() => return,
-        }
+        let mut changed = pin!(pool.changed.notified());
+        changed.as_mut().enable();
         let snapshot = pool.snapshot();
+        if snapshot.settings.health != settings {
+            // A reload changed the checks: adopt the new interval, timeout and path now, not
+            // after a wait of the old interval.
+            settings = snapshot.settings.health.clone();
+            client = check_client(&settings);
+            next = match last {
+                Some((started, ended)) => {
+                    next_start(started, ended, jitter.interval(settings.interval))
+                }
+                None => next.min(Instant::now() + jitter.first_offset(settings.interval)),
+            };
+        }
+        if Instant::now() < next {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = changed => continue,
+                () = stop.cancelled() => return,
+            }
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+        let started = Instant::now();
         // Absent for now (a swap in progress): the supervisor ends this task if it stays away,
         // and must not find it gone if the name comes straight back.
         let Some(backend) = snapshot.backends.iter().find(|b| b.node.name == name) else {
+            next = started + jitter.interval(settings.interval);
             continue;
         };
-        if snapshot.settings.health != settings {
-            // A reload changed the checks: adopt the new interval, timeout and path.
-            settings = snapshot.settings.health.clone();
-            client = check_client(&settings);
-            ticker = tokio::time::interval(settings.interval);
-            ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        }
         let node = &backend.node;
         // Nothing else visits a quiet pool's idle upstream connections: close the stale ones.
         node.idle.expire(snapshot.settings.idle_pool_timeout);
@@ -158,7 +221,10 @@ async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
             counter = None;
         }
         let counter = counter.get_or_insert_with(|| Counter::new(node.health() == Health::Up));
-        let verdict = check(&client, backend, &settings).await;
+        let verdict = tokio::select! {
+            verdict = check(&client, backend, &settings) => verdict,
+            () = stop.cancelled() => return,
+        };
         // The node moved while it was being checked: the verdict is about the old address.
         if pool
             .snapshot()
@@ -167,6 +233,7 @@ async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
             .find(|b| b.node.name == name)
             .is_none_or(|b| b.address != backend.address)
         {
+            next = Instant::now();
             continue;
         }
         let passed = verdict == Verdict::Pass;
@@ -178,6 +245,9 @@ async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
         if let Some(up) = counter.record(passed, settings.rise, settings.fall) {
             transition(&pool, backend, up, &verdict, &settings);
         }
+        let ended = Instant::now();
+        last = Some((started, ended));
+        next = next_start(started, ended, jitter.interval(settings.interval));
     }
 }
 
@@ -205,10 +275,6 @@ fn transition(
         node.metrics.went_down.increment(1);
         warn!(pool, backend = %node.name, address = %backend.address, to = "down", failures = settings.fall, reason = %verdict, "backend is down");
     }
-}
-
-fn interval_ms(settings: &HealthConfig) -> u64 {
-    (settings.interval.as_millis() as u64).max(1)
 }
 
 fn check_client(settings: &HealthConfig) -> CheckClient {
@@ -331,6 +397,42 @@ mod tests {
         let mut c = Counter::new(false);
         assert_eq!(c.record(true, 2, 3), None);
         assert_eq!(c.record(true, 2, 3), Some(true));
+    }
+
+    #[test]
+    fn the_next_check_waits_for_the_interval_and_for_the_previous_one_to_end() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // A quick check: one interval after it started.
+        assert_eq!(next_start(t0, t0 + ms(20), ms(100)), t0 + ms(100));
+        // A check slower than the interval: straight after it ended, never during it.
+        assert_eq!(next_start(t0, t0 + ms(300), ms(100)), t0 + ms(300));
+        assert_eq!(next_start(t0, t0 + ms(100), ms(100)), t0 + ms(100));
+    }
+
+    #[test]
+    fn every_interval_is_jittered_within_ten_percent_and_the_first_check_within_one() {
+        let interval = Duration::from_millis(1000);
+        let mut jitter = Jitter::from_os();
+        let delays: Vec<Duration> = (0..1000).map(|_| jitter.interval(interval)).collect();
+        for delay in &delays {
+            assert!(
+                (Duration::from_millis(900)..=Duration::from_millis(1100)).contains(delay),
+                "{delay:?}"
+            );
+        }
+        let (min, max) = (delays.iter().min().unwrap(), delays.iter().max().unwrap());
+        assert!(
+            *max - *min > Duration::from_millis(150),
+            "the spread uses most of ±10 %, not a constant: {min:?}..{max:?}"
+        );
+        let offsets: Vec<Duration> = (0..1000).map(|_| jitter.first_offset(interval)).collect();
+        assert!(offsets.iter().all(|o| *o < interval));
+        assert!(
+            offsets.iter().any(|o| *o < interval / 4)
+                && offsets.iter().any(|o| *o > interval * 3 / 4),
+            "first checks spread over the whole interval"
+        );
     }
 
     #[test]

@@ -61,9 +61,6 @@ use crate::proxy::{ConnInfo, ListenerInfo, Router};
 use crate::server::{ConnLimits, Lifecycle};
 use crate::tls::{CertError, TlsTerminator};
 
-/// How often histogram samples are folded into the exporter's buckets when nobody scrapes.
-const METRICS_UPKEEP: Duration = Duration::from_secs(5);
-
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("invalid config:\n{0}")]
@@ -200,17 +197,6 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
             lifecycle.clone(),
         );
         addr
-    });
-
-    let upkeep_stop = lifecycle.shutdown.clone();
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(METRICS_UPKEEP);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => crate::metrics::recorder().run_upkeep(),
-                () = upkeep_stop.cancelled() => break,
-            }
-        }
     });
 
     Ok(Running {

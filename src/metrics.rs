@@ -1,16 +1,21 @@
-//! Metric names, their help text, the Prometheus recorder, and the per-node handles the request
-//! path uses.
+//! Metric names, their help text, and the per-node handles the request path uses. The
+//! recorder that holds and renders the series is [`recorder`]'s module.
 //!
 //! Handles are resolved when a pool snapshot is built, so a request bumps atomics and never
-//! formats a label or hashes a key on the hot path.
+//! formats a label or hashes a key on the hot path. A node's series leave the scrape when the
+//! node leaves its pool ([`BackendMetrics::remove`], called by the swap that drops it), and a
+//! pool's when a reload drops the pool ([`PoolMetrics::remove`]).
 
-use std::sync::{Arc, OnceLock};
+mod recorder;
+
+use std::sync::{Arc, Once, OnceLock};
 
 use metrics::{
-    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
-    gauge, histogram,
+    Counter, Gauge, Histogram, Key, Label, Unit, counter, describe_counter, describe_gauge,
+    describe_histogram, gauge, histogram,
 };
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub use recorder::{Labels, Recorder, Scope};
 
 use crate::balance::sticky::Outcome;
 
@@ -25,6 +30,8 @@ pub const BACKEND_TRANSITIONS_TOTAL: &str = "fulcrum_backend_transitions_total";
 pub const RETRIES_TOTAL: &str = "fulcrum_retries_total";
 pub const STICKY_TOTAL: &str = "fulcrum_sticky_total";
 pub const TLS_HANDSHAKES_TOTAL: &str = "fulcrum_tls_handshakes_total";
+pub const CONFIG_RELOADS_TOTAL: &str = "fulcrum_config_reloads_total";
+pub const REGISTRY_EVENTS_TOTAL: &str = "fulcrum_registry_events_total";
 
 /// The `backend` label of answers fulcrum gives itself, and the `pool` label when no route matched.
 pub const NONE: &str = "none";
@@ -35,26 +42,30 @@ const DURATION_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0,
 ];
 
-/// Installs the process-wide Prometheus recorder once and returns the handle that renders it.
+/// The process-wide recorder, installed as the `metrics` recorder on first use, with every
+/// metric described.
 ///
 /// Several balancers in one process (the tests do this) share it; their series differ by label.
-pub fn recorder() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let handle = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.to_owned()), DURATION_BUCKETS)
-            .expect("bucket list is non-empty")
-            .install_recorder()
-            .expect("no other metrics recorder is installed in this process");
+pub fn recorder() -> &'static Recorder {
+    static RECORDER: Recorder = Recorder::new(&[(REQUEST_DURATION, DURATION_BUCKETS)]);
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        if metrics::set_global_recorder(&RECORDER).is_err() {
+            // Nothing in fulcrum installs another one; if an embedder did, `/metrics` shows
+            // only the series registered here directly.
+            tracing::error!("another metrics recorder is installed; /metrics will miss series");
+        }
         describe();
-        handle
-    })
+    });
+    &RECORDER
 }
 
+/// The HELP text of every metric fulcrum exports: one line each, next to nothing else, so a
+/// scrape passes `promtool check metrics`.
 fn describe() {
     describe_counter!(
         REQUESTS_TOTAL,
-        "Responses sent to clients, by pool, backend and status code."
+        "Responses sent to clients, by pool, backend and status code (backend \"none\" for answers fulcrum gave itself)."
     );
     describe_histogram!(
         REQUEST_DURATION,
@@ -73,6 +84,22 @@ fn describe() {
         DOWNSTREAM_CONNECTIONS,
         "Open client connections, by listener."
     );
+    describe_gauge!(
+        BACKEND_UP,
+        "1 while the health checker routes to the backend, 0 while it is down or pending its first rise passes."
+    );
+    describe_counter!(
+        HEALTH_CHECKS_TOTAL,
+        "Active health checks of a backend, by result (pass, fail)."
+    );
+    describe_counter!(
+        BACKEND_TRANSITIONS_TOTAL,
+        "Health transitions of a backend, by the state it went to (up, down)."
+    );
+    describe_counter!(
+        RETRIES_TOTAL,
+        "Attempts on another backend after one failed a request it never answered (a refused connection, or a reset of a request safe to repeat)."
+    );
     describe_counter!(
         STICKY_TOTAL,
         "Responses of sticky_cookie pools: hit (the cookie's node served), new (no valid cookie), rerouted (the cookie's node was down or gone)."
@@ -80,6 +107,14 @@ fn describe() {
     describe_counter!(
         TLS_HANDSHAKES_TOTAL,
         "TLS handshakes on client connections, by listener and result (ok, error, timeout)."
+    );
+    describe_counter!(
+        CONFIG_RELOADS_TOTAL,
+        "Config reloads (SIGHUP or POST /api/reload), by result: ok, or error (the running config stays)."
+    );
+    describe_counter!(
+        REGISTRY_EVENTS_TOTAL,
+        "Registry events, by event: register (a node joined), heartbeat (a known node reported active), expired (removed after 3 missed heartbeats), decommission (a node asked to leave), refused (no valid token, an address not allowed, or max_nodes reached)."
     );
 }
 
@@ -115,6 +150,8 @@ pub struct ResponseCounters {
     pool: Arc<str>,
     backend: Arc<str>,
     common: [OnceLock<Counter>; COMMON_CODES.len()],
+    /// Counters are made on first use, possibly after the node left: see [`Scope`].
+    scope: Scope,
 }
 
 impl ResponseCounters {
@@ -123,6 +160,7 @@ impl ResponseCounters {
             pool,
             backend,
             common: Default::default(),
+            scope: Scope::default(),
         }
     }
 
@@ -136,7 +174,12 @@ impl ResponseCounters {
     }
 
     fn counter(&self, code: u16) -> Counter {
-        counter!(REQUESTS_TOTAL, "pool" => self.pool.to_string(), "backend" => self.backend.to_string(), "code" => code.to_string())
+        let labels = vec![
+            Label::new("pool", self.pool.to_string()),
+            Label::new("backend", self.backend.to_string()),
+            Label::new("code", code.to_string()),
+        ];
+        recorder().counter_in(&self.scope, &Key::from_parts(REQUESTS_TOTAL, labels))
     }
 }
 
@@ -184,6 +227,19 @@ impl BackendMetrics {
             ErrorKind::NoBackend => {}
         }
     }
+
+    /// Takes every series of this node (its `pool` and `backend` labels) out of the scrape.
+    ///
+    /// Called by the swap that publishes a snapshot without the node, never from `Drop`: a
+    /// request in flight may hold the old node past the arrival of a new node of the same
+    /// name, and dropping it then must not remove the newcomer's series. The handles stay
+    /// usable by such requests; they count on series nobody renders.
+    pub fn remove(&self) {
+        let (pool, backend) = (&*self.responses.pool, &*self.responses.backend);
+        recorder().remove_series(&[&self.responses.scope], |labels| {
+            labels.get("pool") == Some(pool) && labels.get("backend") == Some(backend)
+        });
+    }
 }
 
 /// Handles for answers a pool gives without a backend (`backend="none"`).
@@ -195,6 +251,7 @@ pub struct PoolMetrics {
     pub retries: Counter,
     /// Created on first use, so only sticky pools export the series.
     sticky: [OnceLock<Counter>; 3],
+    sticky_scope: Scope,
 }
 
 impl PoolMetrics {
@@ -206,12 +263,27 @@ impl PoolMetrics {
             no_backend: counter!(PROXY_ERRORS_TOTAL, "pool" => pool.to_string(), "backend" => NONE, "kind" => ErrorKind::NoBackend.as_str()),
             retries: counter!(RETRIES_TOTAL, "pool" => pool.to_string()),
             sticky: Default::default(),
+            sticky_scope: Scope::default(),
         }
     }
 
     pub fn sticky(&self, outcome: Outcome) -> &Counter {
         self.sticky[outcome as usize].get_or_init(|| {
-            counter!(STICKY_TOTAL, "pool" => self.pool.to_string(), "outcome" => outcome.as_str())
+            let labels = vec![
+                Label::new("pool", self.pool.to_string()),
+                Label::new("outcome", outcome.as_str()),
+            ];
+            recorder().counter_in(&self.sticky_scope, &Key::from_parts(STICKY_TOTAL, labels))
         })
+    }
+
+    /// Takes every series of the pool out of the scrape, its nodes' (`nodes`) included: a
+    /// reload dropped the pool. Like [`BackendMetrics::remove`], called where the pool is
+    /// dropped from the routing table, never from `Drop`.
+    pub fn remove<'a>(&self, nodes: impl IntoIterator<Item = &'a BackendMetrics>) {
+        let mut scopes = vec![&self.responses.scope, &self.sticky_scope];
+        scopes.extend(nodes.into_iter().map(|node| &node.responses.scope));
+        let pool = &*self.pool;
+        recorder().remove_series(&scopes, |labels| labels.get("pool") == Some(pool));
     }
 }

@@ -283,6 +283,9 @@ pub struct Pool {
     pub metrics: PoolMetrics,
     /// Recent state changes of its nodes, for the status page.
     pub journal: Journal,
+    /// Woken by every [`Pool::replace`]: the health checker starts new nodes and adopts new
+    /// check settings at once instead of at its next tick.
+    pub changed: tokio::sync::Notify,
     state: ArcSwap<PoolState>,
 }
 
@@ -342,6 +345,7 @@ impl Pool {
         Self {
             metrics: PoolMetrics::new(&name),
             journal: Journal::default(),
+            changed: tokio::sync::Notify::new(),
             name,
             state: ArcSwap::from_pointee(state),
         }
@@ -376,12 +380,26 @@ impl Pool {
                 self.journal.record(&backend.node.name, "added", detail);
             }
         }
-        for name in nodes.keys() {
-            if !next.backends.iter().any(|b| b.node.name == *name) {
-                self.journal.record(name, "removed", "");
-            }
-        }
+        let left: Vec<&Arc<Node>> = nodes
+            .values()
+            .filter(|node| !next.backends.iter().any(|b| b.node.name == node.name))
+            .collect();
         self.state.store(Arc::new(next));
+        // Here, not in `Node`'s `Drop`: requests in flight hold the old node for a while, and
+        // a node of the same name may arrive meanwhile with series of its own.
+        for node in left {
+            node.metrics.remove();
+            self.journal.record(&node.name, "removed", "");
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Takes the series of the pool and of all its nodes out of the scrape: a reload dropped
+    /// the pool.
+    pub fn remove_metrics(&self) {
+        let snapshot = self.snapshot();
+        self.metrics
+            .remove(snapshot.backends.iter().map(|b| &b.node.metrics));
     }
 }
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use metrics::{Counter, counter, describe_counter};
+use metrics::{Counter, counter};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{BackendConfig, RegistryConfig};
 use crate::control::{ChangeError, Control, RegisterError, Registration, Removal};
+use crate::metrics::REGISTRY_EVENTS_TOTAL;
 use crate::server::{self, ConnLimits, Lifecycle};
 use crate::tls::TlsTerminator;
 
@@ -46,8 +47,6 @@ use proto::{
     ReportActiveRequest, ReportActiveResponse, ReportDecommissionRequest,
     ReportDecommissionResponse,
 };
-
-pub const REGISTRY_EVENTS_TOTAL: &str = "fulcrum_registry_events_total";
 
 /// `graceful_drain_timeout_seconds` left empty: the seed's default.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
@@ -94,10 +93,6 @@ struct Peer(SocketAddr);
 
 impl Registry {
     pub fn new(config: &RegistryConfig, control: Arc<Control>) -> Self {
-        describe_counter!(
-            REGISTRY_EVENTS_TOTAL,
-            "Registry events, by event: register (a node joined), heartbeat (a known node reported active), expired (removed after 3 missed heartbeats), decommission (a node asked to leave), refused (no valid token, an address not allowed, or max_nodes reached)."
-        );
         let event = |name: &'static str| counter!(REGISTRY_EVENTS_TOTAL, "event" => name);
         let whole = config
             .heartbeat_interval

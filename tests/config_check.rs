@@ -447,3 +447,39 @@ max_age = "1000y"
         &["pools.web.sticky.max_age: must be between 1ms and 400d"],
     );
 }
+
+#[test]
+fn a_health_timeout_longer_than_the_interval_is_accepted() {
+    let checked = check_text(
+        "health_timeout_over_interval",
+        &format!("{MINIMAL}\n[pools.web.health]\ninterval = \"100ms\"\ntimeout = \"300ms\"\n"),
+    );
+    assert_eq!(checked.code(), Some(0), "stderr:\n{}", checked.stderr());
+}
+
+#[test]
+fn health_interval_and_timeout_outside_a_millisecond_to_an_hour_name_the_key() {
+    let checked = check_text(
+        "health_bounds",
+        &format!("{MINIMAL}\n[pools.web.health]\ninterval = \"90m\"\ntimeout = \"0ms\"\n"),
+    );
+    checked.assert_error(
+        8,
+        Some(12),
+        &["pools.web.health.interval: must be between 1ms and 1h (got `90m`)"],
+    );
+    checked.assert_error(
+        9,
+        Some(11),
+        &["pools.web.health.timeout: must be greater than zero"],
+    );
+    let tiny = check_text(
+        "health_tiny_interval",
+        &format!("{MINIMAL}\n[pools.web.health]\ninterval = \"999us\"\n"),
+    );
+    tiny.assert_error(
+        8,
+        Some(12),
+        &["pools.web.health.interval: must be between 1ms and 1h (got `999us`)"],
+    );
+}

@@ -427,21 +427,41 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
     }
 
     #[test]
-    fn health_timeout_follows_a_short_interval_but_may_not_exceed_it() {
+    fn health_timeout_follows_a_short_interval_and_may_exceed_a_set_one() {
         let ok = parse(&format!(
             "{MINIMAL}\n[pools.web.health]\ninterval = \"500ms\"\n"
         ))
         .unwrap();
         assert_eq!(ok.pools["web"].health.timeout, Duration::from_millis(500));
-        let err = parse(&format!(
+        // HAProxy, Envoy and Traefik accept this; checks of a node simply never overlap.
+        let long = parse(&format!(
             "{MINIMAL}\n[pools.web.health]\ninterval = \"1s\"\ntimeout = \"2s\"\n"
         ))
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("pools.web.health.timeout: must not be longer"),
-            "{err}"
-        );
+        .unwrap();
+        assert_eq!(long.pools["web"].health.interval, Duration::from_secs(1));
+        assert_eq!(long.pools["web"].health.timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn health_interval_and_timeout_stay_between_a_millisecond_and_an_hour() {
+        let text =
+            format!("{MINIMAL}\n[pools.web.health]\ninterval = \"2h\"\ntimeout = \"500us\"\n");
+        let err = parse(&text).unwrap_err();
+        let found = |key: &str| {
+            err.diagnostics
+                .iter()
+                .find(|d| d.key == key)
+                .unwrap_or_else(|| panic!("no diagnostic for {key} in:\n{err}"))
+        };
+        let interval = found("pools.web.health.interval");
+        assert_eq!(interval.message, "must be between 1ms and 1h (got `2h`)");
+        assert_eq!((interval.line, interval.column), (9, 12), "{err}");
+        let timeout = found("pools.web.health.timeout");
+        assert_eq!(timeout.message, "must be between 1ms and 1h (got `500us`)");
+        assert_eq!((timeout.line, timeout.column), (10, 11), "{err}");
+        for edge in ["interval = \"1ms\"\ntimeout = \"1h\"", "interval = \"1h\""] {
+            parse(&format!("{MINIMAL}\n[pools.web.health]\n{edge}\n")).unwrap();
+        }
     }
 
     #[test]

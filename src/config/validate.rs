@@ -49,6 +49,8 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
 const MIN_DURATION: Duration = Duration::from_millis(1);
 /// A day: past any real timeout, and far from overflowing `Instant + duration`.
 const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// Health `interval` and `timeout`: a check an hour apart is no longer watching the node.
+const MAX_HEALTH_DURATION: Duration = Duration::from_secs(3600);
 /// Browsers cap a cookie's lifetime at 400 days (RFC 6265bis); longer is never honoured.
 const MAX_COOKIE_AGE: Duration = Duration::from_secs(400 * 24 * 3600);
 /// Connections one listener may hold. The ceiling keeps the value within what a semaphore
@@ -783,25 +785,20 @@ impl Validator<'_> {
             }
             health.path = path.get_ref().clone();
         }
-        health.interval = self.duration(&raw.interval, &key("interval"), health.interval);
-        // A short interval brings the default timeout down with it.
-        health.timeout = self.duration(
+        health.interval = self.duration_up_to(
+            &raw.interval,
+            &key("interval"),
+            health.interval,
+            MAX_HEALTH_DURATION,
+        );
+        // A short interval brings the default timeout down with it. A timeout set longer than
+        // the interval is fine: checks of one node never overlap (src/health.rs).
+        health.timeout = self.duration_up_to(
             &raw.timeout,
             &key("timeout"),
             health.timeout.min(health.interval),
+            MAX_HEALTH_DURATION,
         );
-        if health.timeout > health.interval {
-            let span = raw
-                .timeout
-                .as_ref()
-                .or(raw.interval.as_ref())
-                .map(Spanned::span);
-            self.error(
-                span,
-                key("timeout"),
-                "must not be longer than the interval between checks",
-            );
-        }
         for (value, field, slot) in [
             (&raw.fall, "fall", &mut health.fall),
             (&raw.rise, "rise", &mut health.rise),

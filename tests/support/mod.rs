@@ -2,6 +2,7 @@
 //! `127.0.0.1:0`. Nothing here is a mock.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod admin_api;
 pub mod registry;
 pub mod tls;
 
