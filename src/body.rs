@@ -157,9 +157,6 @@ pub struct ClientBodyError {
 /// the protocol; a `RST_STREAM` or `GOAWAY` from the client is the client leaving. Anything else
 /// (the connection task ended) is the client gone.
 fn classify(error: &hyper::Error) -> ClientErrorKind {
-    if error.is_timeout() {
-        return ClientErrorKind::Timeout;
-    }
     let mut source = std::error::Error::source(error);
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<io::Error>() {
@@ -438,5 +435,49 @@ impl Body for RequestBody {
         self.body
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upload() -> Upload {
+        Upload::new(Some(10), Arc::new(ClientErrors::new("test")))
+    }
+
+    fn is_settled(upload: &Upload) -> bool {
+        let settled = std::pin::pin!(upload.settled());
+        settled
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_ready()
+    }
+
+    #[test]
+    fn the_first_fault_is_the_one_recorded() {
+        let upload = upload();
+        assert!(!is_settled(&upload));
+        assert!(upload.fail(ClientErrorKind::Malformed));
+        assert!(!upload.fail(ClientErrorKind::Aborted));
+        assert_eq!(upload.fault(), Some(ClientErrorKind::Malformed));
+        assert!(is_settled(&upload));
+    }
+
+    #[test]
+    fn a_body_sent_whole_cannot_fail_afterwards() {
+        let upload = upload();
+        upload.finish();
+        assert!(is_settled(&upload));
+        assert!(!upload.fail(ClientErrorKind::Timeout));
+        assert_eq!(upload.fault(), None);
+    }
+
+    #[test]
+    fn every_kind_round_trips_through_the_state() {
+        for kind in ClientErrorKind::ALL {
+            let upload = upload();
+            assert!(upload.fail(kind));
+            assert_eq!(upload.fault(), Some(kind));
+        }
     }
 }

@@ -388,6 +388,7 @@ async fn exchange_in_time<F: Future>(
                     watch.armed = false;
                     return Ok(output);
                 }
+                // Sent whole, or failed (the exchange is about to fail with it).
                 () = upload.settled() => break,
                 _ = ticker.tick() => {
                     let now = upload.progress();
@@ -497,7 +498,7 @@ pub enum ProxyError {
     #[error("the client went away before its request was complete")]
     ClientGone {
         #[source]
-        source: Option<BoxError>,
+        source: BoxError,
     },
     #[error("the client stopped sending its request body")]
     UploadStalled,
@@ -556,9 +557,7 @@ impl ProxyError {
                 limit: limit.unwrap_or_default(),
             },
             Some((ClientErrorKind::Malformed, _)) => ProxyError::MalformedBody { source },
-            Some((ClientErrorKind::Aborted, _)) => ProxyError::ClientGone {
-                source: Some(source),
-            },
+            Some((ClientErrorKind::Aborted, _)) => ProxyError::ClientGone { source },
             Some((ClientErrorKind::Timeout, _)) => ProxyError::UploadStalled,
             None => ProxyError::Reset {
                 node: node.clone(),
@@ -573,10 +572,9 @@ impl ProxyError {
             ProxyError::Method => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            // Nobody reads the answer to a client that left, unless it only half-closed.
-            ProxyError::MalformedBody { .. } | ProxyError::ClientGone { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::MalformedBody { .. } => StatusCode::BAD_REQUEST,
+            // Read only by a client that half-closed its connection.
+            ProxyError::ClientGone { .. } => StatusCode::BAD_REQUEST,
             ProxyError::UploadStalled => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Connect { .. }
             | ProxyError::Reset { .. }
