@@ -261,7 +261,7 @@ async fn forward(
 
         let in_flight = InFlight::start(node.clone(), started);
         let settings = &state.settings;
-        let upload = upload.as_deref();
+        let uploading = upload.as_deref();
         let exchange = async {
             match client {
                 None => upstream::request(
@@ -273,16 +273,16 @@ async fn forward(
                 )
                 .await
                 .map(|(response, conn)| (response, Some(conn)))
-                .map_err(|e| ProxyError::exchange(node, e, upload)),
+                .map_err(|e| ProxyError::exchange(node, e, uploading)),
                 Some(client) => client
                     .request(upstream)
                     .await
                     .map(|response| (response, None))
-                    .map_err(|e| ProxyError::pooled_client(node, e, upload)),
+                    .map_err(|e| ProxyError::pooled_client(node, e, uploading)),
             }
         };
         let timeout = settings.response_timeout;
-        let error = match exchange_in_time(exchange, upload, &conn.conn, timeout).await {
+        let error = match exchange_in_time(exchange, uploading, &conn.conn, timeout).await {
             Ok(Ok((response, _))) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 node.answered();
                 return switch_protocols(response, client_upgrade.take(), in_flight, conn);

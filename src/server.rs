@@ -68,9 +68,9 @@ const H2_SEND_BUFFER: usize = 64 << 10;
 /// the idle timer (which fires by 1.25 × `idle_timeout`) still closes an idle connection.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
-/// Streams a client may open and reset before fulcrum has accepted them (the "rapid reset"
-/// flood, CVE-2023-44487), then `GOAWAY`. h2's current default, pinned so an upgrade cannot
-/// loosen it.
+/// Streams a client may open and reset before fulcrum has accepted them, then `GOAWAY`: the
+/// "rapid reset" flood (CVE-2023-44487) costs the server work for streams nobody will read.
+/// h2's current default, pinned so an upgrade cannot loosen it.
 const H2_MAX_PENDING_RESETS: usize = 20;
 /// Streams fulcrum may reset for a client's protocol errors before it sends `GOAWAY`: a
 /// client that earns more resets than it may have streams open is not making mistakes.
