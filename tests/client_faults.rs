@@ -402,3 +402,43 @@ async fn a_bad_chunk_through_an_h2c_pool_is_the_clients_fault() {
     let reply = get(&client(), &url_of(&running, "cf_h2c_pool", "/")).await;
     assert_eq!(reply.status, 200);
 }
+
+#[tokio::test]
+async fn a_tls_connection_silent_after_its_handshake_is_closed_at_header_read_timeout() {
+    let dir = support::tls::CertDir::new("cf_tls_silent");
+    let cert = dir.cert("site", &["silent.test"]);
+    let nodes = webnodes(1).await;
+    let mut toml = single_pool(
+        "cf_tls_silent",
+        "round_robin",
+        &nodes_as_backends(&nodes),
+        "",
+    );
+    toml += &support::tls::tls_listener(
+        "cf-tls-silent",
+        &cert.cert,
+        &cert.key,
+        "header_read_timeout = \"300ms\"\nidle_timeout = \"10s\"",
+    );
+    let running = balancer(&toml).await;
+    let addr = running.addr("cf-tls-silent").unwrap();
+    for alpn in [&b"h2"[..], b"http/1.1"] {
+        let mut stream = support::tls::connect(addr, Some("silent.test"), &[alpn]).await;
+        let handshaken = Instant::now();
+        let mut out = Vec::new();
+        tokio::time::timeout(DEADLINE, stream.read_to_end(&mut out))
+            .await
+            .expect("the balancer closes a connection silent after its handshake")
+            .ok();
+        let closed = handshaken.elapsed();
+        assert!(
+            closed >= Duration::from_millis(300) && closed < Duration::from_secs(3),
+            "{}: closed after {closed:?}",
+            String::from_utf8_lossy(alpn)
+        );
+    }
+    assert_eq!(
+        client_errors(&running, "cf-tls-silent", "timeout").await,
+        0.0
+    );
+}
