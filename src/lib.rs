@@ -21,7 +21,8 @@
 //! ```
 //!
 //! Errors on that path all pass through `ProxyError::into_response`, the single place that
-//! picks a status (502/503/504/413/404), counts the metric and logs the cause.
+//! picks a status (502/503/504 for a backend, 400/408/413 for a client, 404), counts the
+//! metric and logs the cause.
 
 pub mod admin;
 pub mod balance;

@@ -32,6 +32,7 @@ pub const STICKY_TOTAL: &str = "fulcrum_sticky_total";
 pub const TLS_HANDSHAKES_TOTAL: &str = "fulcrum_tls_handshakes_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "fulcrum_config_reloads_total";
 pub const REGISTRY_EVENTS_TOTAL: &str = "fulcrum_registry_events_total";
+pub const CLIENT_ERRORS_TOTAL: &str = "fulcrum_client_errors_total";
 
 /// The `backend` label of answers fulcrum gives itself, and the `pool` label when no route matched.
 pub const NONE: &str = "none";
@@ -78,7 +79,7 @@ fn describe() {
     );
     describe_counter!(
         PROXY_ERRORS_TOTAL,
-        "Requests fulcrum could not complete with a backend, by kind (connect, timeout, reset, no_backend)."
+        "Requests fulcrum could not complete with a backend, by kind (connect, timeout, reset, no_backend, queue_timeout)."
     );
     describe_gauge!(
         DOWNSTREAM_CONNECTIONS,
@@ -103,6 +104,10 @@ fn describe() {
     describe_counter!(
         STICKY_TOTAL,
         "Responses of sticky_cookie pools: hit (the cookie's node served), new (no valid cookie), rerouted (the cookie's node was down or gone)."
+    );
+    describe_counter!(
+        CLIENT_ERRORS_TOTAL,
+        "Requests that failed by the client's doing, by listener and kind (malformed, too_large, aborted, timeout); never counted against a backend."
     );
     describe_counter!(
         TLS_HANDSHAKES_TOTAL,
@@ -135,6 +140,57 @@ impl ErrorKind {
             ErrorKind::Reset => "reset",
             ErrorKind::NoBackend => "no_backend",
         }
+    }
+}
+
+/// How a client broke its request: the `kind` label of `fulcrum_client_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientErrorKind {
+    /// Framing the server cannot parse: a bad head, a bad chunk, an HTTP/2 protocol error.
+    Malformed,
+    /// A head or body past the listener's limits.
+    TooLarge,
+    /// The client went away (or reset its stream) before its request was complete.
+    Aborted,
+    /// The client stopped sending its head or body for longer than the listener allows.
+    Timeout,
+}
+
+impl ClientErrorKind {
+    pub const ALL: [ClientErrorKind; 4] = [
+        ClientErrorKind::Malformed,
+        ClientErrorKind::TooLarge,
+        ClientErrorKind::Aborted,
+        ClientErrorKind::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientErrorKind::Malformed => "malformed",
+            ClientErrorKind::TooLarge => "too_large",
+            ClientErrorKind::Aborted => "aborted",
+            ClientErrorKind::Timeout => "timeout",
+        }
+    }
+}
+
+/// `fulcrum_client_errors_total` for one listener, resolved when the listener starts.
+#[derive(Debug)]
+pub struct ClientErrors {
+    counters: [Counter; ClientErrorKind::ALL.len()],
+}
+
+impl ClientErrors {
+    pub fn new(listener: &str) -> Self {
+        Self {
+            counters: ClientErrorKind::ALL.map(|kind| {
+                counter!(CLIENT_ERRORS_TOTAL, "listener" => listener.to_owned(), "kind" => kind.as_str())
+            }),
+        }
+    }
+
+    pub fn count(&self, kind: ClientErrorKind) {
+        self.counters[kind as usize].increment(1);
     }
 }
 

@@ -2,24 +2,25 @@
 //!
 //! [`handle`] is the whole story of a request. Everything that can go wrong becomes a
 //! [`ProxyError`], and [`ProxyError::into_response`] is the one place that turns errors into
-//! statuses, metrics and log lines.
+//! statuses, metrics and log lines, and decides who is to blame: a backend, or the client.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use ipnet::IpNet;
 use tracing::{debug, warn};
 
 use crate::balance::Pick;
-use crate::body::{BodyTooLarge, BoxError, ProxyBody, RequestBody};
+use crate::body::{BoxError, ProxyBody, RequestBody, Upload};
 use crate::config::{Config, strip_port};
 use crate::headers::{self, ForwardedFor};
-use crate::metrics::{ErrorKind, NONE, ResponseCounters};
+use crate::metrics::{ClientErrorKind, ErrorKind, NONE, ResponseCounters};
 use crate::pool::{InFlight, Node, Pool};
 use crate::server::ConnHandle;
 use crate::upstream::{self, UpstreamError};
@@ -131,20 +132,21 @@ impl Router {
 /// Serves one request: the whole request path after the connection layer.
 pub async fn handle(req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
     let started = Instant::now();
+    let version = req.version();
     if req.method() == Method::CONNECT {
         // A reverse proxy does not open tunnels to arbitrary hosts.
-        return ProxyError::Method.into_response(&conn.listener.router.load().unrouted);
+        return ProxyError::Method.into_response(&conn.listener.router.load().unrouted, version);
     }
     let pool = {
         let router = conn.listener.router.load();
         match router.route(request_host(&req), req.uri().path()) {
             Some(pool) => pool.clone(),
-            None => return ProxyError::NoRoute.into_response(&router.unrouted),
+            None => return ProxyError::NoRoute.into_response(&router.unrouted, version),
         }
     };
     match forward(req, &pool, conn, started).await {
         Ok(response) => response,
-        Err(e) => e.into_response(&pool.metrics.responses),
+        Err(e) => e.into_response(&pool.metrics.responses, version),
     }
 }
 
@@ -162,6 +164,7 @@ async fn forward(
     if let Some(limit) = limit
         && declared_length(&req).is_some_and(|len| len > limit)
     {
+        conn.conn.client_errors().count(ClientErrorKind::TooLarge);
         return Err(ProxyError::BodyTooLarge { limit });
     }
 
@@ -192,6 +195,10 @@ async fn forward(
 
     let bodiless = body.is_end_stream();
     let mut body = (!bodiless).then_some(body);
+    // Only a request with a body pays for watching its upload.
+    let upload = body
+        .as_ref()
+        .map(|_| Arc::new(Upload::new(limit, conn.conn.client_errors().clone())));
     // Safe to repeat after a backend dropped the connection mid-exchange (RFC 9110 §9.2.2).
     let idempotent = matches!(
         head.method,
@@ -225,13 +232,13 @@ async fn forward(
         let backend = &state.backends[index];
         let node = &backend.node;
         let last = attempt + 1 == attempts;
-        let (upstream_body, giveback) = match body.take() {
-            None => (RequestBody::empty(), None),
-            Some(b) if last => (RequestBody::new(b, limit), None),
-            Some(b) => {
-                let (b, giveback) = RequestBody::recoverable(b, limit);
+        let (upstream_body, giveback) = match (body.take(), &upload) {
+            (Some(b), Some(upload)) if last => (RequestBody::new(b, upload.clone()), None),
+            (Some(b), Some(upload)) => {
+                let (b, giveback) = RequestBody::recoverable(b, upload.clone());
                 (b, Some(giveback))
             }
+            _ => (RequestBody::empty(), None),
         };
         // hyper-util's client (h2c, upgrades) picks its connection by the URI's authority;
         // an HTTP/1.1 connection of our own takes the origin form it sends.
@@ -254,6 +261,7 @@ async fn forward(
 
         let in_flight = InFlight::start(node.clone(), started);
         let settings = &state.settings;
+        let uploading = upload.as_deref();
         let exchange = async {
             match client {
                 None => upstream::request(
@@ -265,16 +273,16 @@ async fn forward(
                 )
                 .await
                 .map(|(response, conn)| (response, Some(conn)))
-                .map_err(|e| ProxyError::exchange(node, e)),
+                .map_err(|e| ProxyError::exchange(node, e, uploading)),
                 Some(client) => client
                     .request(upstream)
                     .await
                     .map(|response| (response, None))
-                    .map_err(|e| ProxyError::pooled_client(node, e)),
+                    .map_err(|e| ProxyError::pooled_client(node, e, uploading)),
             }
         };
         let timeout = settings.response_timeout;
-        let error = match tokio::time::timeout(timeout, exchange).await {
+        let error = match exchange_in_time(exchange, uploading, &conn.conn, timeout).await {
             Ok(Ok((response, _))) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 node.answered();
                 return switch_protocols(response, client_upgrade.take(), in_flight, conn);
@@ -299,10 +307,11 @@ async fn forward(
                 ));
             }
             Ok(Err(error)) => error,
-            Err(_) => ProxyError::Timeout {
+            Err(Late::Backend) => ProxyError::Timeout {
                 node: node.clone(),
                 after: timeout,
             },
+            Err(Late::Client) => ProxyError::UploadStalled,
         };
         // Only a request no backend has seen may go elsewhere: nothing was sent over a refused
         // connection, and an idempotent request without a body may be repeated.
@@ -327,6 +336,102 @@ async fn forward(
         None => {
             pool.metrics.no_backend.increment(1);
             Err(ProxyError::NoBackend)
+        }
+    }
+}
+
+/// Who kept a request from getting its answer in time.
+enum Late {
+    /// No response headers within `response_timeout` of the body being sent, or a backend
+    /// that stopped reading the upload for that long.
+    Backend,
+    /// The client sent no body byte for the listener's `idle_timeout` while the backend
+    /// waited for one.
+    Client,
+}
+
+/// Runs `exchange` with its deadlines: `response_timeout` counts from the moment the request
+/// body has been sent whole (at once for a request without one, which pays for nothing
+/// else); while the body is uploading, a client that stalls for `idle_timeout` is the
+/// client's fault and a backend that stops reading for `response_timeout` is the backend's.
+async fn exchange_in_time<F: Future>(
+    exchange: F,
+    upload: Option<&Upload>,
+    conn: &ConnHandle,
+    response_timeout: Duration,
+) -> Result<F::Output, Late> {
+    let Some(upload) = upload else {
+        return tokio::time::timeout(response_timeout, exchange)
+            .await
+            .map_err(|_| Late::Backend);
+    };
+    tokio::pin!(exchange);
+    {
+        let mut watch = UploadWatch {
+            upload,
+            conn,
+            _hold: conn.hold_open(),
+            armed: true,
+        };
+        let idle_timeout = conn.idle_timeout();
+        // Four checks per limit, as the connection's idle timer does: a stall is noticed
+        // within 1.25 × its limit with no clock read per body frame.
+        let period = (idle_timeout.min(response_timeout) / 4).max(Duration::from_millis(1));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last = upload.progress();
+        let mut quiet = Duration::ZERO;
+        loop {
+            tokio::select! {
+                biased;
+                output = exchange.as_mut() => {
+                    watch.armed = false;
+                    return Ok(output);
+                }
+                // Sent whole, or failed (the exchange is about to fail with it).
+                () = upload.settled() => break,
+                _ = ticker.tick() => {
+                    let now = upload.progress();
+                    if now != last {
+                        (last, quiet) = (now, Duration::ZERO);
+                        continue;
+                    }
+                    quiet += period;
+                    let (_, client_owes) = now;
+                    if client_owes && quiet >= idle_timeout {
+                        if upload.fail(ClientErrorKind::Timeout) {
+                            return Err(Late::Client);
+                        }
+                        break;
+                    }
+                    if !client_owes && quiet >= response_timeout {
+                        watch.armed = false;
+                        return Err(Late::Backend);
+                    }
+                }
+            }
+        }
+    }
+    tokio::time::timeout(response_timeout, exchange)
+        .await
+        .map_err(|_| Late::Backend)
+}
+
+/// Watches a request while its body uploads: the connection stays open for the upload's own
+/// stall timer, and if hyper drops the request mid-upload (the client reset its stream or
+/// closed its connection) the upload is marked abandoned, to be counted as the client's.
+struct UploadWatch<'a> {
+    upload: &'a Upload,
+    conn: &'a ConnHandle,
+    _hold: crate::server::HoldOpen<'a>,
+    armed: bool,
+}
+
+impl Drop for UploadWatch<'_> {
+    fn drop(&mut self) {
+        // A shutdown cutting the connection off is not the client leaving.
+        if self.armed && !self.conn.is_cut_off() {
+            self.upload.abandon();
         }
     }
 }
@@ -385,6 +490,18 @@ pub enum ProxyError {
     NoBackend,
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    #[error("malformed request body")]
+    MalformedBody {
+        #[source]
+        source: BoxError,
+    },
+    #[error("the client went away before its request was complete")]
+    ClientGone {
+        #[source]
+        source: BoxError,
+    },
+    #[error("the client stopped sending its request body")]
+    UploadStalled,
     #[error("connecting to backend {} failed", node.name)]
     Connect {
         node: Arc<Node>,
@@ -404,31 +521,44 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    fn exchange(node: &Arc<Node>, error: UpstreamError) -> Self {
+    fn exchange(node: &Arc<Node>, error: UpstreamError, upload: Option<&Upload>) -> Self {
         match error {
             UpstreamError::Connect(source) => ProxyError::Connect {
                 node: node.clone(),
                 source: source.into(),
             },
-            UpstreamError::Exchange(source) => Self::failed_exchange(node, source.into()),
+            UpstreamError::Exchange(source) => Self::failed_exchange(node, source.into(), upload),
         }
     }
 
-    fn pooled_client(node: &Arc<Node>, source: hyper_util::client::legacy::Error) -> Self {
+    fn pooled_client(
+        node: &Arc<Node>,
+        source: hyper_util::client::legacy::Error,
+        upload: Option<&Upload>,
+    ) -> Self {
         if source.is_connect() {
             ProxyError::Connect {
                 node: node.clone(),
                 source: source.into(),
             }
         } else {
-            Self::failed_exchange(node, source.into())
+            Self::failed_exchange(node, source.into(), upload)
         }
     }
 
-    /// A failure after connecting: the backend's fault unless the client's body was too large.
-    fn failed_exchange(node: &Arc<Node>, source: BoxError) -> Self {
-        match find_source::<BodyTooLarge>(&*source) {
-            Some(e) => ProxyError::BodyTooLarge { limit: e.limit },
+    /// A failure after connecting: the backend's fault unless the client's body failed first.
+    ///
+    /// The upload's record decides, not the error: over HTTP/1.1 hyper hands back the body's
+    /// [`crate::body::ClientBodyError`] in its chain, but an HTTP/2 backend connection answers
+    /// a failed body by resetting the stream, and the response future sees only that reset.
+    fn failed_exchange(node: &Arc<Node>, source: BoxError, upload: Option<&Upload>) -> Self {
+        match upload.and_then(|u| Some((u.fault()?, u.limit()))) {
+            Some((ClientErrorKind::TooLarge, limit)) => ProxyError::BodyTooLarge {
+                limit: limit.unwrap_or_default(),
+            },
+            Some((ClientErrorKind::Malformed, _)) => ProxyError::MalformedBody { source },
+            Some((ClientErrorKind::Aborted, _)) => ProxyError::ClientGone { source },
+            Some((ClientErrorKind::Timeout, _)) => ProxyError::UploadStalled,
             None => ProxyError::Reset {
                 node: node.clone(),
                 source,
@@ -442,6 +572,10 @@ impl ProxyError {
             ProxyError::Method => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::MalformedBody { .. } => StatusCode::BAD_REQUEST,
+            // Read only by a client that half-closed its connection.
+            ProxyError::ClientGone { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::UploadStalled => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Connect { .. }
             | ProxyError::Reset { .. }
             | ProxyError::UnexpectedUpgrade { .. } => StatusCode::BAD_GATEWAY,
@@ -455,12 +589,34 @@ impl ProxyError {
             ProxyError::NoRoute
             | ProxyError::Method
             | ProxyError::NoBackend
-            | ProxyError::BodyTooLarge { .. } => None,
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::MalformedBody { .. }
+            | ProxyError::ClientGone { .. }
+            | ProxyError::UploadStalled => None,
             ProxyError::Connect { node, .. } => Some((node, ErrorKind::Connect)),
             ProxyError::Reset { node, .. } | ProxyError::UnexpectedUpgrade { node } => {
                 Some((node, ErrorKind::Reset))
             }
             ProxyError::Timeout { node, .. } => Some((node, ErrorKind::Timeout)),
+        }
+    }
+
+    /// Whether the client broke its request. These are counted in
+    /// `fulcrum_client_errors_total` where they are noticed, not here: some are noticed after
+    /// the response has started, or after hyper dropped the request, and never reach the funnel.
+    fn client_fault(&self) -> bool {
+        match self {
+            ProxyError::BodyTooLarge { .. }
+            | ProxyError::MalformedBody { .. }
+            | ProxyError::ClientGone { .. }
+            | ProxyError::UploadStalled => true,
+            ProxyError::NoRoute
+            | ProxyError::Method
+            | ProxyError::NoBackend
+            | ProxyError::Connect { .. }
+            | ProxyError::Reset { .. }
+            | ProxyError::Timeout { .. }
+            | ProxyError::UnexpectedUpgrade { .. } => false,
         }
     }
 
@@ -473,7 +629,11 @@ impl ProxyError {
     }
 
     /// The one funnel: status, metrics and a log line for every failed request.
-    fn into_response(self, unattributed: &ResponseCounters) -> Response<ProxyBody> {
+    fn into_response(
+        self,
+        unattributed: &ResponseCounters,
+        version: Version,
+    ) -> Response<ProxyBody> {
         let status = self.status();
         self.count();
         match self.blame() {
@@ -481,12 +641,24 @@ impl ProxyError {
                 node.metrics.responses.record(status.as_u16());
                 warn!(backend = %node.name, kind = kind.as_str(), status = status.as_u16(), error = %ErrorChain(&self), "upstream request failed");
             }
+            // A client that left gets no response it could read: none is recorded.
+            None if matches!(self, ProxyError::ClientGone { .. }) => {
+                debug!(error = %ErrorChain(&self), "client went away mid-request");
+            }
             None => {
                 unattributed.record(status.as_u16());
-                debug!(status = status.as_u16(), error = %self, "request answered by fulcrum");
+                debug!(status = status.as_u16(), error = %ErrorChain(&self), "request answered by fulcrum");
             }
         }
-        local_response(status, &self.to_string())
+        let mut response = local_response(status, &self.to_string());
+        // The client's body was not read to its end, so the connection cannot carry another
+        // request (HTTP/2 ends just the stream, and forbids the header).
+        if self.client_fault() && version <= Version::HTTP_11 {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 
@@ -499,19 +671,6 @@ pub fn local_response(status: StatusCode, message: &str) -> Response<ProxyBody> 
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
-}
-
-fn find_source<'a, E: std::error::Error + 'static>(
-    error: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a E> {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(found) = e.downcast_ref::<E>() {
-            return Some(found);
-        }
-        current = e.source();
-    }
-    None
 }
 
 /// Formats an error with its whole source chain, `outer: inner: root`.

@@ -1,5 +1,6 @@
 //! The connection layer: accept, run the TLS handshake (TLS listeners), hand each connection to
-//! hyper, carry upgraded connections as byte tunnels, close idle ones, and drain on shutdown.
+//! hyper, carry upgraded connections as byte tunnels, close idle and silent ones, count the
+//! requests hyper refuses itself (a malformed or oversized head), and drain on shutdown.
 //! What happens to a request once hyper has parsed it is [`crate::proxy`]'s story.
 
 use std::convert::Infallible;
@@ -8,7 +9,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -30,15 +31,16 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn};
 
 use crate::body::BoxError;
-use crate::metrics::DOWNSTREAM_CONNECTIONS;
+use crate::metrics::{ClientErrorKind, ClientErrors, DOWNSTREAM_CONNECTIONS};
 use crate::tls::TlsTerminator;
 
 /// Limits applied to every connection of one listener.
 #[derive(Debug, Clone)]
 pub struct ConnLimits {
-    /// Time to receive a complete request head. hyper starts this clock whenever it waits for a
-    /// head, so on HTTP/1.1 it also bounds how long a keep-alive connection may sit between
-    /// requests (HAProxy's `timeout http-keep-alive` defaults the same way).
+    /// Time to receive a complete request head. The first one's clock starts at accept (at the
+    /// end of the TLS handshake), whatever the protocol; after that hyper starts it whenever it
+    /// waits for a head, so on HTTP/1.1 it also bounds how long a keep-alive connection may sit
+    /// between requests (HAProxy's `timeout http-keep-alive` defaults the same way).
     pub header_read_timeout: Duration,
     /// No byte in either direction for this long closes the connection (HAProxy's
     /// `timeout client`); the only idle bound for HTTP/2 and for upgraded connections.
@@ -55,6 +57,24 @@ const H2_CONNECTION_WINDOW: u32 = 2 << 20;
 /// Streams one HTTP/2 client may have open at once (hyper's default is 200; browsers open
 /// at most ~100).
 const H2_MAX_STREAMS: u32 = 256;
+/// Response bytes buffered per stream for a client that does not read. The limit is per
+/// stream, so the connection's worst case is this times [`H2_MAX_STREAMS`]: 16 MiB, where
+/// hyper's default (~400 KB) allowed ~100 MiB. Four full-size frames still keep one stream's
+/// pipe full between two polls of the backend's body.
+const H2_SEND_BUFFER: usize = 64 << 10;
+/// A peer that stops acknowledging pings is gone: noticed even while a stream trickles bytes
+/// one way, which the idle timer cannot see. hyper's server pings idle connections too, and
+/// an acknowledgement is traffic, so the interval never drops below 1.5 × `idle_timeout`:
+/// the idle timer (which fires by 1.25 × `idle_timeout`) still closes an idle connection.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Streams a client may open and reset before fulcrum has accepted them, then `GOAWAY`: the
+/// "rapid reset" flood (CVE-2023-44487) costs the server work for streams nobody will read.
+/// h2's current default, pinned so an upgrade cannot loosen it.
+const H2_MAX_PENDING_RESETS: usize = 20;
+/// Streams fulcrum may reset for a client's protocol errors before it sends `GOAWAY`: a
+/// client that earns more resets than it may have streams open is not making mistakes.
+const H2_MAX_ERROR_RESETS: usize = H2_MAX_STREAMS as usize;
 
 /// The stop signals and the task tracker every accept loop of one balancer shares.
 #[derive(Debug, Clone, Default)]
@@ -88,6 +108,7 @@ pub fn spawn_accept_loop<M, S, B>(
 {
     let builders = Arc::new(Builders::new(&limits));
     let connections = metrics::gauge!(DOWNSTREAM_CONNECTIONS, "listener" => name.to_string());
+    let client_errors = Arc::new(ClientErrors::new(&name));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let shutdown = lifecycle.shutdown.clone();
     lifecycle.tracker.clone().spawn(async move {
@@ -114,7 +135,8 @@ pub fn spawn_accept_loop<M, S, B>(
                 slot,
                 connections.clone(),
                 open_connections.clone(),
-                limits.idle_timeout,
+                &limits,
+                client_errors.clone(),
                 lifecycle.clone(),
             );
             let service = make_service(peer, conn.clone());
@@ -194,7 +216,12 @@ impl Builders {
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
             .max_concurrent_streams(H2_MAX_STREAMS)
             .initial_stream_window_size(H2_STREAM_WINDOW)
-            .initial_connection_window_size(H2_CONNECTION_WINDOW);
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_send_buf_size(H2_SEND_BUFFER)
+            .keep_alive_interval(H2_PING_INTERVAL.max(limits.idle_timeout.saturating_mul(3) / 2))
+            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_ERROR_RESETS);
         Self {
             h1: builder.clone().http1_only(),
             h2: builder.clone().http2_only(),
@@ -221,6 +248,12 @@ struct ConnShared {
     /// Bumped by every read and write on the client socket (see [`CountingIo`]).
     activity: Arc<AtomicU64>,
     idle_timeout: Duration,
+    header_read_timeout: Duration,
+    /// Set when hyper hands over the connection's first request.
+    dispatched: AtomicBool,
+    /// Requests uploading a body under their own stall timer (see [`ConnHandle::hold_open`]).
+    uploads: AtomicUsize,
+    client_errors: Arc<ClientErrors>,
     lifecycle: Lifecycle,
 }
 
@@ -229,7 +262,8 @@ impl ConnHandle {
         slot: OwnedSemaphorePermit,
         gauge: Gauge,
         open_connections: Arc<AtomicU64>,
-        idle_timeout: Duration,
+        limits: &ConnLimits,
+        client_errors: Arc<ClientErrors>,
         lifecycle: Lifecycle,
     ) -> Self {
         gauge.increment(1.0);
@@ -240,10 +274,39 @@ impl ConnHandle {
                 gauge,
                 open_connections,
                 activity: Arc::new(AtomicU64::new(0)),
-                idle_timeout,
+                idle_timeout: limits.idle_timeout,
+                header_read_timeout: limits.header_read_timeout,
+                dispatched: AtomicBool::new(false),
+                uploads: AtomicUsize::new(0),
+                client_errors,
                 lifecycle,
             }),
         }
+    }
+
+    /// The listener's `idle_timeout`: how long a client may leave its connection (or its
+    /// upload) without a byte.
+    pub fn idle_timeout(&self) -> Duration {
+        self.inner.idle_timeout
+    }
+
+    /// The listener's `fulcrum_client_errors_total` handles.
+    pub fn client_errors(&self) -> &Arc<ClientErrors> {
+        &self.inner.client_errors
+    }
+
+    /// Whether `shutdown_grace` ran out and the connection is being cut off (not the client's
+    /// doing).
+    pub fn is_cut_off(&self) -> bool {
+        self.inner.lifecycle.cut_off.is_cancelled()
+    }
+
+    /// Keeps the connection's idle timer from closing the connection while the returned guard
+    /// lives: a request watching its own upload answers a stalled client `408` at the same
+    /// `idle_timeout`, and must not lose that race to a silent close.
+    pub fn hold_open(&self) -> HoldOpen<'_> {
+        self.inner.uploads.fetch_add(1, Ordering::Relaxed);
+        HoldOpen(&self.inner)
     }
 
     /// Once both sides have switched protocols, copies bytes between the client and the
@@ -267,10 +330,25 @@ impl ConnHandle {
                     Ok((up, down)) => debug!(up, down, "tunnel closed"),
                     Err(e) => debug!(error = %e, "tunnel ended with an error"),
                 },
-                () = idle(&shared.activity, shared.idle_timeout) => debug!("closing idle tunnel"),
+                () = idle(shared) => debug!("closing idle tunnel"),
                 () = shared.lifecycle.cut_off.cancelled() => debug!("tunnel cut off by shutdown_grace"),
             }
         });
+    }
+}
+
+/// See [`ConnHandle::hold_open`].
+pub struct HoldOpen<'a>(&'a ConnShared);
+
+impl Drop for HoldOpen<'_> {
+    fn drop(&mut self) {
+        self.0.uploads.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for HoldOpen<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HoldOpen")
     }
 }
 
@@ -303,12 +381,23 @@ async fn serve_connection<I, S, B>(
     B::Error: Into<BoxError>,
 {
     let shared = &conn.inner;
+    let first = conn.inner.clone();
     let conn = builder.serve_connection_with_upgrades(
         TokioIo::new(io),
-        hyper::service::service_fn(move |req| service.call(req)),
+        hyper::service::service_fn(move |req| {
+            first.dispatched.store(true, Ordering::Relaxed);
+            service.call(req)
+        }),
     );
     tokio::pin!(conn);
-    let idle = idle(&shared.activity, shared.idle_timeout);
+    // hyper reads the protocol preface (HTTP/1.1 or HTTP/2?) without a timer, and its own
+    // header timer starts only once it has decided: the first request gets a deadline of its
+    // own, from accept (or the end of the TLS handshake).
+    let reads_before = reads(&shared.activity);
+    let first_head = tokio::time::sleep(shared.header_read_timeout);
+    tokio::pin!(first_head);
+    let mut awaiting_first_head = true;
+    let idle = idle(shared);
     tokio::pin!(idle);
     let shutdown = Quiet::new(shared.lifecycle.shutdown.cancelled());
     tokio::pin!(shutdown);
@@ -320,6 +409,11 @@ async fn serve_connection<I, S, B>(
             biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
+                    let first_head_pending = !shared.dispatched.load(Ordering::Relaxed);
+                    let sent_bytes = reads(&shared.activity) != reads_before;
+                    if let Some(kind) = refused(&*e, first_head_pending, sent_bytes) {
+                        shared.client_errors.count(kind);
+                    }
                     debug!(error = %e, "client connection ended with an error");
                 }
                 return;
@@ -328,6 +422,19 @@ async fn serve_connection<I, S, B>(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
+            () = first_head.as_mut(), if awaiting_first_head => {
+                awaiting_first_head = false;
+                if !shared.dispatched.load(Ordering::Relaxed) {
+                    // A connection that never sent a byte is not a request, so it is not a
+                    // client error either (port scanners, browsers' speculative preconnects);
+                    // one that sent part of a head is, like a head hyper times out.
+                    if reads(&shared.activity) != reads_before {
+                        shared.client_errors.count(ClientErrorKind::Timeout);
+                    }
+                    debug!("no request head within header_read_timeout; closing");
+                    return;
+                }
+            }
             () = &mut idle => {
                 debug!("closing idle client connection");
                 return;
@@ -335,6 +442,44 @@ async fn serve_connection<I, S, B>(
             () = cut_off.as_mut() => return,
         }
     }
+}
+
+/// The client error behind a connection hyper ended with an error, when it is one: a head
+/// hyper answered itself (`400`, `431`, `414`), a head cut short, an HTTP/2 protocol
+/// violation. Resets and an EOF between requests are how connections end, not errors.
+///
+/// hyper's header timer on a reused HTTP/1.1 connection cannot tell a keep-alive connection
+/// that simply went quiet from a partial head, so only the first head's timeout counts (and
+/// only when the client sent something, as for fulcrum's own first-head deadline).
+fn refused(
+    error: &(dyn std::error::Error + 'static),
+    first_head_pending: bool,
+    sent_bytes: bool,
+) -> Option<ClientErrorKind> {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(e) = e.downcast_ref::<hyper::Error>() {
+            return if e.is_parse_too_large() {
+                Some(ClientErrorKind::TooLarge)
+            } else if e.is_parse() {
+                Some(ClientErrorKind::Malformed)
+            } else if e.is_incomplete_message() {
+                Some(ClientErrorKind::Aborted)
+            } else if e.is_timeout() {
+                (first_head_pending && sent_bytes).then_some(ClientErrorKind::Timeout)
+            } else {
+                // HTTP/2: look further down for h2's own verdict.
+                source = std::error::Error::source(e);
+                continue;
+            };
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            // A GOAWAY h2 sent itself: the client broke the protocol (or flooded resets).
+            return (h2.is_go_away() && h2.is_library()).then_some(ClientErrorKind::Malformed);
+        }
+        source = e.source();
+    }
+    None
 }
 
 pin_project! {
@@ -394,10 +539,11 @@ impl<F: Future> Future for Quiet<F> {
     }
 }
 
-/// Resolves once `activity` has not moved for `idle_timeout`. Checking four times per
-/// timeout closes an idle connection within 1.25 × the limit without reading a clock on every
-/// read and write.
-async fn idle(activity: &AtomicU64, idle_timeout: Duration) {
+/// Resolves once the connection's `activity` has not moved for `idle_timeout` and no request
+/// holds it open. Checking four times per timeout closes an idle connection within 1.25 × the
+/// limit without reading a clock on every read and write.
+async fn idle(shared: &ConnShared) {
+    let (activity, idle_timeout) = (&*shared.activity, shared.idle_timeout);
     let period = idle_timeout / 4;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -406,7 +552,7 @@ async fn idle(activity: &AtomicU64, idle_timeout: Duration) {
     loop {
         ticker.tick().await;
         let seen = activity.load(Ordering::Relaxed);
-        if seen != last_seen {
+        if seen != last_seen || shared.uploads.load(Ordering::Relaxed) != 0 {
             last_seen = seen;
             quiet = Duration::ZERO;
         } else {
@@ -419,7 +565,8 @@ async fn idle(activity: &AtomicU64, idle_timeout: Duration) {
 }
 
 pin_project! {
-    /// A stream that counts reads and writes so the connection task can tell it is idle.
+    /// A stream that counts reads and writes so the connection task can tell it is idle, and
+    /// whether the client has sent anything.
     struct CountingIo<T> {
         #[pin]
         inner: T,
@@ -427,9 +574,19 @@ pin_project! {
     }
 }
 
+/// Reads count in the high half of `activity`, writes in the low half: one atomic add per
+/// operation tells both "anything happened" and "the client sent something". Only the change
+/// matters, so wrapping is harmless.
+const READ: u64 = 1 << 32;
+const WRITE: u64 = 1;
+
+fn reads(activity: &AtomicU64) -> u64 {
+    activity.load(Ordering::Relaxed) >> 32
+}
+
 impl<T> CountingIo<T> {
-    fn touch(activity: &AtomicU64) {
-        activity.fetch_add(1, Ordering::Relaxed);
+    fn touch(activity: &AtomicU64, what: u64) {
+        activity.fetch_add(what, Ordering::Relaxed);
     }
 }
 
@@ -443,7 +600,7 @@ impl<T: AsyncRead> AsyncRead for CountingIo<T> {
         let before = buf.filled().len();
         let result = this.inner.poll_read(cx, buf);
         if buf.filled().len() != before {
-            Self::touch(this.activity);
+            Self::touch(this.activity, READ);
         }
         result
     }
@@ -458,7 +615,7 @@ impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
         let this = self.project();
         let result = this.inner.poll_write(cx, buf);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            Self::touch(this.activity);
+            Self::touch(this.activity, WRITE);
         }
         result
     }
@@ -471,7 +628,7 @@ impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
         let this = self.project();
         let result = this.inner.poll_write_vectored(cx, bufs);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            Self::touch(this.activity);
+            Self::touch(this.activity, WRITE);
         }
         result
     }
