@@ -5,6 +5,15 @@
 //! request loads the snapshot once and picks from it with atomics only. What must survive a swap
 //! (health, in-flight counts, metric handles) lives in [`Node`], keyed by the backend's name, and
 //! is carried over by [`Pool::replace`].
+//!
+//! Caps: a node with `max_connections` takes at most that many requests in flight. In a pool
+//! with any capped node, a pick skips full nodes and reserves its place on the chosen one with
+//! a compare-and-swap on the node's in-flight count (two racing picks cannot both take the last
+//! place); a request with nowhere to go waits in the pool's FIFO queue ([`queue`]). A pool
+//! without caps never looks at a cap or the queue: its picks and releases touch the same
+//! atomics they did before caps existed.
+
+mod queue;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -19,11 +28,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::balance::{Balancer, CookieTarget, Pick, Sticky, client_key};
+use crate::balance::{Balancer, CappedPick, CookieTarget, Pick, Sticky, client_key};
 use crate::body::RequestBody;
 use crate::config::{BackendProtocol, HealthConfig, PoolConfig, Strategy};
 use crate::metrics::{BackendMetrics, PoolMetrics};
 use crate::upstream::IdleConns;
+
+use queue::Woken;
+pub use queue::{Slot, Target, WaitQueue};
 
 /// hyper-util's pooled client, for what needs a task per connection: h2c backends and
 /// `Upgrade` requests. Other HTTP/1.1 requests go through [`crate::upstream`].
@@ -61,6 +73,9 @@ pub struct Node {
     pub name: Arc<str>,
     health: AtomicU8,
     in_flight: AtomicU32,
+    /// `max_connections`: the most requests in flight; 0 = uncapped. Read only by picks in a
+    /// pool that has caps.
+    cap: AtomicU32,
     requests: AtomicU64,
     /// `now_ms()` until which picks skip the node after refused connections; 0 = not cooling.
     cooling_until_ms: AtomicU64,
@@ -74,10 +89,12 @@ pub struct Node {
     pub metrics: BackendMetrics,
     /// HTTP/1.1 connections waiting for the next request to this node.
     pub idle: IdleConns,
+    /// The pool's queue: a release hands its place to the first request waiting for it.
+    queue: Arc<WaitQueue>,
 }
 
 impl Node {
-    fn new(pool: &Arc<str>, name: Arc<str>, health: Health) -> Self {
+    fn new(pool: &Arc<str>, name: Arc<str>, health: Health, queue: Arc<WaitQueue>) -> Self {
         let metrics = BackendMetrics::new(pool, &name);
         metrics.up.set(if health == Health::Up { 1.0 } else { 0.0 });
         Self {
@@ -85,6 +102,7 @@ impl Node {
             name,
             health: AtomicU8::new(health as u8),
             in_flight: AtomicU32::new(0),
+            cap: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             cooling_until_ms: AtomicU64::new(0),
             refusals: AtomicU32::new(0),
@@ -92,6 +110,7 @@ impl Node {
             draining: AtomicBool::new(false),
             failures: AtomicU64::new(0),
             idle: IdleConns::default(),
+            queue,
         }
     }
 
@@ -110,6 +129,10 @@ impl Node {
             self.ramp_from_ms.store(now_ms(), Ordering::Relaxed);
             self.cooling_until_ms.store(0, Ordering::Relaxed);
             self.refusals.store(0, Ordering::Relaxed);
+        }
+        if previous != health as u8 {
+            // Requests waiting for room may now have a node to go to, or none at all.
+            self.queue.nudge();
         }
         self.metrics
             .up
@@ -133,6 +156,8 @@ impl Node {
 
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+        // Requests waiting for it as a new user's node must look elsewhere.
+        self.queue.nudge();
     }
 
     /// In a passive cool-off after refusing connections.
@@ -147,6 +172,8 @@ impl Node {
         let cool_off = (COOL_OFF_BASE_MS << streak).min(COOL_OFF_MAX_MS);
         self.cooling_until_ms
             .store(now_ms() + cool_off, Ordering::Relaxed);
+        // A sticky user or ip_hash client waiting for this node goes elsewhere now.
+        self.queue.nudge();
         Duration::from_millis(cool_off)
     }
 
@@ -183,6 +210,34 @@ impl Node {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// `max_connections`, if the node has one.
+    pub fn cap(&self) -> Option<u32> {
+        Some(self.cap.load(Ordering::Relaxed)).filter(|&cap| cap != 0)
+    }
+
+    /// Below its cap (or uncapped): a pick in a capped pool may choose it.
+    pub fn has_room(&self) -> bool {
+        let cap = self.cap.load(Ordering::Relaxed);
+        cap == 0 || self.in_flight.load(Ordering::Relaxed) < cap
+    }
+
+    /// Takes one place below the cap, or fails when the node is full. SeqCst, with the queue's
+    /// length, so a release and a request that is just starting to wait cannot miss each
+    /// other (see [`queue`]).
+    fn try_reserve(&self) -> bool {
+        let cap = self.cap.load(Ordering::Relaxed);
+        self.in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (cap == 0 || n < cap).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn set_cap(&self, cap: Option<u32>) {
+        self.cap.store(cap.unwrap_or(0), Ordering::Relaxed);
+        self.idle.set_limit(cap);
+    }
+
     /// Requests ever sent to this node.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -207,6 +262,8 @@ pub struct Backend {
     pub node: Arc<Node>,
     pub address: SocketAddr,
     pub weight: u32,
+    /// The node's cap: its own `max_connections`, else the pool's `max_connections_per_backend`.
+    pub max_connections: Option<u32>,
     /// `address` ready to put in an upstream URI without formatting per request.
     pub authority: Authority,
 }
@@ -222,6 +279,8 @@ pub struct PoolSettings {
     /// Extra attempts on other nodes for requests that never reached a backend.
     pub retries: u32,
     pub slow_start: Option<Duration>,
+    /// How long a request waits for room when every node it may use is full.
+    pub queue_timeout: Duration,
     pub health: HealthConfig,
 }
 
@@ -235,6 +294,38 @@ pub struct PoolState {
     /// HTTP/1.1 for `Upgrade` requests (WebSocket).
     pub upgrade_client: UpstreamClient,
     balancer: Balancer,
+    /// Some node has a cap: picks reserve places and may wait in `queue`.
+    capped: bool,
+    queue: Arc<WaitQueue>,
+}
+
+/// Where [`PoolState::place`] put a request.
+#[derive(Debug)]
+pub enum Placement {
+    /// On the node at this index, counted in flight there.
+    Placed(usize, InFlight),
+    /// Every node the request may use is full: [`PoolState::wait`] for room.
+    Full(Wanted),
+    /// No node the request may use is routable: 503.
+    Nowhere,
+}
+
+/// What a request waiting in the queue waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    /// Room on any node it may use.
+    Any,
+    /// Room on the node at this index, the one its cookie or address is bound to.
+    Node(usize),
+}
+
+/// Why [`PoolState::wait`] found no room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unplaced {
+    /// Every node the request could use went away while it waited.
+    Nowhere,
+    /// `queue_timeout` passed.
+    QueueTimeout,
 }
 
 impl PoolState {
@@ -248,8 +339,117 @@ impl PoolState {
     }
 
     /// Chooses a routable backend for `pick`'s request, other than those it already tried.
+    /// Ignores caps; [`PoolState::place`] is what a request uses.
     pub fn pick_for(&self, pick: &Pick<'_>) -> Option<usize> {
         self.balancer.pick(&self.backends, pick)
+    }
+
+    /// Picks a node for `pick`'s request and counts the request in flight there, without
+    /// waiting. In a pool without caps this is [`PoolState::pick_for`] and nothing more.
+    pub fn place(&self, pick: &Pick<'_>, started: Instant) -> Placement {
+        if !self.capped {
+            return match self.pick_for(pick) {
+                Some(index) => {
+                    let node = self.backends[index].node.clone();
+                    Placement::Placed(index, InFlight::start(node, started))
+                }
+                None => Placement::Nowhere,
+            };
+        }
+        match self.reserve(pick) {
+            Ok((index, slot)) => Placement::Placed(index, InFlight::reserved(slot, started)),
+            Err(Some(wanted)) => Placement::Full(wanted),
+            Err(None) => Placement::Nowhere,
+        }
+    }
+
+    /// A capped pick and its reservation; `Err(None)` when no node is routable.
+    fn reserve(&self, pick: &Pick<'_>) -> Result<(usize, Slot), Option<Wanted>> {
+        // Another request can take a node's last place between this pick's look and its
+        // reservation; the next pick then sees that node full. Bounded, so that a burst of
+        // such races ends in the queue rather than in a spin.
+        for _ in 0..=self.backends.len() {
+            match self.balancer.pick_capped(&self.backends, pick) {
+                CappedPick::Free(index) => {
+                    if let Some(slot) = Slot::take(&self.backends[index].node) {
+                        return Ok((index, slot));
+                    }
+                }
+                CappedPick::Bound(index) => {
+                    return Slot::take(&self.backends[index].node)
+                        .map(|slot| (index, slot))
+                        .ok_or(Some(Wanted::Node(index)));
+                }
+                CappedPick::AllFull => return Err(Some(Wanted::Any)),
+                CappedPick::Nowhere => return Err(None),
+            }
+        }
+        Err(Some(Wanted::Any))
+    }
+
+    /// Waits in the pool's FIFO queue, for up to `queue_timeout`, until a node `pick`'s request
+    /// may use has room, and counts the request in flight there.
+    pub async fn wait(
+        self: &Arc<Self>,
+        pick: &Pick<'_>,
+        wanted: Wanted,
+        started: Instant,
+    ) -> Result<(usize, InFlight), Unplaced> {
+        if self.settings.queue_timeout.is_zero() {
+            return Err(Unplaced::QueueTimeout);
+        }
+        let deadline = tokio::time::Instant::now() + self.settings.queue_timeout;
+        let mut waiter = self.queue.waiter();
+        let mut wanted = wanted;
+        loop {
+            // In the queue first, then one more look: a place freed between the pick that
+            // found every node full and this line is either seen by the look or handed to us.
+            if let Some(slot) = waiter.enqueue(self.target(pick, wanted))
+                && let Some(placed) = self.accept(slot, started)
+            {
+                return Ok(placed);
+            }
+            match self.reserve(pick) {
+                Ok((index, slot)) => return Ok((index, InFlight::reserved(slot, started))),
+                Err(None) => return Err(Unplaced::Nowhere),
+                // The cookie's node went down, or the like: wait for what is wanted now.
+                Err(Some(now)) if now != wanted => {
+                    wanted = now;
+                    continue;
+                }
+                Err(Some(_)) => {}
+            }
+            match waiter.wake(deadline).await {
+                Woken::Handed(slot) => {
+                    if let Some(placed) = self.accept(slot, started) {
+                        return Ok(placed);
+                    }
+                }
+                // The pool changed: look again, keeping our place in the line.
+                Woken::Nudged => {}
+                Woken::TimedOut => return Err(Unplaced::QueueTimeout),
+            }
+        }
+    }
+
+    fn target(self: &Arc<Self>, pick: &Pick<'_>, wanted: Wanted) -> Target {
+        match wanted {
+            Wanted::Any => Target::Any {
+                state: self.clone(),
+                tried: pick.tried.into(),
+            },
+            Wanted::Node(index) => Target::Node(self.backends[index].node.clone()),
+        }
+    }
+
+    /// A place handed over by a release, on a node of this snapshot the request may use
+    /// (the queue hands places only to waiters whose target takes that node).
+    fn accept(&self, slot: Slot, started: Instant) -> Option<(usize, InFlight)> {
+        let index = self
+            .backends
+            .iter()
+            .position(|b| Arc::ptr_eq(&b.node, slot.node()))?;
+        Some((index, InFlight::reserved(slot, started)))
     }
 
     /// Reads what the strategy needs from a request: the client address for `ip_hash`, the
@@ -338,9 +538,11 @@ impl Pool {
 
     fn with_health(name: &str, config: &PoolConfig, health: Health) -> Self {
         let name: Arc<str> = Arc::from(name);
-        let state = build_state(&name, config, &HashMap::new(), None, health);
+        let metrics = PoolMetrics::new(&name);
+        let queue = Arc::new(WaitQueue::new(metrics.queue_depth.clone()));
+        let state = build_state(&name, config, &HashMap::new(), None, health, &queue);
         Self {
-            metrics: PoolMetrics::new(&name),
+            metrics,
             journal: Journal::default(),
             name,
             state: ArcSwap::from_pointee(state),
@@ -366,7 +568,15 @@ impl Pool {
             && current.settings.backend_protocol == config.backend_protocol)
             .then(|| (current.h2c_client.clone(), current.upgrade_client.clone()));
         // Newcomers must prove themselves with `rise` passing checks first.
-        let next = build_state(&self.name, config, &nodes, reusable_client, Health::Pending);
+        let queue = current.queue.clone();
+        let next = build_state(
+            &self.name,
+            config,
+            &nodes,
+            reusable_client,
+            Health::Pending,
+            &queue,
+        );
         for backend in next.backends.iter() {
             if !nodes.contains_key(&backend.node.name) {
                 let detail = format!(
@@ -382,6 +592,8 @@ impl Pool {
             }
         }
         self.state.store(Arc::new(next));
+        // Waiting requests look again: caps may have changed, nodes come or gone.
+        queue.nudge();
     }
 }
 
@@ -391,18 +603,27 @@ fn build_state(
     existing: &HashMap<Arc<str>, Arc<Node>>,
     clients: Option<(Option<UpstreamClient>, UpstreamClient)>,
     newcomer_health: Health,
+    queue: &Arc<WaitQueue>,
 ) -> PoolState {
     let backends: Box<[Backend]> = config
         .backends
         .iter()
         .map(|b| {
             let node = existing.get(b.name.as_str()).cloned().unwrap_or_else(|| {
-                Arc::new(Node::new(pool, Arc::from(b.name.as_str()), newcomer_health))
+                Arc::new(Node::new(
+                    pool,
+                    Arc::from(b.name.as_str()),
+                    newcomer_health,
+                    queue.clone(),
+                ))
             });
+            let max_connections = config.cap_of(b);
+            node.set_cap(max_connections);
             Backend {
                 node,
                 address: b.address,
                 weight: b.weight,
+                max_connections,
                 authority: Authority::try_from(b.address.to_string())
                     .expect("a socket address is a valid authority"),
             }
@@ -416,6 +637,7 @@ fn build_state(
         idle_pool_timeout: config.idle_pool_timeout,
         retries: config.retries,
         slow_start: config.slow_start,
+        queue_timeout: config.queue_timeout,
         health: config.health.clone(),
     };
     let (h2c_client, upgrade_client) = clients.unwrap_or_else(|| {
@@ -428,6 +650,8 @@ fn build_state(
         h2c_client,
         upgrade_client,
         settings,
+        capped: backends.iter().any(|b| b.max_connections.is_some()),
+        queue: queue.clone(),
         backends,
     }
 }
@@ -447,19 +671,36 @@ fn upstream_client(settings: &PoolSettings, protocol: BackendProtocol) -> Upstre
 }
 
 /// Counts a request against its node from pick until the response body ends or the client
-/// goes away, which is what least connections must see for streaming responses.
+/// goes away, which is what least connections must see for streaming responses, and what a
+/// cap limits.
 #[derive(Debug)]
 pub struct InFlight {
     node: Arc<Node>,
     started: Instant,
+    /// Took its place with [`Slot::take`]: ending hands the place to a waiting request.
+    capped: bool,
 }
 
 impl InFlight {
+    /// A request to a node of a pool without caps.
     pub fn start(node: Arc<Node>, started: Instant) -> Self {
         node.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self::counted(node, started, false)
+    }
+
+    /// A request on a place reserved below its node's cap.
+    fn reserved(slot: Slot, started: Instant) -> Self {
+        Self::counted(slot.into_node(), started, true)
+    }
+
+    fn counted(node: Arc<Node>, started: Instant, capped: bool) -> Self {
         node.requests.fetch_add(1, Ordering::Relaxed);
         node.metrics.in_flight.increment(1.0);
-        Self { node, started }
+        Self {
+            node,
+            started,
+            capped,
+        }
     }
 
     pub fn node(&self) -> &Arc<Node> {
@@ -469,9 +710,13 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.node.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.node.metrics.in_flight.decrement(1.0);
         self.node.metrics.duration.record(self.started.elapsed());
+        if self.capped {
+            queue::release(&self.node);
+        } else {
+            self.node.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -489,12 +734,15 @@ mod tests {
             response_timeout: Duration::from_secs(30),
             retries: 2,
             idle_pool_timeout: Duration::from_secs(90),
+            max_connections_per_backend: None,
+            queue_timeout: Duration::from_secs(5),
             backends: backends
                 .iter()
                 .map(|&(name, port, weight)| BackendConfig {
                     name: name.to_owned(),
                     address: SocketAddr::from(([127, 0, 0, 1], port)),
                     weight,
+                    max_connections: None,
                 })
                 .collect(),
             health: HealthConfig {

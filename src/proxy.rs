@@ -20,7 +20,7 @@ use crate::body::{BodyTooLarge, BoxError, ProxyBody, RequestBody};
 use crate::config::{Config, strip_port};
 use crate::headers::{self, ForwardedFor};
 use crate::metrics::{ErrorKind, NONE, ResponseCounters};
-use crate::pool::{InFlight, Node, Pool};
+use crate::pool::{InFlight, Node, Placement, Pool, Unplaced};
 use crate::server::ConnHandle;
 use crate::upstream::{self, UpstreamError};
 use http_body::Body as _;
@@ -212,8 +212,22 @@ async fn forward(
             client,
             cookie,
         };
-        let Some(index) = state.pick_for(&pick) else {
-            break;
+        let (index, in_flight) = match state.place(&pick, started) {
+            Placement::Placed(index, in_flight) => (index, in_flight),
+            Placement::Nowhere => break,
+            // Boxed: only requests to full capped nodes pay for the waiting machinery's size.
+            Placement::Full(wanted) => match Box::pin(state.wait(&pick, wanted, started)).await {
+                Ok(placed) => placed,
+                Err(Unplaced::Nowhere) => break,
+                // A retry that found no room answers with the failure that made it retry.
+                Err(Unplaced::QueueTimeout) if failed.is_some() => break,
+                Err(Unplaced::QueueTimeout) => {
+                    pool.metrics.queue_timeouts.increment(1);
+                    return Err(ProxyError::QueueTimeout {
+                        after: state.settings.queue_timeout,
+                    });
+                }
+            },
         };
         if let Some(previous) = failed.take() {
             // The failure is hidden from the client: count it here, not in the funnel.
@@ -252,7 +266,6 @@ async fn forward(
             head.headers.clone()
         };
 
-        let in_flight = InFlight::start(node.clone(), started);
         let settings = &state.settings;
         let exchange = async {
             match client {
@@ -383,6 +396,8 @@ pub enum ProxyError {
     Method,
     #[error("no routable backend in the pool")]
     NoBackend,
+    #[error("every backend is at its max_connections; no room within {after:?}")]
+    QueueTimeout { after: Duration },
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("connecting to backend {} failed", node.name)]
@@ -440,7 +455,9 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Method => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoBackend | ProxyError::QueueTimeout { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Connect { .. }
             | ProxyError::Reset { .. }
@@ -455,6 +472,7 @@ impl ProxyError {
             ProxyError::NoRoute
             | ProxyError::Method
             | ProxyError::NoBackend
+            | ProxyError::QueueTimeout { .. }
             | ProxyError::BodyTooLarge { .. } => None,
             ProxyError::Connect { node, .. } => Some((node, ErrorKind::Connect)),
             ProxyError::Reset { node, .. } | ProxyError::UnexpectedUpgrade { node } => {
