@@ -9,11 +9,11 @@
 //! Caps: a node with `max_connections` takes at most that many requests in flight. In a pool
 //! with any capped node, a pick skips full nodes and reserves its place on the chosen one with
 //! a compare-and-swap on the node's in-flight count (two racing picks cannot both take the last
-//! place); a request with nowhere to go waits in the pool's FIFO queue ([`queue`]). A pool
+//! place); a request with nowhere to go waits in the pool's FIFO queue (`pool/caps.rs`). A pool
 //! without caps never looks at a cap or the queue: its picks and releases touch the same
 //! atomics they did before caps existed.
 
-mod queue;
+mod caps;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -28,14 +28,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::balance::{Balancer, CappedPick, CookieTarget, Pick, Sticky, client_key};
+use crate::balance::{Balancer, CookieTarget, Pick, Sticky, client_key};
 use crate::body::RequestBody;
 use crate::config::{BackendProtocol, HealthConfig, PoolConfig, Strategy};
 use crate::metrics::{BackendMetrics, PoolMetrics};
 use crate::upstream::IdleConns;
 
-use queue::Woken;
-pub use queue::{Slot, Target, WaitQueue};
+pub use caps::{Placement, Slot, Target, Unplaced, WaitQueue, Wanted};
 
 /// hyper-util's pooled client, for what needs a task per connection: h2c backends and
 /// `Upgrade` requests. Other HTTP/1.1 requests go through [`crate::upstream`].
@@ -299,35 +298,6 @@ pub struct PoolState {
     queue: Arc<WaitQueue>,
 }
 
-/// Where [`PoolState::place`] put a request.
-#[derive(Debug)]
-pub enum Placement {
-    /// On the node at this index, counted in flight there.
-    Placed(usize, InFlight),
-    /// Every node the request may use is full: [`PoolState::wait`] for room.
-    Full(Wanted),
-    /// No node the request may use is routable: 503.
-    Nowhere,
-}
-
-/// What a request waiting in the queue waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wanted {
-    /// Room on any node it may use.
-    Any,
-    /// Room on the node at this index, the one its cookie or address is bound to.
-    Node(usize),
-}
-
-/// Why [`PoolState::wait`] found no room.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unplaced {
-    /// Every node the request could use went away while it waited.
-    Nowhere,
-    /// `queue_timeout` passed.
-    QueueTimeout,
-}
-
 impl PoolState {
     /// Chooses a routable backend for a request without affinity, or `None` when the pool has
     /// none (a 503).
@@ -342,114 +312,6 @@ impl PoolState {
     /// Ignores caps; [`PoolState::place`] is what a request uses.
     pub fn pick_for(&self, pick: &Pick<'_>) -> Option<usize> {
         self.balancer.pick(&self.backends, pick)
-    }
-
-    /// Picks a node for `pick`'s request and counts the request in flight there, without
-    /// waiting. In a pool without caps this is [`PoolState::pick_for`] and nothing more.
-    pub fn place(&self, pick: &Pick<'_>, started: Instant) -> Placement {
-        if !self.capped {
-            return match self.pick_for(pick) {
-                Some(index) => {
-                    let node = self.backends[index].node.clone();
-                    Placement::Placed(index, InFlight::start(node, started))
-                }
-                None => Placement::Nowhere,
-            };
-        }
-        match self.reserve(pick) {
-            Ok((index, slot)) => Placement::Placed(index, InFlight::reserved(slot, started)),
-            Err(Some(wanted)) => Placement::Full(wanted),
-            Err(None) => Placement::Nowhere,
-        }
-    }
-
-    /// A capped pick and its reservation; `Err(None)` when no node is routable.
-    fn reserve(&self, pick: &Pick<'_>) -> Result<(usize, Slot), Option<Wanted>> {
-        // Another request can take a node's last place between this pick's look and its
-        // reservation; the next pick then sees that node full. Bounded, so that a burst of
-        // such races ends in the queue rather than in a spin.
-        for _ in 0..=self.backends.len() {
-            match self.balancer.pick_capped(&self.backends, pick) {
-                CappedPick::Free(index) => {
-                    if let Some(slot) = Slot::take(&self.backends[index].node) {
-                        return Ok((index, slot));
-                    }
-                }
-                CappedPick::Bound(index) => {
-                    return Slot::take(&self.backends[index].node)
-                        .map(|slot| (index, slot))
-                        .ok_or(Some(Wanted::Node(index)));
-                }
-                CappedPick::AllFull => return Err(Some(Wanted::Any)),
-                CappedPick::Nowhere => return Err(None),
-            }
-        }
-        Err(Some(Wanted::Any))
-    }
-
-    /// Waits in the pool's FIFO queue, for up to `queue_timeout`, until a node `pick`'s request
-    /// may use has room, and counts the request in flight there.
-    pub async fn wait(
-        self: &Arc<Self>,
-        pick: &Pick<'_>,
-        wanted: Wanted,
-        started: Instant,
-    ) -> Result<(usize, InFlight), Unplaced> {
-        if self.settings.queue_timeout.is_zero() {
-            return Err(Unplaced::QueueTimeout);
-        }
-        let deadline = tokio::time::Instant::now() + self.settings.queue_timeout;
-        let mut waiter = self.queue.waiter();
-        let mut wanted = wanted;
-        loop {
-            // In the queue first, then one more look: a place freed between the pick that
-            // found every node full and this line is either seen by the look or handed to us.
-            if let Some(slot) = waiter.enqueue(self.target(pick, wanted))
-                && let Some(placed) = self.accept(slot, started)
-            {
-                return Ok(placed);
-            }
-            match self.reserve(pick) {
-                Ok((index, slot)) => return Ok((index, InFlight::reserved(slot, started))),
-                Err(None) => return Err(Unplaced::Nowhere),
-                // The cookie's node went down, or the like: wait for what is wanted now.
-                Err(Some(now)) if now != wanted => {
-                    wanted = now;
-                    continue;
-                }
-                Err(Some(_)) => {}
-            }
-            match waiter.wake(deadline).await {
-                Woken::Handed(slot) => {
-                    if let Some(placed) = self.accept(slot, started) {
-                        return Ok(placed);
-                    }
-                }
-                // The pool changed: look again, keeping our place in the line.
-                Woken::Nudged => {}
-                Woken::TimedOut => return Err(Unplaced::QueueTimeout),
-            }
-        }
-    }
-
-    fn target(self: &Arc<Self>, pick: &Pick<'_>, wanted: Wanted) -> Target {
-        match wanted {
-            Wanted::Any => Target::Any {
-                state: self.clone(),
-                tried: pick.tried.into(),
-            },
-            Wanted::Node(index) => Target::Node(self.backends[index].node.clone()),
-        }
-    }
-
-    /// A place handed over by a release, on a node of this snapshot the request may use
-    /// (the queue hands places only to waiters whose target takes that node).
-    fn accept(&self, slot: Slot, started: Instant) -> Option<(usize, InFlight)> {
-        let index = self
-            .backends
-            .iter()
-            .position(|b| Arc::ptr_eq(&b.node, slot.node()))?;
-        Some((index, InFlight::reserved(slot, started)))
     }
 
     /// Reads what the strategy needs from a request: the client address for `ip_hash`, the
@@ -712,8 +574,10 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.node.metrics.in_flight.decrement(1.0);
         self.node.metrics.duration.record(self.started.elapsed());
+        // A request of a snapshot from before the pool had caps ends without looking at the
+        // queue; the waiters of the new snapshot are served by the next capped release.
         if self.capped {
-            queue::release(&self.node);
+            caps::release(&self.node);
         } else {
             self.node.in_flight.fetch_sub(1, Ordering::Relaxed);
         }

@@ -1,5 +1,10 @@
-//! A pool's FIFO queue of requests waiting for room on a capped node (HAProxy's `maxconn`
-//! queue): a burst waits for the backends instead of failing.
+//! Per-backend caps: placing a request below its node's `max_connections`, and the pool's FIFO
+//! queue of requests waiting for room (HAProxy's `maxconn` and its queue): a burst waits for
+//! the backends instead of failing.
+//!
+//! A pick in a capped pool skips full nodes; the place on the chosen node is then taken with a
+//! compare-and-swap on its in-flight count ([`Slot::take`]), so two racing picks cannot both
+//! take the last one. A pick that loses the race picks again.
 //!
 //! A waiting request is an entry `(ticket, target, oneshot sender)` in a `VecDeque` under a
 //! mutex. A request ending on a capped node looks at the queue's length (one atomic load) and,
@@ -25,12 +30,168 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use metrics::Gauge;
 use tokio::sync::oneshot;
-use tokio::time::Instant;
 
-use super::{Node, PoolState};
+use super::{InFlight, Node, PoolState};
+use crate::balance::{CappedPick, Pick};
+
+/// Looks at the nodes in a row, without waiting, when what a waiting request wants keeps
+/// changing under it.
+const MAX_LOOKS: u32 = 4;
+
+/// Where [`PoolState::place`] put a request.
+#[derive(Debug)]
+pub enum Placement {
+    /// On the node at this index, counted in flight there.
+    Placed(usize, InFlight),
+    /// Every node the request may use is full: [`PoolState::wait`] for room.
+    Full(Wanted),
+    /// No node the request may use is routable: 503.
+    Nowhere,
+}
+
+/// What a request waiting in the queue waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    /// Room on any node it may use.
+    Any,
+    /// Room on the node at this index, the one its cookie or address is bound to.
+    Node(usize),
+}
+
+/// Why [`PoolState::wait`] found no room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unplaced {
+    /// Every node the request could use went away while it waited.
+    Nowhere,
+    /// `queue_timeout` passed.
+    QueueTimeout,
+}
+
+impl PoolState {
+    /// Picks a node for `pick`'s request and counts the request in flight there, without
+    /// waiting. In a pool without caps this is [`PoolState::pick_for`] and nothing more.
+    pub fn place(&self, pick: &Pick<'_>, started: Instant) -> Placement {
+        if !self.capped {
+            return match self.pick_for(pick) {
+                Some(index) => {
+                    let node = self.backends[index].node.clone();
+                    Placement::Placed(index, InFlight::start(node, started))
+                }
+                None => Placement::Nowhere,
+            };
+        }
+        match self.reserve(pick) {
+            Ok((index, slot)) => Placement::Placed(index, InFlight::reserved(slot, started)),
+            Err(Some(wanted)) => Placement::Full(wanted),
+            Err(None) => Placement::Nowhere,
+        }
+    }
+
+    /// A capped pick and its reservation; `Err(None)` when no node is routable.
+    fn reserve(&self, pick: &Pick<'_>) -> Result<(usize, Slot), Option<Wanted>> {
+        // Another request can take a node's last place between this pick's look and its
+        // reservation; the next pick then sees that node full. Bounded, so that a burst of
+        // such races ends in the queue rather than in a spin.
+        for _ in 0..=self.backends.len() {
+            match self.balancer.pick_capped(&self.backends, pick) {
+                CappedPick::Free(index) => {
+                    if let Some(slot) = Slot::take(&self.backends[index].node) {
+                        return Ok((index, slot));
+                    }
+                }
+                CappedPick::Bound(index) => {
+                    return Slot::take(&self.backends[index].node)
+                        .map(|slot| (index, slot))
+                        .ok_or(Some(Wanted::Node(index)));
+                }
+                CappedPick::AllFull => return Err(Some(Wanted::Any)),
+                CappedPick::Nowhere => return Err(None),
+            }
+        }
+        Err(Some(Wanted::Any))
+    }
+
+    /// Waits in the pool's FIFO queue, for up to `queue_timeout`, until a node `pick`'s request
+    /// may use has room, and counts the request in flight there.
+    pub async fn wait(
+        self: &Arc<Self>,
+        pick: &Pick<'_>,
+        wanted: Wanted,
+        started: Instant,
+    ) -> Result<(usize, InFlight), Unplaced> {
+        if self.settings.queue_timeout.is_zero() {
+            return Err(Unplaced::QueueTimeout);
+        }
+        let deadline = tokio::time::Instant::now() + self.settings.queue_timeout;
+        let mut waiter = self.queue.waiter();
+        let mut wanted = wanted;
+        let mut looks = 0;
+        loop {
+            // In the queue first, then one more look: a place freed between the pick that
+            // found every node full and this line is either seen by the look or handed to us.
+            if let Some(slot) = waiter.enqueue(self.target(pick, wanted))
+                && let Some(placed) = self.accept(slot, started)
+            {
+                return Ok(placed);
+            }
+            match self.reserve(pick) {
+                Ok((index, slot)) => return Ok((index, InFlight::reserved(slot, started))),
+                Err(None) => return Err(Unplaced::Nowhere),
+                // The cookie's node went down, or the like: wait for what is wanted now. Nodes
+                // that keep changing between two looks are churn, not progress: after a few
+                // looks in a row, wait with the latest target.
+                Err(Some(now)) if now != wanted => {
+                    wanted = now;
+                    looks += 1;
+                    if looks < MAX_LOOKS {
+                        continue;
+                    }
+                    if let Some(slot) = waiter.enqueue(self.target(pick, wanted))
+                        && let Some(placed) = self.accept(slot, started)
+                    {
+                        return Ok(placed);
+                    }
+                }
+                Err(Some(_)) => {}
+            }
+            looks = 0;
+            match waiter.wake(deadline).await {
+                Woken::Handed(slot) => {
+                    if let Some(placed) = self.accept(slot, started) {
+                        return Ok(placed);
+                    }
+                }
+                // The pool changed: look again, keeping our place in the line.
+                Woken::Nudged => {}
+                Woken::TimedOut => return Err(Unplaced::QueueTimeout),
+            }
+        }
+    }
+
+    fn target(self: &Arc<Self>, pick: &Pick<'_>, wanted: Wanted) -> Target {
+        match wanted {
+            Wanted::Any => Target::Any {
+                state: self.clone(),
+                tried: pick.tried.into(),
+            },
+            Wanted::Node(index) => Target::Node(self.backends[index].node.clone()),
+        }
+    }
+
+    /// A place handed over by a release, on a node of this snapshot the request may use
+    /// (the queue hands places only to waiters whose target takes that node).
+    fn accept(&self, slot: Slot, started: Instant) -> Option<(usize, InFlight)> {
+        let index = self
+            .backends
+            .iter()
+            .position(|b| Arc::ptr_eq(&b.node, slot.node()))?;
+        Some((index, InFlight::reserved(slot, started)))
+    }
+}
 
 /// One place reserved below a node's cap, counted in its in-flight requests. Dropping it
 /// frees the place, which goes to the first request waiting for it.
@@ -271,7 +432,7 @@ impl Waiter<'_> {
     }
 
     /// Waits for a place or a nudge until `deadline`.
-    pub(super) async fn wake(&mut self, deadline: Instant) -> Woken {
+    pub(super) async fn wake(&mut self, deadline: tokio::time::Instant) -> Woken {
         let Some(receiver) = self.wake.as_mut() else {
             return Woken::Nudged;
         };
@@ -361,10 +522,6 @@ mod tests {
         Pool::new(name, &config(name, caps, queue_timeout))
     }
 
-    fn now() -> std::time::Instant {
-        std::time::Instant::now()
-    }
-
     fn placed(placement: Placement) -> (usize, InFlight) {
         match placement {
             Placement::Placed(index, in_flight) => (index, in_flight),
@@ -391,7 +548,10 @@ mod tests {
     ) -> tokio::task::JoinHandle<()> {
         let (state, served) = (state.clone(), served.clone());
         tokio::spawn(async move {
-            let (index, _in_flight) = state.wait(&pick, wanted, now()).await.expect("placed");
+            let (index, _in_flight) = state
+                .wait(&pick, wanted, Instant::now())
+                .await
+                .expect("placed");
             served.send((id, index)).unwrap();
         })
     }
@@ -417,7 +577,7 @@ mod tests {
                     let mut held = std::collections::VecDeque::new();
                     for i in 0..50_000 {
                         if let Placement::Placed(index, in_flight) =
-                            state.place(&Pick::plain(None), now())
+                            state.place(&Pick::plain(None), Instant::now())
                         {
                             let node = &state.backends[index].node;
                             assert!(node.in_flight() <= node.cap().unwrap(), "over the cap");
@@ -441,10 +601,10 @@ mod tests {
         let pool = pool("fifo", &[1], "5s");
         let state = pool.snapshot();
         let queue = &state.queue;
-        let (first, first_in_flight) = placed(state.place(&Pick::plain(None), now()));
+        let (first, first_in_flight) = placed(state.place(&Pick::plain(None), Instant::now()));
         assert_eq!(first, 0);
         assert!(matches!(
-            state.place(&Pick::plain(None), now()),
+            state.place(&Pick::plain(None), Instant::now()),
             Placement::Full(Wanted::Any)
         ));
 
@@ -478,8 +638,8 @@ mod tests {
             &config_with("bound", &[1, 1], "5s", "sticky_cookie"),
         );
         let state = pool.snapshot();
-        let (a, on_a) = placed(state.place(&Pick::plain(None), now()));
-        let (b, on_b) = placed(state.place(&Pick::plain(None), now()));
+        let (a, on_a) = placed(state.place(&Pick::plain(None), Instant::now()));
+        let (b, on_b) = placed(state.place(&Pick::plain(None), Instant::now()));
         assert_ne!(a, b);
         let (served, mut order) = tokio::sync::mpsc::unbounded_channel();
         let cookie_for_b = Pick {
@@ -490,7 +650,7 @@ mod tests {
             ..Pick::plain(None)
         };
         assert!(matches!(
-            state.place(&cookie_for_b, now()),
+            state.place(&cookie_for_b, Instant::now()),
             Placement::Full(Wanted::Node(index)) if index == b
         ));
         let _sticky = waiter_for(&state, 1, cookie_for_b, Wanted::Node(b), &served);
@@ -512,17 +672,21 @@ mod tests {
     async fn a_wait_ends_at_queue_timeout_and_leaves_the_line() {
         let pool = pool("timeout", &[1], "50ms");
         let state = pool.snapshot();
-        let _held = placed(state.place(&Pick::plain(None), now()));
+        let _held = placed(state.place(&Pick::plain(None), Instant::now()));
         let started = tokio::time::Instant::now();
-        let waited = state.wait(&Pick::plain(None), Wanted::Any, now()).await;
+        let waited = state
+            .wait(&Pick::plain(None), Wanted::Any, Instant::now())
+            .await;
         assert_eq!(waited.err(), Some(Unplaced::QueueTimeout));
         assert!(started.elapsed() >= Duration::from_millis(50));
         assert!(state.queue.is_empty());
 
         let at_once = Pool::new("timeout0", &config("timeout0", &[1], "0s"));
         let state = at_once.snapshot();
-        let _held = placed(state.place(&Pick::plain(None), now()));
-        let waited = state.wait(&Pick::plain(None), Wanted::Any, now()).await;
+        let _held = placed(state.place(&Pick::plain(None), Instant::now()));
+        let waited = state
+            .wait(&Pick::plain(None), Wanted::Any, Instant::now())
+            .await;
         assert_eq!(waited.err(), Some(Unplaced::QueueTimeout));
     }
 
@@ -530,7 +694,7 @@ mod tests {
     async fn waiters_look_again_when_a_swap_raises_the_cap() {
         let pool = pool("raise", &[1], "5s");
         let state = pool.snapshot();
-        let _held = placed(state.place(&Pick::plain(None), now()));
+        let _held = placed(state.place(&Pick::plain(None), Instant::now()));
         let (served, mut order) = tokio::sync::mpsc::unbounded_channel();
         let _waiting = waiter(&state, 1, Wanted::Any, &served);
         until("the request waits", || state.queue.len() == 1).await;
