@@ -323,6 +323,37 @@ async fn a_sticky_user_whose_node_is_full_waits_for_it_instead_of_being_rerouted
     assert_eq!(series(&metrics, rerouted), None, "{metrics}");
 }
 
+#[tokio::test]
+async fn an_ip_hash_client_whose_node_is_full_waits_for_that_node() {
+    let nodes = webnodes(2).await;
+    let running = balancer(&single_pool(
+        "caps_hash",
+        "ip_hash",
+        &nodes_as_backends(&nodes),
+        "max_connections_per_backend = 1",
+    ))
+    .await;
+    // Every request of this test comes from 127.0.0.1: one client, one node.
+    let home = get(&client(), &url(&running, "/")).await.served_by();
+    let home_node = node(&running, &home);
+    let slow = tokio::spawn(get_owned(url(&running, "/slow?ms=800")));
+    wait_until("the slow request fills the client's node", || async {
+        home_node.in_flight() == 1
+    })
+    .await;
+    let slow_started = Instant::now();
+
+    let reply = get(&client(), &url(&running, "/")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.served_by(), home, "the hashed node, not the idle one");
+    assert!(
+        slow_started.elapsed() >= Duration::from_millis(500),
+        "it waited for the slow request to end: {:?}",
+        slow_started.elapsed()
+    );
+    assert_eq!(slow.await.unwrap().served_by(), home);
+}
+
 /// One HTTP/2 connection to the balancer's cleartext listener (prior knowledge).
 async fn h2_connection(running: &Running) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
     let stream = TcpStream::connect(running.addr("http").unwrap())
