@@ -153,7 +153,8 @@ impl Default for IdleConns {
 impl IdleConns {
     /// Keeps at most `cap` idle connections (`None`: [`MAX_IDLE_PER_BACKEND`]). A queue already
     /// allocated for more gives up its surplus now; later returns fill it only as far as the
-    /// requests in flight, which the cap bounds.
+    /// requests in flight, which the cap bounds. One allocated for fewer keeps its size for
+    /// the node's life: connections past it close after their request.
     pub fn set_limit(&self, cap: Option<u32>) {
         let limit = cap.map_or(MAX_IDLE_PER_BACKEND, |cap| {
             (cap as usize).clamp(1, MAX_IDLE_PER_BACKEND)
