@@ -36,6 +36,8 @@ fn pool_config(strategy: Strategy, backends: usize) -> PoolConfig {
         response_timeout: Duration::from_secs(30),
         retries: 2,
         idle_pool_timeout: Duration::from_secs(90),
+        max_connections_per_backend: None,
+        queue_timeout: Duration::from_secs(5),
         backends: (0..backends)
             .map(|i| BackendConfig {
                 name: format!("node-{i}"),
@@ -43,6 +45,7 @@ fn pool_config(strategy: Strategy, backends: usize) -> PoolConfig {
                 // Weights 1, 2, 3, 4 repeating: round robin's cycle is 2.5x the node count and
                 // interleaves heavy and light nodes, as a real mixed fleet would.
                 weight: (i % 4) as u32 + 1,
+                max_connections: None,
             })
             .collect(),
         health: HealthConfig {

@@ -43,11 +43,14 @@ fn sticky_pool(backends: usize) -> PoolConfig {
         response_timeout: Duration::from_secs(30),
         retries: 2,
         idle_pool_timeout: Duration::from_secs(90),
+        max_connections_per_backend: None,
+        queue_timeout: Duration::from_secs(5),
         backends: (0..backends)
             .map(|i| BackendConfig {
                 name: format!("web-{}", i + 1),
                 address: SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)),
                 weight: 1,
+                max_connections: None,
             })
             .collect(),
         health: HealthConfig {

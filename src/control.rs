@@ -20,7 +20,10 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{BackendConfig, Config, ConfigError, ListenerConfig, MAX_WEIGHT, Strategy};
+use crate::config::{
+    BackendConfig, Config, ConfigError, ListenerConfig, MAX_BACKEND_CONNECTIONS, MAX_WEIGHT,
+    Strategy,
+};
 use crate::health;
 use crate::metrics::CONFIG_RELOADS_TOTAL;
 use crate::pool::{Health, Node, Pool};
@@ -100,6 +103,8 @@ pub struct BackendSpec {
     pub address: String,
     pub weight: Option<u32>,
     pub name: Option<String>,
+    /// Wide, so that an absurd number is answered with the bound rather than a parse error.
+    pub max_connections: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -118,6 +123,9 @@ pub struct BackendView {
     pub requests: u64,
     /// Requests the node failed: refused, reset or timed out.
     pub failures: u64,
+    /// The node's cap: its own, else the pool's `max_connections_per_backend`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
 }
 
 /// The admin API's word for a node's state; draining wins over everything, then health,
@@ -813,10 +821,24 @@ fn validate(spec: BackendSpec) -> Result<BackendConfig, ChangeError> {
     if name.is_empty() {
         return Err(ChangeError::Invalid("name must not be empty".into()));
     }
+    let max_connections = match spec.max_connections {
+        None => None,
+        Some(cap) => Some(
+            u32::try_from(cap)
+                .ok()
+                .filter(|cap| (1..=MAX_BACKEND_CONNECTIONS).contains(cap))
+                .ok_or_else(|| {
+                    ChangeError::Invalid(format!(
+                        "max_connections must be between 1 and {MAX_BACKEND_CONNECTIONS} (got {cap}); leave it out for no cap"
+                    ))
+                })?,
+        ),
+    };
     Ok(BackendConfig {
         name,
         address,
         weight,
+        max_connections,
     })
 }
 
@@ -851,6 +873,7 @@ fn view(pool: &Pool, strategy: Strategy) -> PoolView {
                 in_flight: b.node.in_flight(),
                 requests: b.node.requests(),
                 failures: b.node.failures(),
+                max_connections: b.max_connections,
             })
             .collect(),
     }

@@ -33,6 +33,7 @@ pub const TLS_HANDSHAKES_TOTAL: &str = "fulcrum_tls_handshakes_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "fulcrum_config_reloads_total";
 pub const REGISTRY_EVENTS_TOTAL: &str = "fulcrum_registry_events_total";
 pub const CLIENT_ERRORS_TOTAL: &str = "fulcrum_client_errors_total";
+pub const POOL_QUEUE_DEPTH: &str = "fulcrum_pool_queue_depth";
 
 /// The `backend` label of answers fulcrum gives itself, and the `pool` label when no route matched.
 pub const NONE: &str = "none";
@@ -105,6 +106,10 @@ fn describe() {
         STICKY_TOTAL,
         "Responses of sticky_cookie pools: hit (the cookie's node served), new (no valid cookie), rerouted (the cookie's node was down or gone)."
     );
+    describe_gauge!(
+        POOL_QUEUE_DEPTH,
+        "Requests waiting in a pool's queue because every node they may use is at its max_connections."
+    );
     describe_counter!(
         CLIENT_ERRORS_TOTAL,
         "Requests that failed by the client's doing, by listener and kind (malformed, too_large, aborted, timeout); never counted against a backend."
@@ -130,6 +135,8 @@ pub enum ErrorKind {
     Timeout,
     Reset,
     NoBackend,
+    /// Waited `queue_timeout` for room on a capped node and got none.
+    QueueTimeout,
 }
 
 impl ErrorKind {
@@ -139,6 +146,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Reset => "reset",
             ErrorKind::NoBackend => "no_backend",
+            ErrorKind::QueueTimeout => "queue_timeout",
         }
     }
 }
@@ -279,8 +287,8 @@ impl BackendMetrics {
             ErrorKind::Connect => self.connect_errors.increment(1),
             ErrorKind::Timeout => self.timeout_errors.increment(1),
             ErrorKind::Reset => self.reset_errors.increment(1),
-            // A node that was never picked cannot be the one that had no backend.
-            ErrorKind::NoBackend => {}
+            // Pool-wide kinds: no node was picked, so none is to blame.
+            ErrorKind::NoBackend | ErrorKind::QueueTimeout => {}
         }
     }
 
@@ -304,6 +312,9 @@ pub struct PoolMetrics {
     pool: Arc<str>,
     pub responses: ResponseCounters,
     pub no_backend: Counter,
+    pub queue_timeouts: Counter,
+    /// Requests waiting for room on a capped node.
+    pub queue_depth: Gauge,
     pub retries: Counter,
     /// Created on first use, so only sticky pools export the series.
     sticky: [OnceLock<Counter>; 3],
@@ -317,6 +328,8 @@ impl PoolMetrics {
             pool: pool.clone(),
             responses: ResponseCounters::new(pool.clone(), none),
             no_backend: counter!(PROXY_ERRORS_TOTAL, "pool" => pool.to_string(), "backend" => NONE, "kind" => ErrorKind::NoBackend.as_str()),
+            queue_timeouts: counter!(PROXY_ERRORS_TOTAL, "pool" => pool.to_string(), "backend" => NONE, "kind" => ErrorKind::QueueTimeout.as_str()),
+            queue_depth: gauge!(POOL_QUEUE_DEPTH, "pool" => pool.to_string()),
             retries: counter!(RETRIES_TOTAL, "pool" => pool.to_string()),
             sticky: Default::default(),
             sticky_scope: Scope::default(),

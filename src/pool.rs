@@ -5,6 +5,15 @@
 //! request loads the snapshot once and picks from it with atomics only. What must survive a swap
 //! (health, in-flight counts, metric handles) lives in [`Node`], keyed by the backend's name, and
 //! is carried over by [`Pool::replace`].
+//!
+//! Caps: a node with `max_connections` takes at most that many requests in flight. In a pool
+//! with any capped node, a pick skips full nodes and reserves its place on the chosen one with
+//! a compare-and-swap on the node's in-flight count (two racing picks cannot both take the last
+//! place); a request with nowhere to go waits in the pool's FIFO queue (`pool/caps.rs`). A pool
+//! without caps never looks at a cap or the queue: its picks and releases touch the same
+//! atomics they did before caps existed.
+
+mod caps;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -24,6 +33,8 @@ use crate::body::RequestBody;
 use crate::config::{BackendProtocol, HealthConfig, PoolConfig, Strategy};
 use crate::metrics::{BackendMetrics, PoolMetrics};
 use crate::upstream::IdleConns;
+
+pub use caps::{Placement, Slot, Target, Unplaced, WaitQueue, Wanted};
 
 /// hyper-util's pooled client, for what needs a task per connection: h2c backends and
 /// `Upgrade` requests. Other HTTP/1.1 requests go through [`crate::upstream`].
@@ -61,6 +72,9 @@ pub struct Node {
     pub name: Arc<str>,
     health: AtomicU8,
     in_flight: AtomicU32,
+    /// `max_connections`: the most requests in flight; 0 = uncapped. Read only by picks in a
+    /// pool that has caps.
+    cap: AtomicU32,
     requests: AtomicU64,
     /// `now_ms()` until which picks skip the node after refused connections; 0 = not cooling.
     cooling_until_ms: AtomicU64,
@@ -74,10 +88,12 @@ pub struct Node {
     pub metrics: BackendMetrics,
     /// HTTP/1.1 connections waiting for the next request to this node.
     pub idle: IdleConns,
+    /// The pool's queue: a release hands its place to the first request waiting for it.
+    queue: Arc<WaitQueue>,
 }
 
 impl Node {
-    fn new(pool: &Arc<str>, name: Arc<str>, health: Health) -> Self {
+    fn new(pool: &Arc<str>, name: Arc<str>, health: Health, queue: Arc<WaitQueue>) -> Self {
         let metrics = BackendMetrics::new(pool, &name);
         metrics.up.set(if health == Health::Up { 1.0 } else { 0.0 });
         Self {
@@ -85,6 +101,7 @@ impl Node {
             name,
             health: AtomicU8::new(health as u8),
             in_flight: AtomicU32::new(0),
+            cap: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             cooling_until_ms: AtomicU64::new(0),
             refusals: AtomicU32::new(0),
@@ -92,6 +109,7 @@ impl Node {
             draining: AtomicBool::new(false),
             failures: AtomicU64::new(0),
             idle: IdleConns::default(),
+            queue,
         }
     }
 
@@ -110,6 +128,10 @@ impl Node {
             self.ramp_from_ms.store(now_ms(), Ordering::Relaxed);
             self.cooling_until_ms.store(0, Ordering::Relaxed);
             self.refusals.store(0, Ordering::Relaxed);
+        }
+        if previous != health as u8 {
+            // Requests waiting for room may now have a node to go to, or none at all.
+            self.queue.nudge();
         }
         self.metrics
             .up
@@ -133,6 +155,8 @@ impl Node {
 
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+        // Requests waiting for it as a new user's node must look elsewhere.
+        self.queue.nudge();
     }
 
     /// In a passive cool-off after refusing connections.
@@ -147,6 +171,8 @@ impl Node {
         let cool_off = (COOL_OFF_BASE_MS << streak).min(COOL_OFF_MAX_MS);
         self.cooling_until_ms
             .store(now_ms() + cool_off, Ordering::Relaxed);
+        // A sticky user or ip_hash client waiting for this node goes elsewhere now.
+        self.queue.nudge();
         Duration::from_millis(cool_off)
     }
 
@@ -183,6 +209,34 @@ impl Node {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// `max_connections`, if the node has one.
+    pub fn cap(&self) -> Option<u32> {
+        Some(self.cap.load(Ordering::Relaxed)).filter(|&cap| cap != 0)
+    }
+
+    /// Below its cap (or uncapped): a pick in a capped pool may choose it.
+    pub fn has_room(&self) -> bool {
+        let cap = self.cap.load(Ordering::Relaxed);
+        cap == 0 || self.in_flight.load(Ordering::Relaxed) < cap
+    }
+
+    /// Takes one place below the cap, or fails when the node is full. SeqCst, with the queue's
+    /// length, so a release and a request that is just starting to wait cannot miss each
+    /// other (see [`queue`]).
+    fn try_reserve(&self) -> bool {
+        let cap = self.cap.load(Ordering::Relaxed);
+        self.in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (cap == 0 || n < cap).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn set_cap(&self, cap: Option<u32>) {
+        self.cap.store(cap.unwrap_or(0), Ordering::Relaxed);
+        self.idle.set_limit(cap);
+    }
+
     /// Requests ever sent to this node.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -207,6 +261,8 @@ pub struct Backend {
     pub node: Arc<Node>,
     pub address: SocketAddr,
     pub weight: u32,
+    /// The node's cap: its own `max_connections`, else the pool's `max_connections_per_backend`.
+    pub max_connections: Option<u32>,
     /// `address` ready to put in an upstream URI without formatting per request.
     pub authority: Authority,
 }
@@ -222,6 +278,8 @@ pub struct PoolSettings {
     /// Extra attempts on other nodes for requests that never reached a backend.
     pub retries: u32,
     pub slow_start: Option<Duration>,
+    /// How long a request waits for room when every node it may use is full.
+    pub queue_timeout: Duration,
     pub health: HealthConfig,
 }
 
@@ -235,6 +293,9 @@ pub struct PoolState {
     /// HTTP/1.1 for `Upgrade` requests (WebSocket).
     pub upgrade_client: UpstreamClient,
     balancer: Balancer,
+    /// Some node has a cap: picks reserve places and may wait in `queue`.
+    capped: bool,
+    queue: Arc<WaitQueue>,
 }
 
 impl PoolState {
@@ -248,6 +309,7 @@ impl PoolState {
     }
 
     /// Chooses a routable backend for `pick`'s request, other than those it already tried.
+    /// Ignores caps; [`PoolState::place`] is what a request uses.
     pub fn pick_for(&self, pick: &Pick<'_>) -> Option<usize> {
         self.balancer.pick(&self.backends, pick)
     }
@@ -341,9 +403,11 @@ impl Pool {
 
     fn with_health(name: &str, config: &PoolConfig, health: Health) -> Self {
         let name: Arc<str> = Arc::from(name);
-        let state = build_state(&name, config, &HashMap::new(), None, health);
+        let metrics = PoolMetrics::new(&name);
+        let queue = Arc::new(WaitQueue::new(metrics.queue_depth.clone()));
+        let state = build_state(&name, config, &HashMap::new(), None, health, &queue);
         Self {
-            metrics: PoolMetrics::new(&name),
+            metrics,
             journal: Journal::default(),
             changed: tokio::sync::Notify::new(),
             name,
@@ -370,7 +434,15 @@ impl Pool {
             && current.settings.backend_protocol == config.backend_protocol)
             .then(|| (current.h2c_client.clone(), current.upgrade_client.clone()));
         // Newcomers must prove themselves with `rise` passing checks first.
-        let next = build_state(&self.name, config, &nodes, reusable_client, Health::Pending);
+        let queue = current.queue.clone();
+        let next = build_state(
+            &self.name,
+            config,
+            &nodes,
+            reusable_client,
+            Health::Pending,
+            &queue,
+        );
         for backend in next.backends.iter() {
             if !nodes.contains_key(&backend.node.name) {
                 let detail = format!(
@@ -392,6 +464,8 @@ impl Pool {
             self.journal.record(&node.name, "removed", "");
         }
         self.changed.notify_waiters();
+        // Waiting requests look again: caps may have changed, nodes come or gone.
+        queue.nudge();
     }
 
     /// Takes the series of the pool and of all its nodes out of the scrape: a reload dropped
@@ -409,18 +483,27 @@ fn build_state(
     existing: &HashMap<Arc<str>, Arc<Node>>,
     clients: Option<(Option<UpstreamClient>, UpstreamClient)>,
     newcomer_health: Health,
+    queue: &Arc<WaitQueue>,
 ) -> PoolState {
     let backends: Box<[Backend]> = config
         .backends
         .iter()
         .map(|b| {
             let node = existing.get(b.name.as_str()).cloned().unwrap_or_else(|| {
-                Arc::new(Node::new(pool, Arc::from(b.name.as_str()), newcomer_health))
+                Arc::new(Node::new(
+                    pool,
+                    Arc::from(b.name.as_str()),
+                    newcomer_health,
+                    queue.clone(),
+                ))
             });
+            let max_connections = config.cap_of(b);
+            node.set_cap(max_connections);
             Backend {
                 node,
                 address: b.address,
                 weight: b.weight,
+                max_connections,
                 authority: Authority::try_from(b.address.to_string())
                     .expect("a socket address is a valid authority"),
             }
@@ -434,6 +517,7 @@ fn build_state(
         idle_pool_timeout: config.idle_pool_timeout,
         retries: config.retries,
         slow_start: config.slow_start,
+        queue_timeout: config.queue_timeout,
         health: config.health.clone(),
     };
     let (h2c_client, upgrade_client) = clients.unwrap_or_else(|| {
@@ -446,6 +530,8 @@ fn build_state(
         h2c_client,
         upgrade_client,
         settings,
+        capped: backends.iter().any(|b| b.max_connections.is_some()),
+        queue: queue.clone(),
         backends,
     }
 }
@@ -465,19 +551,36 @@ fn upstream_client(settings: &PoolSettings, protocol: BackendProtocol) -> Upstre
 }
 
 /// Counts a request against its node from pick until the response body ends or the client
-/// goes away, which is what least connections must see for streaming responses.
+/// goes away, which is what least connections must see for streaming responses, and what a
+/// cap limits.
 #[derive(Debug)]
 pub struct InFlight {
     node: Arc<Node>,
     started: Instant,
+    /// Took its place with [`Slot::take`]: ending hands the place to a waiting request.
+    capped: bool,
 }
 
 impl InFlight {
+    /// A request to a node of a pool without caps.
     pub fn start(node: Arc<Node>, started: Instant) -> Self {
         node.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self::counted(node, started, false)
+    }
+
+    /// A request on a place reserved below its node's cap.
+    fn reserved(slot: Slot, started: Instant) -> Self {
+        Self::counted(slot.into_node(), started, true)
+    }
+
+    fn counted(node: Arc<Node>, started: Instant, capped: bool) -> Self {
         node.requests.fetch_add(1, Ordering::Relaxed);
         node.metrics.in_flight.increment(1.0);
-        Self { node, started }
+        Self {
+            node,
+            started,
+            capped,
+        }
     }
 
     pub fn node(&self) -> &Arc<Node> {
@@ -487,9 +590,15 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.node.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.node.metrics.in_flight.decrement(1.0);
         self.node.metrics.duration.record(self.started.elapsed());
+        // A request of a snapshot from before the pool had caps ends without looking at the
+        // queue; the waiters of the new snapshot are served by the next capped release.
+        if self.capped {
+            caps::release(&self.node);
+        } else {
+            self.node.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -507,12 +616,15 @@ mod tests {
             response_timeout: Duration::from_secs(30),
             retries: 2,
             idle_pool_timeout: Duration::from_secs(90),
+            max_connections_per_backend: None,
+            queue_timeout: Duration::from_secs(5),
             backends: backends
                 .iter()
                 .map(|&(name, port, weight)| BackendConfig {
                     name: name.to_owned(),
                     address: SocketAddr::from(([127, 0, 0, 1], port)),
                     weight,
+                    max_connections: None,
                 })
                 .collect(),
             health: HealthConfig {

@@ -21,7 +21,7 @@ use crate::body::{BoxError, ProxyBody, RequestBody, Upload};
 use crate::config::{Config, strip_port};
 use crate::headers::{self, ForwardedFor};
 use crate::metrics::{ClientErrorKind, ErrorKind, NONE, ResponseCounters};
-use crate::pool::{InFlight, Node, Pool};
+use crate::pool::{InFlight, Node, Placement, Pool, Unplaced};
 use crate::server::ConnHandle;
 use crate::upstream::{self, UpstreamError};
 use http_body::Body as _;
@@ -219,8 +219,22 @@ async fn forward(
             client,
             cookie,
         };
-        let Some(index) = state.pick_for(&pick) else {
-            break;
+        let (index, in_flight) = match state.place(&pick, started) {
+            Placement::Placed(index, in_flight) => (index, in_flight),
+            Placement::Nowhere => break,
+            // Boxed: only requests to full capped nodes pay for the waiting machinery's size.
+            Placement::Full(wanted) => match Box::pin(state.wait(&pick, wanted, started)).await {
+                Ok(placed) => placed,
+                Err(Unplaced::Nowhere) => break,
+                // A retry that found no room answers with the failure that made it retry.
+                Err(Unplaced::QueueTimeout) if failed.is_some() => break,
+                Err(Unplaced::QueueTimeout) => {
+                    pool.metrics.queue_timeouts.increment(1);
+                    return Err(ProxyError::QueueTimeout {
+                        after: state.settings.queue_timeout,
+                    });
+                }
+            },
         };
         if let Some(previous) = failed.take() {
             // The failure is hidden from the client: count it here, not in the funnel.
@@ -259,7 +273,6 @@ async fn forward(
             head.headers.clone()
         };
 
-        let in_flight = InFlight::start(node.clone(), started);
         let settings = &state.settings;
         let uploading = upload.as_deref();
         let exchange = async {
@@ -488,6 +501,8 @@ pub enum ProxyError {
     Method,
     #[error("no routable backend in the pool")]
     NoBackend,
+    #[error("every backend is at its max_connections; no room within {after:?}")]
+    QueueTimeout { after: Duration },
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("malformed request body")]
@@ -570,7 +585,9 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Method => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoBackend | ProxyError::QueueTimeout { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::MalformedBody { .. } => StatusCode::BAD_REQUEST,
             // Read only by a client that half-closed its connection.
@@ -589,6 +606,7 @@ impl ProxyError {
             ProxyError::NoRoute
             | ProxyError::Method
             | ProxyError::NoBackend
+            | ProxyError::QueueTimeout { .. }
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::MalformedBody { .. }
             | ProxyError::ClientGone { .. }
@@ -613,6 +631,7 @@ impl ProxyError {
             ProxyError::NoRoute
             | ProxyError::Method
             | ProxyError::NoBackend
+            | ProxyError::QueueTimeout { .. }
             | ProxyError::Connect { .. }
             | ProxyError::Reset { .. }
             | ProxyError::Timeout { .. }

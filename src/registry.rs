@@ -346,6 +346,8 @@ fn backend(request: &ReportActiveRequest) -> Result<BackendConfig, Status> {
         name: id.clone(),
         address: SocketAddr::new(ip, port),
         weight: 1,
+        // The pool's max_connections_per_backend applies.
+        max_connections: None,
     })
 }
 

@@ -7,10 +7,20 @@
 //! a checkout is a pop and a readiness check, a return is a push. Each connection still runs in
 //! a task of its own, which keeps the socket work batched per task as hyper intends.
 //!
+//! The queue is allocated when the node's first connection goes idle, with room for the
+//! node's cap (`max_connections`), or [`MAX_IDLE_PER_BACKEND`] when uncapped or above it. A
+//! node that never gets a request (one registered and gone before its checks passed, say) costs
+//! a few words, not 1024 slots, and a capped node keeps at most its cap of idle connections,
+//! since it never has more in use. An `ArrayQueue` allocated once keeps a checkout and a return
+//! to one compare-and-swap each and allocates nothing per request; a `SegQueue` would grow
+//! without a bound of its own and allocate a new block every 31 returns as its indices move on.
+//!
 //! HTTP/2 backends (`h2c`) and `Upgrade` requests keep using hyper-util's client.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
@@ -116,13 +126,17 @@ pub async fn request(
 
 /// A backend's idle connections, oldest first.
 pub struct IdleConns {
-    queue: ArrayQueue<UpstreamConn>,
+    /// Allocated by the first [`IdleConns::put`], with room for `limit` connections.
+    queue: OnceLock<ArrayQueue<UpstreamConn>>,
+    /// The node's cap, at most [`MAX_IDLE_PER_BACKEND`].
+    limit: AtomicUsize,
 }
 
 impl std::fmt::Debug for IdleConns {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdleConns")
-            .field("len", &self.queue.len())
+            .field("len", &self.len())
+            .field("limit", &self.limit.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -130,19 +144,47 @@ impl std::fmt::Debug for IdleConns {
 impl Default for IdleConns {
     fn default() -> Self {
         Self {
-            queue: ArrayQueue::new(MAX_IDLE_PER_BACKEND),
+            queue: OnceLock::new(),
+            limit: AtomicUsize::new(MAX_IDLE_PER_BACKEND),
         }
     }
 }
 
 impl IdleConns {
+    /// Keeps at most `cap` idle connections (`None`: [`MAX_IDLE_PER_BACKEND`]). A queue already
+    /// allocated for more gives up its surplus now; later returns fill it only as far as the
+    /// requests in flight, which the cap bounds. One allocated for fewer keeps its size for
+    /// the node's life: connections past it close after their request.
+    pub fn set_limit(&self, cap: Option<u32>) {
+        let limit = cap.map_or(MAX_IDLE_PER_BACKEND, |cap| {
+            (cap as usize).clamp(1, MAX_IDLE_PER_BACKEND)
+        });
+        self.limit.store(limit, Ordering::Relaxed);
+        if let Some(queue) = self.queue.get() {
+            while queue.len() > limit && queue.pop().is_some() {}
+        }
+    }
+
+    /// Room for this many idle connections, allocated or not.
+    pub fn capacity(&self) -> usize {
+        self.queue
+            .get()
+            .map_or_else(|| self.limit.load(Ordering::Relaxed), ArrayQueue::capacity)
+    }
+
+    /// The queue has been allocated (a connection went idle at least once).
+    pub fn is_allocated(&self) -> bool {
+        self.queue.get().is_some()
+    }
+
     /// An open connection to `address`, idle for less than `idle_timeout` and ready for a
     /// request. Those that fail the test are let go on the way: one still busy (say, sending
     /// the rest of an upload the backend answered early) finishes that exchange, then closes.
     fn take(&self, address: SocketAddr, idle_timeout: Duration) -> Option<UpstreamConn> {
         let now = now_ms();
         let idle_timeout = idle_timeout.as_millis() as u64;
-        while let Some(conn) = self.queue.pop() {
+        let queue = self.queue.get()?;
+        while let Some(conn) = queue.pop() {
             if conn.address == address && conn.sender.is_ready() && conn.fresh(now, idle_timeout) {
                 return Some(conn);
             }
@@ -156,26 +198,34 @@ impl IdleConns {
             return;
         }
         conn.idle_since_ms = now_ms();
-        let _ = self.queue.push(conn);
+        let queue = self
+            .queue
+            .get_or_init(|| ArrayQueue::new(self.limit.load(Ordering::Relaxed)));
+        // A full queue hands the connection back: dropping it closes it.
+        drop(queue.push(conn));
     }
 
     /// Closes connections idle for `idle_timeout` or more and those the backend closed.
     pub fn expire(&self, idle_timeout: Duration) {
         let now = now_ms();
         let idle_timeout = idle_timeout.as_millis() as u64;
-        for _ in 0..self.queue.len() {
-            let Some(conn) = self.queue.pop() else { break };
+        let Some(queue) = self.queue.get() else {
+            return;
+        };
+        for _ in 0..queue.len() {
+            let Some(conn) = queue.pop() else { break };
             if conn.fresh(now, idle_timeout) && !conn.sender.is_closed() {
-                let _ = self.queue.push(conn);
+                // Requests may have refilled the queue meanwhile: then this one closes.
+                drop(queue.push(conn));
             }
         }
     }
 
     pub fn len(&self) -> usize {
-        self.queue.len()
+        self.queue.get().map_or(0, ArrayQueue::len)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+        self.len() == 0
     }
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use super::round_robin::{scramble, smooth_cycle};
-use crate::pool::Backend;
+use crate::pool::{Backend, Node};
 
 #[derive(Debug)]
 pub struct LeastConnections {
@@ -29,11 +29,13 @@ impl LeastConnections {
         }
     }
 
+    /// The least loaded node that is routable, untried and has `room`.
     pub fn pick(
         &self,
         backends: &[Backend],
         tried: &[usize],
         slow_start: Option<Duration>,
+        room: impl Fn(&Node) -> bool,
     ) -> Option<usize> {
         let len = backends.len();
         if len == 0 || self.starts.is_empty() {
@@ -59,7 +61,7 @@ impl LeastConnections {
                 start + offset - len
             };
             let backend = &backends[index];
-            if !backend.node.is_routable() || tried.contains(&index) {
+            if !backend.node.is_routable() || tried.contains(&index) || !room(&backend.node) {
                 continue;
             }
             let load = u64::from(backend.node.in_flight());

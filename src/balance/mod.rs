@@ -6,6 +6,12 @@
 //!
 //! Every strategy skips nodes that are not routable (down, pending, cooling off) and the nodes
 //! a retry already tried, and scales the weight of a node inside its slow-start window.
+//!
+//! In a pool with capped nodes ([`Balancer::pick_capped`]) the strategies also skip full nodes,
+//! except where the request is bound to one: a sticky user's node, an `ip_hash` client's node.
+//! Then the pick names that node and the request waits for it (see [`crate::pool`]). An
+//! uncapped pool's pick passes a `room` test that is always true, which the compiler removes:
+//! it costs what it did before caps existed.
 
 mod ip_hash;
 mod least_conn;
@@ -20,7 +26,7 @@ pub use sticky::{CookieTarget, Sticky};
 use std::time::Duration;
 
 use crate::config::{StickyConfig, Strategy};
-use crate::pool::Backend;
+use crate::pool::{Backend, Node};
 
 /// What one pick knows about the request and the attempts before it.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +52,19 @@ impl Pick<'_> {
     }
 }
 
+/// A pick in a pool with capped nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CappedPick {
+    /// A node with room (at the time of the pick: reserve it before use).
+    Free(usize),
+    /// The node the request is bound to (its sticky cookie, its client address), full or not.
+    Bound(usize),
+    /// Every node the request may use is full.
+    AllFull,
+    /// No node the request may use is routable: a 503 at once.
+    Nowhere,
+}
+
 #[derive(Debug)]
 pub enum Balancer {
     RoundRobin(RoundRobin),
@@ -68,12 +87,38 @@ impl Balancer {
         }
     }
 
+    /// A pick that ignores caps: what an uncapped pool does.
     pub fn pick(&self, backends: &[Backend], pick: &Pick<'_>) -> Option<usize> {
+        let room = |_: &Node| true;
         match self {
-            Balancer::RoundRobin(rr) => rr.pick(backends, pick.tried, pick.slow_start),
-            Balancer::LeastConnections(lc) => lc.pick(backends, pick.tried, pick.slow_start),
+            Balancer::RoundRobin(rr) => rr.pick(backends, pick.tried, pick.slow_start, room),
+            Balancer::LeastConnections(lc) => lc.pick(backends, pick.tried, pick.slow_start, room),
             Balancer::StickyCookie(sticky) => sticky.pick(backends, pick),
             Balancer::IpHash(hash) => hash.pick(backends, pick),
+        }
+    }
+
+    /// A pick that skips full nodes, or names the one the request is bound to.
+    pub fn pick_capped(&self, backends: &[Backend], pick: &Pick<'_>) -> CappedPick {
+        let room = Node::has_room;
+        let free = match self {
+            Balancer::RoundRobin(rr) => rr.pick(backends, pick.tried, pick.slow_start, room),
+            Balancer::LeastConnections(lc) => lc.pick(backends, pick.tried, pick.slow_start, room),
+            Balancer::StickyCookie(sticky) => return sticky.pick_capped(backends, pick),
+            Balancer::IpHash(hash) => {
+                return hash
+                    .pick(backends, pick)
+                    .map_or(CappedPick::Nowhere, CappedPick::Bound);
+            }
+        };
+        match free {
+            Some(index) => CappedPick::Free(index),
+            None if (0..backends.len())
+                .any(|i| backends[i].node.is_routable() && !pick.tried.contains(&i)) =>
+            {
+                CappedPick::AllFull
+            }
+            None => CappedPick::Nowhere,
         }
     }
 }

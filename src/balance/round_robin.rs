@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::pool::Backend;
+use crate::pool::{Backend, Node};
 
 #[derive(Debug)]
 pub struct RoundRobin {
@@ -26,23 +26,25 @@ impl RoundRobin {
         }
     }
 
+    /// The next node in the cycle that is routable, untried and has `room`.
     pub fn pick(
         &self,
         backends: &[Backend],
         tried: &[usize],
         slow_start: Option<Duration>,
+        room: impl Fn(&Node) -> bool,
     ) -> Option<usize> {
         let len = self.cycle.len();
         // A node ramping up after slow start takes only some of its turns; if every candidate
         // declined, the first of them still beats a 503.
         let mut declined = None;
-        // Skipping an unroutable node by taking the next turn hands its share to the others in
-        // their relative order.
+        // Skipping an unroutable (or full) node by taking the next turn hands its share to the
+        // others in their relative order.
         for _ in 0..len {
             let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
             let index = self.cycle[turn % len] as usize;
             let node = &backends[index].node;
-            if !node.is_routable() || tried.contains(&index) {
+            if !node.is_routable() || tried.contains(&index) || !room(node) {
                 continue;
             }
             let permille = node.weight_permille(slow_start);
@@ -55,8 +57,10 @@ impl RoundRobin {
         // Concurrent picks interleave on the cursor, so `len` turns need not have visited every
         // node: before concluding nothing is routable, look at each one.
         declined.or_else(|| {
-            (0..backends.len())
-                .find(|index| backends[*index].node.is_routable() && !tried.contains(index))
+            (0..backends.len()).find(|index| {
+                let node = &backends[*index].node;
+                node.is_routable() && !tried.contains(index) && room(node)
+            })
         })
     }
 }

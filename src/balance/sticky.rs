@@ -19,7 +19,7 @@ use hmac::{Hmac, Mac};
 use http::HeaderValue;
 use sha2::Sha256;
 
-use super::{Balancer, Pick};
+use super::{Balancer, CappedPick, Pick};
 use crate::config::StickyConfig;
 use crate::pool::Backend;
 
@@ -208,13 +208,29 @@ impl Sticky {
     }
 
     pub fn pick(&self, backends: &[Backend], pick: &Pick<'_>) -> Option<usize> {
-        if let CookieTarget::Node { index, .. } = pick.cookie
-            && backends[index].node.serves_existing_users()
-            && !pick.tried.contains(&index)
-        {
-            return Some(index);
+        self.cookie_node(backends, pick)
+            .or_else(|| self.fallback.pick(backends, pick))
+    }
+
+    /// A user whose node still serves them waits for it when it is full: moving them would cost
+    /// their session on a stateful node, which is what the cookie is for.
+    pub fn pick_capped(&self, backends: &[Backend], pick: &Pick<'_>) -> CappedPick {
+        match self.cookie_node(backends, pick) {
+            Some(index) => CappedPick::Bound(index),
+            None => self.fallback.pick_capped(backends, pick),
         }
-        self.fallback.pick(backends, pick)
+    }
+
+    /// The node the request's cookie names, while it serves its existing users.
+    fn cookie_node(&self, backends: &[Backend], pick: &Pick<'_>) -> Option<usize> {
+        match pick.cookie {
+            CookieTarget::Node { index, .. }
+                if backends[index].node.serves_existing_users() && !pick.tried.contains(&index) =>
+            {
+                Some(index)
+            }
+            _ => None,
+        }
     }
 
     pub fn outcome(&self, target: CookieTarget, served: usize) -> Outcome {

@@ -18,6 +18,13 @@ use ipnet::IpNet;
 /// round-robin sequence (sum of weights long) stays a few hundred KiB at 300 backends.
 pub const MAX_WEIGHT: u32 = 256;
 
+/// The largest per-backend connection cap: far above what one web node serves, and far below
+/// the in-flight counter's range, so a cap never wraps it.
+pub const MAX_BACKEND_CONNECTIONS: u32 = 1_000_000;
+
+/// The longest a request may wait in a pool's queue for room on a capped node.
+pub const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -264,6 +271,11 @@ pub struct PoolConfig {
     pub response_timeout: Duration,
     pub retries: u32,
     pub idle_pool_timeout: Duration,
+    /// The cap of backends that set none themselves; `None`: uncapped.
+    pub max_connections_per_backend: Option<u32>,
+    /// How long a request waits for room when every node it may use is at its cap; zero
+    /// answers 503 at once.
+    pub queue_timeout: Duration,
     pub backends: Vec<BackendConfig>,
     pub health: HealthConfig,
     pub sticky: StickyConfig,
@@ -275,6 +287,16 @@ pub struct BackendConfig {
     pub name: String,
     pub address: SocketAddr,
     pub weight: u32,
+    /// The most requests in flight to this node; `None` takes the pool's
+    /// `max_connections_per_backend`.
+    pub max_connections: Option<u32>,
+}
+
+impl PoolConfig {
+    /// The cap of `backend` in this pool: its own, else the pool's default; `None`: uncapped.
+    pub fn cap_of(&self, backend: &BackendConfig) -> Option<u32> {
+        backend.max_connections.or(self.max_connections_per_backend)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -566,6 +588,50 @@ pool = "missing"
         assert!(
             warning.contains("listeners[0].tls_handshake_timeout: has no effect"),
             "{warning}"
+        );
+    }
+
+    #[test]
+    fn connection_caps_default_to_the_pools_and_are_bounded() {
+        let ok = parse(&format!(
+            "{MINIMAL}max_connections_per_backend = 50\nqueue_timeout = \"250ms\"\n"
+        ))
+        .unwrap();
+        let pool = &ok.pools["web"];
+        assert_eq!(pool.queue_timeout, Duration::from_millis(250));
+        assert_eq!(pool.cap_of(&pool.backends[0]), Some(50));
+        let own =
+            parse(&MINIMAL.replace("name = \"b\"", "name = \"b\", max_connections = 2")).unwrap();
+        let pool = &own.pools["web"];
+        assert_eq!(pool.cap_of(&pool.backends[0]), None, "uncapped by default");
+        assert_eq!(pool.cap_of(&pool.backends[1]), Some(2));
+        assert_eq!(pool.queue_timeout, Duration::from_secs(5));
+        let zero = parse(&format!("{MINIMAL}queue_timeout = \"0s\"\n")).unwrap();
+        assert_eq!(
+            zero.pools["web"].queue_timeout,
+            Duration::ZERO,
+            "0: 503 at once"
+        );
+
+        let err = parse(&format!(
+            "{}max_connections_per_backend = 1000001\nqueue_timeout = \"2h\"\n",
+            MINIMAL.replace("name = \"b\"", "name = \"b\", max_connections = 0")
+        ))
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "test.toml:6:117: pools.web.backends[1].max_connections: must be between 1 and 1000000 (got 0)",
+            "test.toml:7:31: pools.web.max_connections_per_backend: must be between 1 and 1000000",
+            "test.toml:8:17: pools.web.queue_timeout: must be at most 1h",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
+        let err = parse(&format!("{MINIMAL}queue_timeout = \"soon\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pools.web.queue_timeout: `soon` is not a duration"),
+            "{err}"
         );
     }
 

@@ -120,6 +120,8 @@ struct RawPool {
     response_timeout: Option<Spanned<String>>,
     retries: Option<Spanned<u32>>,
     idle_pool_timeout: Option<Spanned<String>>,
+    max_connections_per_backend: Option<Spanned<i64>>,
+    queue_timeout: Option<Spanned<String>>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
     health: Option<Spanned<RawHealth>>,
@@ -132,6 +134,7 @@ struct RawBackend {
     address: Spanned<String>,
     weight: Option<Spanned<i64>>,
     name: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -264,6 +267,50 @@ impl Validator<'_> {
                     ),
                 );
                 default
+            }
+        }
+    }
+
+    /// A per-backend connection cap: 1 to [`MAX_BACKEND_CONNECTIONS`]; absent is no cap.
+    fn connection_cap(&mut self, value: &Option<Spanned<i64>>, key: &str) -> Option<u32> {
+        let value = value.as_ref()?;
+        match u32::try_from(*value.get_ref()) {
+            Ok(cap) if (1..=MAX_BACKEND_CONNECTIONS).contains(&cap) => Some(cap),
+            _ => {
+                self.error(
+                    Some(value.span()),
+                    key,
+                    format!(
+                        "must be between 1 and {MAX_BACKEND_CONNECTIONS} (got {}); leave it out for no cap",
+                        value.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// `queue_timeout`: zero (answer 503 at once when every node is full) up to
+    /// [`MAX_QUEUE_TIMEOUT`].
+    fn queue_timeout(&mut self, value: &Option<Spanned<String>>, key: &str) -> Duration {
+        const DEFAULT: Duration = Duration::from_secs(5);
+        let Some(value) = value else { return DEFAULT };
+        match humantime::parse_duration(value.get_ref().trim()) {
+            Ok(d) if d <= MAX_QUEUE_TIMEOUT => d,
+            Ok(_) => {
+                self.error(Some(value.span()), key, "must be at most 1h");
+                DEFAULT
+            }
+            Err(e) => {
+                self.error(
+                    Some(value.span()),
+                    key,
+                    format!(
+                        "`{}` is not a duration ({e}); write e.g. \"250ms\" or \"5s\"",
+                        value.get_ref()
+                    ),
+                );
+                DEFAULT
             }
         }
     }
@@ -597,6 +644,11 @@ impl Validator<'_> {
             }
             Some(r) => *r.get_ref(),
         };
+        let max_connections_per_backend = self.connection_cap(
+            &raw.max_connections_per_backend,
+            &key("max_connections_per_backend"),
+        );
+        let queue_timeout = self.queue_timeout(&raw.queue_timeout, &key("queue_timeout"));
 
         let mut backends = Vec::new();
         let mut names = HashSet::new();
@@ -617,6 +669,7 @@ impl Validator<'_> {
                     1
                 }
             };
+            let max_connections = self.connection_cap(&b.max_connections, &bkey("max_connections"));
             let node_name = b
                 .name
                 .as_ref()
@@ -645,6 +698,7 @@ impl Validator<'_> {
                     name: node_name,
                     address,
                     weight,
+                    max_connections,
                 });
             }
         }
@@ -669,6 +723,8 @@ impl Validator<'_> {
             response_timeout,
             retries,
             idle_pool_timeout,
+            max_connections_per_backend,
+            queue_timeout,
             backends,
             health,
             sticky,
