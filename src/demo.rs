@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::config::Config;
+use crate::base::config::Config;
 use crate::webnode::{self, WebNodeOptions};
 
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
@@ -20,7 +20,7 @@ impl DemoCert {
         let dir = std::env::temp_dir().join(format!("fulcrum-demo-{}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let demo = Self { dir };
-        let (cert, key) = crate::tls::self_signed(&["localhost", "127.0.0.1"])
+        let (cert, key) = crate::base::certs::self_signed(&["localhost", "127.0.0.1"])
             .context("generating the demo certificate")?;
         for (name, pem) in [("localhost.crt", cert), ("localhost.key", key)] {
             let path = demo.dir.join(name);

@@ -24,27 +24,24 @@
 //! picks a status (502/503/504 for a backend, 400/408/413 for a client, 404), counts the
 //! metric and logs the cause.
 
-pub mod admin;
-pub mod balance;
-pub mod body;
-pub mod config;
+// The layers, bottom up: each imports only from those below it (tests/layers.rs keeps it so).
+pub mod base;
 pub mod control;
-pub mod demo;
-pub mod headers;
-pub mod health;
-pub mod health_report;
-pub mod load;
-pub mod metrics;
-pub mod pool;
-pub mod proxy;
-pub mod registry;
-pub mod server;
-pub mod status;
-pub mod tls;
+pub mod datapath;
+pub mod model;
 pub mod upstream;
+// Entry points.
+pub mod demo;
+pub mod load;
 pub mod webnode;
 
-use std::io;
+// The paths tools, tests and benches know the crate by.
+pub use base::{config, metrics};
+pub use control::registry;
+pub use datapath::listeners::StartError;
+pub use datapath::{headers, proxy, server};
+pub use model::{balance, pool};
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,34 +49,15 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::admin::AdminState;
-use crate::config::{Config, ListenerConfig};
+use crate::base::config::Config;
 use crate::control::Control;
-use crate::proxy::{ConnInfo, ListenerInfo, Router};
-use crate::server::{ConnLimits, Lifecycle};
-use crate::tls::{CertError, TlsTerminator};
-
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("invalid config:\n{0}")]
-    Config(#[from] config::ConfigError),
-    #[error("cannot bind listener `{name}` to {addr}: {source}")]
-    Bind {
-        name: String,
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("listener `{name}`: {source}")]
-    Tls {
-        name: String,
-        #[source]
-        source: CertError,
-    },
-}
+use crate::control::admin::AdminState;
+use crate::datapath::listeners::{bind, bind_listener};
+use crate::datapath::proxy::Router;
+use crate::datapath::server::{ConnLimits, Lifecycle};
+use crate::datapath::tls::TlsTerminator;
 
 /// A running balancer.
 #[derive(Debug)]
@@ -106,7 +84,7 @@ pub async fn start_file(path: &Path) -> Result<Running, StartError> {
 }
 
 async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, StartError> {
-    crate::metrics::recorder();
+    crate::base::metrics::recorder();
     for warning in &config.warnings {
         warn!("{warning}");
     }
@@ -148,43 +126,42 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
             .and_then(|(_, _, tcp)| tcp.local_addr().ok()),
     );
 
-    let admin =
-        admin_listener.map(|tcp| {
-            let addr = tcp.local_addr().expect("a bound socket has an address");
-            info!(listener = "admin", %addr, "admin listening");
-            let state = Arc::new(AdminState {
-                cpu: health_report::CpuMeter::new(),
-                client_connections: client_connections.clone(),
-                control: control.clone(),
-                token: config.admin.as_ref().and_then(|a| a.token.clone()),
-                bind: addr,
-                status_rates: Default::default(),
-            });
-            let limits = ConnLimits {
-                header_read_timeout: Duration::from_secs(10),
-                idle_timeout: Duration::from_secs(60),
-                max_header_bytes: 16 * 1024,
-                max_connections: 1024,
-            };
-            server::spawn_accept_loop(
-                tcp,
-                Arc::from("admin"),
-                limits,
-                None,
-                move |_peer, _conn| {
-                    let state = state.clone();
-                    hyper::service::service_fn(move |req| {
-                        let state = state.clone();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(admin::handle(req, &state).await)
-                        }
-                    })
-                },
-                Arc::new(AtomicU64::new(0)),
-                lifecycle.clone(),
-            );
-            addr
+    let admin = admin_listener.map(|tcp| {
+        let addr = tcp.local_addr().expect("a bound socket has an address");
+        info!(listener = "admin", %addr, "admin listening");
+        let state = Arc::new(AdminState {
+            cpu: base::health_report::CpuMeter::new(),
+            client_connections: client_connections.clone(),
+            control: control.clone(),
+            token: config.admin.as_ref().and_then(|a| a.token.clone()),
+            bind: addr,
+            status_rates: Default::default(),
         });
+        let limits = ConnLimits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 16 * 1024,
+            max_connections: 1024,
+        };
+        server::spawn_accept_loop(
+            tcp,
+            Arc::from("admin"),
+            limits,
+            None,
+            move |_peer, _conn| {
+                let state = state.clone();
+                hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(control::admin::handle(req, &state).await)
+                    }
+                })
+            },
+            Arc::new(AtomicU64::new(0)),
+            lifecycle.clone(),
+        );
+        addr
+    });
 
     let registry = registry_listener.map(|(registry_config, tls, tcp)| {
         let addr = tcp.local_addr().expect("a bound socket has an address");
@@ -235,95 +212,6 @@ fn registry_tls(
             name: "registry".to_owned(),
             source,
         })
-}
-
-/// A traffic listener bound and its TLS loaded, not yet serving.
-#[derive(Debug)]
-pub(crate) struct BoundListener {
-    pub config: ListenerConfig,
-    pub tls: Option<Arc<TlsTerminator>>,
-    pub tcp: TcpListener,
-}
-
-/// Loads a listener's certificates and binds its socket; nothing serves yet, so a later
-/// failure (at start or in a reload) can drop it without effect.
-pub(crate) fn bind_listener(l: &ListenerConfig) -> Result<BoundListener, StartError> {
-    let tls = match &l.tls {
-        Some(tls) => Some(Arc::new(TlsTerminator::new(&l.name, tls).map_err(
-            |source| StartError::Tls {
-                name: l.name.clone(),
-                source,
-            },
-        )?)),
-        None => None,
-    };
-    let backlog = u32::try_from(l.max_connections)
-        .unwrap_or(u32::MAX)
-        .min(65_535);
-    Ok(BoundListener {
-        config: l.clone(),
-        tls,
-        tcp: bind(&l.name, l.bind, backlog)?,
-    })
-}
-
-/// Serves a bound listener until `lifecycle.shutdown` is cancelled. Returns its address.
-pub(crate) fn serve_listener(
-    bound: BoundListener,
-    router: &Arc<ArcSwap<Router>>,
-    client_connections: &Arc<AtomicU64>,
-    lifecycle: Lifecycle,
-) -> SocketAddr {
-    let BoundListener {
-        config: l,
-        tls,
-        tcp,
-    } = bound;
-    let addr = tcp.local_addr().expect("a bound socket has an address");
-    let proto = if tls.is_some() { "https" } else { "http" };
-    info!(listener = %l.name, %addr, proto, "listening");
-    let info = Arc::new(ListenerInfo {
-        name: Arc::from(l.name.as_str()),
-        proto,
-        forwarded: l.forwarded,
-        max_body_bytes: l.max_body_bytes,
-        trusted_proxies: l.trusted_proxies.clone().into(),
-        router: router.clone(),
-    });
-    let limits = ConnLimits {
-        header_read_timeout: l.header_read_timeout,
-        idle_timeout: l.idle_timeout,
-        max_header_bytes: l.max_header_bytes,
-        max_connections: l.max_connections,
-    };
-    server::spawn_accept_loop(
-        tcp,
-        info.name.clone(),
-        limits,
-        tls,
-        move |peer, conn| {
-            let conn = Arc::new(ConnInfo {
-                peer,
-                listener: info.clone(),
-                conn,
-            });
-            hyper::service::service_fn(move |req| {
-                let conn = conn.clone();
-                async move { Ok::<_, std::convert::Infallible>(proxy::handle(req, &conn).await) }
-            })
-        },
-        client_connections.clone(),
-        lifecycle,
-    );
-    addr
-}
-
-fn bind(name: &str, addr: SocketAddr, backlog: u32) -> Result<TcpListener, StartError> {
-    server::listen(addr, backlog).map_err(|source| StartError::Bind {
-        name: name.to_owned(),
-        addr,
-        source,
-    })
 }
 
 impl Running {

@@ -40,7 +40,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::health_report::{CpuMeter, HealthReport};
+use crate::base::health_report::{CpuMeter, HealthReport};
 
 pub use register::RegisterOptions;
 pub use session_api::{SESSION_COOKIE, X_SESSION_VISITS};
@@ -155,7 +155,7 @@ pub async fn spawn_with_sessions(
             format!("web node id {:?} is not a valid header value", opts.id),
         )
     })?;
-    let listener = crate::server::listen(opts.listen, 4096)?;
+    let listener = crate::datapath::server::listen(opts.listen, 4096)?;
     let local_addr = listener.local_addr()?;
     let started = Instant::now();
     let cancel = CancellationToken::new();

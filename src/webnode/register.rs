@@ -23,10 +23,10 @@ use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 use tracing::{debug, info, warn};
 
-use crate::config::Secret;
+use crate::base::config::Secret;
 
-use crate::registry::proto::server_registry_service_client::ServerRegistryServiceClient;
-use crate::registry::proto::{ReportActiveRequest, ReportDecommissionRequest};
+use crate::base::proto::server_registry_service_client::ServerRegistryServiceClient;
+use crate::base::proto::{ReportActiveRequest, ReportDecommissionRequest};
 
 /// Each call to the registry: long enough for a loaded balancer, short enough that a shutdown
 /// waiting on an unanswered heartbeat is not held up.

@@ -1,0 +1,648 @@
+//! The configuration file: serde structs that mirror the TOML, and the validation that turns
+//! them into a [`Config`] the rest of the balancer can trust.
+//!
+//! Every mistake is reported as `file:line:col: key: message`, and validation collects all of
+//! them in one pass so an operator fixes a file in one read, not one error per run.
+
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+/// HAProxy's ceiling too: large enough for any real ratio, small enough that the precomputed
+/// round-robin sequence (sum of weights long) stays a few hundred KiB at 300 backends.
+pub const MAX_WEIGHT: u32 = 256;
+
+/// At most this many attempts per request, whatever `retries` says: the list of tried nodes
+/// lives on the stack.
+pub const MAX_ATTEMPTS: usize = 8;
+
+/// The largest per-backend connection cap: far above what one web node serves, and far below
+/// the in-flight counter's range, so a cap never wraps it.
+pub const MAX_BACKEND_CONNECTIONS: u32 = 1_000_000;
+
+/// The longest a request may wait in a pool's queue for room on a capped node.
+pub const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub shutdown_grace: Duration,
+    pub listeners: Vec<ListenerConfig>,
+    pub admin: Option<AdminConfig>,
+    pub registry: Option<RegistryConfig>,
+    pub pools: BTreeMap<String, PoolConfig>,
+    pub routes: Vec<RouteConfig>,
+    /// Problems that do not stop fulcrum from running (an expired certificate): `check`
+    /// prints them, `run` logs them.
+    pub warnings: Vec<Diagnostic>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    pub trusted_proxies: Vec<IpNet>,
+    pub max_body_bytes: Option<u64>,
+    pub forwarded: bool,
+    /// TLS termination; `None` serves cleartext HTTP/1.1 and h2c.
+    pub tls: Option<TlsConfig>,
+}
+
+/// A TLS listener's certificates. The files were loaded and checked (key matches certificate)
+/// when the config was validated; the listener loads them again when it starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// Served to clients that send no SNI name or one no `sni` entry claims.
+    pub default: CertPaths,
+    /// In file order; exact names win over wildcards (`*.example.com`, one label deep).
+    pub sni: Vec<SniCert>,
+    /// A client that has not completed its handshake by then is dropped.
+    pub handshake_timeout: Duration,
+}
+
+pub use crate::base::certs::CertPaths;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniCert {
+    /// Lower-case DNS names; `*.example.com` matches exactly one extra label.
+    pub names: Vec<String>,
+    pub paths: CertPaths,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistryConfig {
+    pub bind: SocketAddr,
+    pub pool: String,
+    pub heartbeat_interval: Duration,
+    /// Every call must carry gRPC metadata `authorization: Bearer TOKEN`.
+    pub token: Option<Secret>,
+    /// A registered address must fall in one of these.
+    pub allowed_networks: Vec<IpNet>,
+    /// Registered nodes the pool takes at most; a new one beyond is refused.
+    pub max_nodes: usize,
+    pub tls: Option<RegistryTls>,
+}
+
+impl RegistryConfig {
+    /// Whether a caller must prove who it is (a token, or a certificate `client_ca` signed)
+    /// before it may change the pool. A registry that does not may only listen on loopback.
+    pub fn authenticates(&self) -> bool {
+        self.token.is_some() || self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
+    }
+
+    /// What is wrong with a registry that lets whoever reaches it change the pool: a bind
+    /// beyond loopback with neither a token nor a client CA. `check`, `run` and `start` all
+    /// refuse it.
+    pub fn unauthenticated(&self) -> Option<String> {
+        if self.bind.ip().is_loopback() || self.authenticates() {
+            return None;
+        }
+        let hint = if self.tls.is_some() {
+            " ([registry.tls] without client_ca encrypts, but lets anyone in)"
+        } else {
+            ""
+        };
+        Some(format!(
+            "a non-loopback registry bind needs registry.token or [registry.tls] with client_ca{hint}: whoever reaches it can add backends to pool `{}`",
+            self.pool
+        ))
+    }
+}
+
+/// `[registry.tls]`: the registry speaks TLS (ALPN `h2`), and with `client_ca` requires a
+/// client certificate signed by one of its CAs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistryTls {
+    /// The registry's certificate: `default` only, no SNI entries.
+    pub certs: TlsConfig,
+    /// PEM file of the CA certificates client certificates must chain to.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `registry.max_nodes` when absent, and its ceiling: a registered node costs a health-check
+/// task and an idle-connection queue, so the bound is what one balancer can check.
+pub const DEFAULT_REGISTRY_MAX_NODES: usize = 1024;
+pub const MAX_REGISTRY_MAX_NODES: usize = 100_000;
+
+/// `registry.allowed_networks` when absent: any address (the contract's default), less the
+/// rules that always hold (fulcrum's own sockets, unspecified and multicast addresses). An
+/// operator narrows it to the web tier's networks; the README's Security section says why.
+pub fn default_allowed_networks() -> Vec<IpNet> {
+    ["0.0.0.0/0", "::/0"]
+        .iter()
+        .map(|net| net.parse().expect("the default networks are valid CIDRs"))
+        .collect()
+}
+
+/// A credential from the config: compared and sent, never printed (`Debug` hides it, so a
+/// logged config or struct does not leak it).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    RoundRobin,
+    LeastConnections,
+    StickyCookie,
+    IpHash,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::LeastConnections => "least_connections",
+            Strategy::StickyCookie => "sticky_cookie",
+            Strategy::IpHash => "ip_hash",
+        }
+    }
+}
+
+/// `[pools.NAME.sticky]`: the cookie `sticky_cookie` sets and how it places new users.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StickyConfig {
+    pub cookie: String,
+    /// Places users without a valid cookie: round robin or least connections.
+    pub fallback: Strategy,
+    /// HMAC key; `None` makes the node ids an unkeyed hash anyone can compute.
+    pub secret: Option<String>,
+    pub max_age: Option<Duration>,
+    pub path: String,
+    pub domain: Option<String>,
+    pub http_only: bool,
+    pub same_site: SameSite,
+    /// `None`: `Secure` exactly on TLS listeners.
+    pub secure: Option<bool>,
+}
+
+impl Default for StickyConfig {
+    fn default() -> Self {
+        Self {
+            cookie: "fulcrum_sticky".to_owned(),
+            fallback: Strategy::LeastConnections,
+            secret: None,
+            max_age: None,
+            path: "/".to_owned(),
+            domain: None,
+            http_only: true,
+            same_site: SameSite::Lax,
+            secure: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
+}
+
+impl SameSite {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SameSite::Lax => "Lax",
+            SameSite::Strict => "Strict",
+            SameSite::None => "None",
+        }
+    }
+}
+
+/// How a pool talks to its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendProtocol {
+    /// Pooled keep-alive HTTP/1.1 connections (the default).
+    #[default]
+    Http1,
+    /// Cleartext HTTP/2 with prior knowledge: requests multiplexed over one connection per
+    /// backend. `Upgrade` requests (WebSocket) still go over HTTP/1.1.
+    H2c,
+}
+
+impl BackendProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendProtocol::Http1 => "http1",
+            BackendProtocol::H2c => "h2c",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    pub strategy: Strategy,
+    pub backend_protocol: BackendProtocol,
+    pub slow_start: Option<Duration>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub retries: u32,
+    pub idle_pool_timeout: Duration,
+    /// The cap of backends that set none themselves; `None`: uncapped.
+    pub max_connections_per_backend: Option<u32>,
+    /// How long a request waits for room when every node it may use is at its cap; zero
+    /// answers 503 at once.
+    pub queue_timeout: Duration,
+    pub backends: Vec<BackendConfig>,
+    pub health: HealthConfig,
+    pub sticky: StickyConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// The node's identity: stable across address changes, used in metrics and sticky ids.
+    pub name: String,
+    pub address: SocketAddr,
+    pub weight: u32,
+    /// The most requests in flight to this node; `None` takes the pool's
+    /// `max_connections_per_backend`.
+    pub max_connections: Option<u32>,
+}
+
+impl PoolConfig {
+    /// The cap of `backend` in this pool: its own, else the pool's default; `None`: uncapped.
+    pub fn cap_of(&self, backend: &BackendConfig) -> Option<u32> {
+        backend.max_connections.or(self.max_connections_per_backend)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub fall: u32,
+    pub rise: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    /// Lower-cased, without a port.
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    pub pool: String,
+}
+
+/// All the problems found in one config file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// One problem, located in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    /// 1-based; 0 when the problem has no place in the file (it could not be read).
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if self.key.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.diagnostics.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            diagnostics: vec![Diagnostic {
+                file: path.to_owned(),
+                line: 0,
+                column: 0,
+                key: String::new(),
+                message: format!("cannot read config: {e}"),
+            }],
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `file` (the name only labels errors).
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        validate::parse(file, text)
+    }
+
+    /// The pool a single-pool config sends everything to when it has no routes.
+    pub fn default_pool(&self) -> Option<&str> {
+        if self.routes.is_empty() && self.pools.len() == 1 {
+            self.pools.keys().next().map(String::as_str)
+        } else {
+            None
+        }
+    }
+}
+
+/// `example.com:8080` -> `example.com`; `[::1]:80` -> `[::1]`.
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    match host.rfind(':') {
+        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    const MINIMAL: &str = r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+
+[pools.web]
+backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight = 2, name = "b" }]
+"#;
+
+    #[test]
+    fn minimal_config_gets_contract_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        let l = &config.listeners[0];
+        assert_eq!(l.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(l.idle_timeout, Duration::from_secs(60));
+        assert_eq!(l.max_header_bytes, 65536);
+        let pool = &config.pools["web"];
+        assert_eq!(pool.strategy, Strategy::RoundRobin);
+        assert_eq!(pool.connect_timeout, Duration::from_secs(2));
+        assert_eq!(pool.retries, 2);
+        assert_eq!(pool.backends[0].name, "127.0.0.1:9001");
+        assert_eq!(pool.backends[1].weight, 2);
+        assert_eq!((pool.health.fall, pool.health.rise), (3, 3));
+        assert_eq!(config.default_pool(), Some("web"));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let err = parse("[[listeners]]\nbind = \"127.0.0.1:0\"\nbnd = 1\n").unwrap_err();
+        let d = &err.diagnostics[0];
+        assert_eq!((d.line, d.column), (3, 1), "{err}");
+        assert!(d.message.contains("bnd"), "{err}");
+        assert_eq!(d.key, "listeners[0].bnd", "{err}");
+
+        let err = parse(&format!(
+            "{MINIMAL}\n[pools.web.health]\nintervl = \"1s\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.diagnostics[0].key, "pools.web.health.intervl", "{err}");
+    }
+
+    #[test]
+    fn health_timeout_follows_a_short_interval_and_may_exceed_a_set_one() {
+        let ok = parse(&format!(
+            "{MINIMAL}\n[pools.web.health]\ninterval = \"500ms\"\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.pools["web"].health.timeout, Duration::from_millis(500));
+        // HAProxy, Envoy and Traefik accept this; checks of a node simply never overlap.
+        let long = parse(&format!(
+            "{MINIMAL}\n[pools.web.health]\ninterval = \"1s\"\ntimeout = \"2s\"\n"
+        ))
+        .unwrap();
+        assert_eq!(long.pools["web"].health.interval, Duration::from_secs(1));
+        assert_eq!(long.pools["web"].health.timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn health_interval_and_timeout_stay_between_a_millisecond_and_an_hour() {
+        let text =
+            format!("{MINIMAL}\n[pools.web.health]\ninterval = \"2h\"\ntimeout = \"500us\"\n");
+        let err = parse(&text).unwrap_err();
+        let found = |key: &str| {
+            err.diagnostics
+                .iter()
+                .find(|d| d.key == key)
+                .unwrap_or_else(|| panic!("no diagnostic for {key} in:\n{err}"))
+        };
+        let interval = found("pools.web.health.interval");
+        assert_eq!(interval.message, "must be between 1ms and 1h (got `2h`)");
+        assert_eq!((interval.line, interval.column), (9, 12), "{err}");
+        let timeout = found("pools.web.health.timeout");
+        assert_eq!(timeout.message, "must be between 1ms and 1h (got `500us`)");
+        assert_eq!((timeout.line, timeout.column), (10, 11), "{err}");
+        for edge in ["interval = \"1ms\"\ntimeout = \"1h\"", "interval = \"1h\""] {
+            parse(&format!("{MINIMAL}\n[pools.web.health]\n{edge}\n")).unwrap();
+        }
+    }
+
+    #[test]
+    fn all_validation_errors_are_reported_at_once() {
+        let text = r#"
+[[listeners]]
+bind = "nope"
+
+[pools.web]
+strategy = "fastest"
+backends = [{ address = "127.0.0.1:1", weight = 0 }, { address = "127.0.0.1:1" }]
+
+[[routes]]
+pool = "missing"
+"#;
+        let err = parse(text).unwrap_err().to_string();
+        for expected in [
+            "test.toml:3:8: listeners[0].bind:",
+            "test.toml:6:12: pools.web.strategy: unknown strategy",
+            "pools.web.backends[0].weight: must be between 1 and 256",
+            "pools.web.backends[1].address: duplicate backend address",
+            "test.toml:10:8: routes[0].pool: no pool named `missing`",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn sticky_table_is_validated_and_a_missing_secret_warns() {
+        let sticky = |table: &str| {
+            format!("{MINIMAL}strategy = \"sticky_cookie\"\n[pools.web.sticky]\n{table}")
+        };
+        let config = parse(&sticky("max_age = \"30m\"\nsame_site = \"strict\"\n")).unwrap();
+        let s = &config.pools["web"].sticky;
+        assert_eq!(s.cookie, "fulcrum_sticky");
+        assert_eq!(s.fallback, Strategy::LeastConnections);
+        assert_eq!(s.max_age, Some(Duration::from_secs(1800)));
+        assert_eq!(s.same_site, SameSite::Strict);
+        assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+        assert!(
+            config.warnings[0]
+                .to_string()
+                .contains("pools.web.strategy: sticky cookies without pools.web.sticky.secret")
+        );
+
+        let keyed = parse(&sticky("secret = \"k\"\n")).unwrap();
+        assert!(keyed.warnings.is_empty());
+
+        let err = parse(&sticky(
+            "cookie = \"a b\"\nfallback = \"ip_hash\"\npath = \"/x;y\"\nsame_site = \"None\"\nsecure = false\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "pools.web.sticky.cookie: must be a cookie name",
+            "pools.web.sticky.fallback: `ip_hash` cannot place new users",
+            "pools.web.sticky.path: must not contain",
+            "pools.web.sticky.same_site: SameSite=None needs secure",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn non_loopback_admin_needs_a_token() {
+        let text = format!("{MINIMAL}\n[admin]\nbind = \"0.0.0.0:9090\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("admin.bind: a non-loopback admin bind needs admin.token"),
+            "{err}"
+        );
+        let ok = format!("{MINIMAL}\n[admin]\nbind = \"0.0.0.0:9090\"\ntoken = \"s3cret\"\n");
+        assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn backend_protocol_is_http1_unless_h2c_is_asked_for() {
+        assert_eq!(
+            parse(MINIMAL).unwrap().pools["web"].backend_protocol,
+            BackendProtocol::Http1
+        );
+        let h2c = parse(&format!("{MINIMAL}backend_protocol = \"h2c\"\n")).unwrap();
+        assert_eq!(h2c.pools["web"].backend_protocol, BackendProtocol::H2c);
+        let err = parse(&format!("{MINIMAL}backend_protocol = \"h3\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pools.web.backend_protocol: unknown backend protocol `h3`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_handshake_timeout_without_tls_is_a_warning() {
+        let text = MINIMAL.replace(
+            "bind = \"127.0.0.1:0\"",
+            "bind = \"127.0.0.1:0\"\ntls_handshake_timeout = \"5s\"",
+        );
+        let config = parse(&text).unwrap();
+        assert!(config.listeners[0].tls.is_none());
+        let warning = config.warnings[0].to_string();
+        assert!(
+            warning.contains("listeners[0].tls_handshake_timeout: has no effect"),
+            "{warning}"
+        );
+    }
+
+    #[test]
+    fn connection_caps_default_to_the_pools_and_are_bounded() {
+        let ok = parse(&format!(
+            "{MINIMAL}max_connections_per_backend = 50\nqueue_timeout = \"250ms\"\n"
+        ))
+        .unwrap();
+        let pool = &ok.pools["web"];
+        assert_eq!(pool.queue_timeout, Duration::from_millis(250));
+        assert_eq!(pool.cap_of(&pool.backends[0]), Some(50));
+        let own =
+            parse(&MINIMAL.replace("name = \"b\"", "name = \"b\", max_connections = 2")).unwrap();
+        let pool = &own.pools["web"];
+        assert_eq!(pool.cap_of(&pool.backends[0]), None, "uncapped by default");
+        assert_eq!(pool.cap_of(&pool.backends[1]), Some(2));
+        assert_eq!(pool.queue_timeout, Duration::from_secs(5));
+        let zero = parse(&format!("{MINIMAL}queue_timeout = \"0s\"\n")).unwrap();
+        assert_eq!(
+            zero.pools["web"].queue_timeout,
+            Duration::ZERO,
+            "0: 503 at once"
+        );
+
+        let err = parse(&format!(
+            "{}max_connections_per_backend = 1000001\nqueue_timeout = \"2h\"\n",
+            MINIMAL.replace("name = \"b\"", "name = \"b\", max_connections = 0")
+        ))
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "test.toml:6:117: pools.web.backends[1].max_connections: must be between 1 and 1000000 (got 0)",
+            "test.toml:7:31: pools.web.max_connections_per_backend: must be between 1 and 1000000",
+            "test.toml:8:17: pools.web.queue_timeout: must be at most 1h",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
+        let err = parse(&format!("{MINIMAL}queue_timeout = \"soon\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pools.web.queue_timeout: `soon` is not a duration"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        assert_eq!(validate::line_col("ab\ncdé\nx", 8), (3, 1));
+        assert_eq!(validate::line_col("ab\ncdé", 5), (2, 3));
+    }
+
+    #[test]
+    fn strip_port_handles_ipv6() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+    }
+}

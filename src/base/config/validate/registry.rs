@@ -1,0 +1,278 @@
+//! `[registry]` and `[registry.tls]`: where the registry listens, who may call it (a token, a
+//! client certificate, or loopback only), which addresses it accepts and how many nodes.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{RawPool, Validator};
+use crate::base::config::{
+    DEFAULT_REGISTRY_MAX_NODES, MAX_REGISTRY_MAX_NODES, RegistryConfig, RegistryTls, Secret,
+    TlsConfig, default_allowed_networks,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRegistry {
+    bind: Spanned<String>,
+    pool: Spanned<String>,
+    heartbeat_interval: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
+    allowed_networks: Option<Spanned<Vec<Spanned<String>>>>,
+    max_nodes: Option<Spanned<i64>>,
+    tls: Option<Spanned<RawRegistryTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistryTls {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    client_ca: Option<Spanned<String>>,
+}
+
+/// A registry TLS handshake gets as long as a listener's default.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Validator<'_> {
+    pub(super) fn registry(
+        &mut self,
+        raw: &RawRegistry,
+        pools: &BTreeMap<String, Spanned<RawPool>>,
+        binds: &mut HashSet<SocketAddr>,
+    ) -> Option<RegistryConfig> {
+        let bind = self.socket_addr(&raw.bind, "registry.bind");
+        if let Some(bind) = bind
+            && bind.port() != 0
+            && !binds.insert(bind)
+        {
+            self.error(
+                Some(raw.bind.span()),
+                "registry.bind",
+                format!("{bind} is already used by a listener or the admin API"),
+            );
+        }
+        if !pools.contains_key(raw.pool.get_ref()) {
+            self.error(
+                Some(raw.pool.span()),
+                "registry.pool",
+                format!("no pool named `{}`", raw.pool.get_ref()),
+            );
+        }
+        let heartbeat_interval = self.duration(
+            &raw.heartbeat_interval,
+            "registry.heartbeat_interval",
+            Duration::from_secs(5),
+        );
+        let token = raw.token.as_ref().map(|t| {
+            let text = t.get_ref();
+            if text.is_empty() {
+                self.error(
+                    Some(t.span()),
+                    "registry.token",
+                    "must not be empty (leave it out instead)",
+                );
+            } else if !text.bytes().all(|b| b.is_ascii_graphic()) {
+                // It travels as an HTTP/2 header value, where anything else is refused or
+                // mangled on the way.
+                self.error(
+                    Some(t.span()),
+                    "registry.token",
+                    "must be printable ASCII without spaces",
+                );
+            }
+            Secret::new(text.clone())
+        });
+        let allowed_networks = match &raw.allowed_networks {
+            None => default_allowed_networks(),
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    self.error(
+                        Some(list.span()),
+                        "registry.allowed_networks",
+                        "must list at least one network (leave it out to allow any address)",
+                    );
+                }
+                list.get_ref()
+                    .iter()
+                    .filter_map(|n| self.network(n, "registry.allowed_networks"))
+                    .collect()
+            }
+        };
+        let max_nodes = match &raw.max_nodes {
+            None => DEFAULT_REGISTRY_MAX_NODES,
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(n) if (1..=MAX_REGISTRY_MAX_NODES).contains(&n) => n,
+                _ => {
+                    self.error(
+                        Some(n.span()),
+                        "registry.max_nodes",
+                        format!("must be between 1 and {MAX_REGISTRY_MAX_NODES}"),
+                    );
+                    DEFAULT_REGISTRY_MAX_NODES
+                }
+            },
+        };
+        let tls = raw
+            .tls
+            .as_ref()
+            .and_then(|t| self.registry_tls(t.get_ref()));
+        let config = RegistryConfig {
+            bind: bind?,
+            pool: raw.pool.get_ref().clone(),
+            heartbeat_interval,
+            token,
+            allowed_networks,
+            max_nodes,
+            tls,
+        };
+        if let Some(message) = config.unauthenticated() {
+            self.error(Some(raw.bind.span()), "registry.bind", message);
+        }
+        Some(config)
+    }
+
+    fn registry_tls(&mut self, raw: &RawRegistryTls) -> Option<RegistryTls> {
+        let client_ca = raw.client_ca.as_ref().and_then(|ca| {
+            let path = PathBuf::from(ca.get_ref().trim());
+            if path.as_os_str().is_empty() {
+                self.error(
+                    Some(ca.span()),
+                    "registry.tls.client_ca",
+                    "needs a file name",
+                );
+                return None;
+            }
+            if let Err(e) = crate::base::certs::client_verifier(&path) {
+                self.error(Some(ca.span()), "registry.tls.client_ca", e.to_string());
+            }
+            Some(path)
+        });
+        let default = self.cert_pair("registry.tls", &raw.cert, &raw.key, &[])?;
+        Some(RegistryTls {
+            certs: TlsConfig {
+                default,
+                sni: Vec::new(),
+                handshake_timeout: HANDSHAKE_TIMEOUT,
+            },
+            client_ca,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::base::config::{
+        Config, ConfigError, DEFAULT_REGISTRY_MAX_NODES, Secret, default_allowed_networks,
+    };
+
+    fn parse(registry: &str) -> Result<Config, ConfigError> {
+        let text = format!(
+            "[[listeners]]\nbind = \"127.0.0.1:0\"\n[pools.web]\nbackends = []\n[registry]\npool = \"web\"\n{registry}"
+        );
+        Config::parse(Path::new("test.toml"), &text)
+    }
+
+    fn errors(registry: &str) -> String {
+        parse(registry).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_loopback_registry_needs_no_auth_and_gets_the_defaults() {
+        let config = parse("bind = \"127.0.0.1:9091\"\n").unwrap();
+        let registry = config.registry.unwrap();
+        assert_eq!(registry.token, None);
+        assert_eq!(registry.allowed_networks, default_allowed_networks());
+        assert_eq!(registry.max_nodes, DEFAULT_REGISTRY_MAX_NODES);
+        assert!(registry.tls.is_none());
+        let allowed = |ip: &str| {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            registry.allowed_networks.iter().any(|n| n.contains(&ip))
+        };
+        // The contract's default is any address; the rules that always hold (own sockets,
+        // unspecified, multicast) are the registry's, not the networks'.
+        for ip in [
+            "127.0.0.1",
+            "::1",
+            "10.1.2.3",
+            "172.31.0.1",
+            "192.168.1.1",
+            "fd00::2",
+            "8.8.8.8",
+            "2001:db8::1",
+        ] {
+            assert!(allowed(ip), "{ip}");
+        }
+    }
+
+    #[test]
+    fn a_registry_beyond_loopback_needs_a_token_or_a_client_ca() {
+        for bind in ["0.0.0.0:9091", "[::]:9091", "10.0.0.5:9091"] {
+            let err = errors(&format!("bind = \"{bind}\"\n"));
+            assert!(
+                err.contains("test.toml:7:8: registry.bind: a non-loopback registry bind needs registry.token"),
+                "{bind}: {err}"
+            );
+        }
+        let config = parse("bind = \"0.0.0.0:9091\"\ntoken = \"t0k3n\"\n").unwrap();
+        assert_eq!(config.registry.unwrap().token, Some(Secret::new("t0k3n")));
+    }
+
+    #[test]
+    fn registry_keys_are_bounded_and_all_mistakes_reported() {
+        let err = errors(
+            "bind = \"127.0.0.1:9091\"\ntoken = \"two words\"\nallowed_networks = [\"10.0.0.0/8\", \"nope\"]\nmax_nodes = 0\n",
+        );
+        for expected in [
+            "registry.token: must be printable ASCII without spaces",
+            "registry.allowed_networks: `nope` is not a CIDR or IP address",
+            "registry.max_nodes: must be between 1 and 100000",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
+        for bad in [
+            "max_nodes = 100001",
+            "max_nodes = -1",
+            "token = \"\"",
+            "allowed_networks = []",
+        ] {
+            assert!(
+                parse(&format!("bind = \"127.0.0.1:9091\"\n{bad}\n")).is_err(),
+                "{bad} accepted"
+            );
+        }
+        let ok = parse("bind = \"127.0.0.1:9091\"\nallowed_networks = [\"10.0.0.0/8\", \"192.0.2.7\"]\nmax_nodes = 100000\n")
+            .unwrap()
+            .registry
+            .unwrap();
+        assert_eq!(ok.allowed_networks.len(), 2);
+        assert_eq!(ok.max_nodes, 100_000);
+        let err = errors(
+            "bind = \"127.0.0.1:9091\"\n[registry.tls]\ncert = \"/nonexistent.crt\"\nkey = \"/nonexistent.key\"\nclient_ca = \"/nonexistent-ca.crt\"\nsni = []\n",
+        );
+        assert!(err.contains("registry.tls.sni"), "{err}");
+        let err = errors(
+            "bind = \"127.0.0.1:9091\"\n[registry.tls]\ncert = \"/nonexistent.crt\"\nkey = \"/nonexistent.key\"\nclient_ca = \"/nonexistent-ca.crt\"\n",
+        );
+        for expected in [
+            "registry.tls.cert: cannot read certificate file `/nonexistent.crt`",
+            "registry.tls.client_ca: cannot read certificate file `/nonexistent-ca.crt`",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_output() {
+        let config = parse("bind = \"127.0.0.1:9091\"\ntoken = \"hunter2-registry\"\n").unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("Secret(..)"), "{debug}");
+    }
+}

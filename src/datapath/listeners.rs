@@ -1,0 +1,127 @@
+//! Traffic listeners: bound (certificates loaded, socket listening) before anything serves,
+//! then served. Start and reload both go through here, so a reload that fails to bind changes
+//! nothing, and a listener is wired to the proxy path in one way only.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::base::certs::CertError;
+use crate::base::config::{self, ListenerConfig};
+use crate::datapath::proxy::{self, ConnInfo, ListenerInfo, Router};
+use crate::datapath::server::{self, ConnLimits, Lifecycle};
+use crate::datapath::tls::TlsTerminator;
+
+/// Why a balancer (or a reload's new listener) could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid config:\n{0}")]
+    Config(#[from] config::ConfigError),
+    #[error("cannot bind listener `{name}` to {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("listener `{name}`: {source}")]
+    Tls {
+        name: String,
+        #[source]
+        source: CertError,
+    },
+}
+
+/// A traffic listener bound and its TLS loaded, not yet serving.
+#[derive(Debug)]
+pub(crate) struct BoundListener {
+    pub config: ListenerConfig,
+    pub tls: Option<Arc<TlsTerminator>>,
+    pub tcp: TcpListener,
+}
+
+/// Loads a listener's certificates and binds its socket; nothing serves yet, so a later
+/// failure (at start or in a reload) can drop it without effect.
+pub(crate) fn bind_listener(l: &ListenerConfig) -> Result<BoundListener, StartError> {
+    let tls = match &l.tls {
+        Some(tls) => Some(Arc::new(TlsTerminator::new(&l.name, tls).map_err(
+            |source| StartError::Tls {
+                name: l.name.clone(),
+                source,
+            },
+        )?)),
+        None => None,
+    };
+    let backlog = u32::try_from(l.max_connections)
+        .unwrap_or(u32::MAX)
+        .min(65_535);
+    Ok(BoundListener {
+        config: l.clone(),
+        tls,
+        tcp: bind(&l.name, l.bind, backlog)?,
+    })
+}
+
+/// Serves a bound listener until `lifecycle.shutdown` is cancelled. Returns its address.
+pub(crate) fn serve(
+    bound: BoundListener,
+    router: &Arc<ArcSwap<Router>>,
+    client_connections: &Arc<AtomicU64>,
+    lifecycle: Lifecycle,
+) -> SocketAddr {
+    let BoundListener {
+        config: l,
+        tls,
+        tcp,
+    } = bound;
+    let addr = tcp.local_addr().expect("a bound socket has an address");
+    let proto = if tls.is_some() { "https" } else { "http" };
+    info!(listener = %l.name, %addr, proto, "listening");
+    let info = Arc::new(ListenerInfo {
+        name: Arc::from(l.name.as_str()),
+        proto,
+        forwarded: l.forwarded,
+        max_body_bytes: l.max_body_bytes,
+        trusted_proxies: l.trusted_proxies.clone().into(),
+        router: router.clone(),
+    });
+    let limits = ConnLimits {
+        header_read_timeout: l.header_read_timeout,
+        idle_timeout: l.idle_timeout,
+        max_header_bytes: l.max_header_bytes,
+        max_connections: l.max_connections,
+    };
+    server::spawn_accept_loop(
+        tcp,
+        info.name.clone(),
+        limits,
+        tls,
+        move |peer, conn| {
+            let conn = Arc::new(ConnInfo {
+                peer,
+                listener: info.clone(),
+                conn,
+            });
+            hyper::service::service_fn(move |req| {
+                let conn = conn.clone();
+                async move { Ok::<_, std::convert::Infallible>(proxy::handle(req, &conn).await) }
+            })
+        },
+        client_connections.clone(),
+        lifecycle,
+    );
+    addr
+}
+
+pub(crate) fn bind(name: &str, addr: SocketAddr, backlog: u32) -> Result<TcpListener, StartError> {
+    server::listen(addr, backlog).map_err(|source| StartError::Bind {
+        name: name.to_owned(),
+        addr,
+        source,
+    })
+}

@@ -1,0 +1,11 @@
+//! The data path: accept, TLS, hyper connections and drains ([`server`]), and what happens to
+//! a request once parsed, route → pick → forward → respond ([`proxy`]), with the head rewrite
+//! ([`headers`]), the client-side body ([`body`]), TLS termination ([`tls`]) and the one way a
+//! listener is bound and served ([`listeners`]).
+
+pub mod body;
+pub mod headers;
+pub mod listeners;
+pub mod proxy;
+pub mod server;
+pub mod tls;

@@ -1,0 +1,680 @@
+//! The connection layer: accept, run the TLS handshake (TLS listeners), hand each connection to
+//! hyper, carry upgraded connections as byte tunnels, close idle and silent ones, count the
+//! requests hyper refuses itself (a malformed or oversized head), and drain on shutdown.
+//! What happens to a request once hyper has parsed it is [`crate::datapath::proxy`]'s story.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use metrics::Gauge;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, warn};
+
+use crate::base::error::BoxError;
+use crate::base::metrics::{ClientErrorKind, ClientErrors, DOWNSTREAM_CONNECTIONS};
+use crate::datapath::tls::TlsTerminator;
+
+/// Limits applied to every connection of one listener.
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    /// Time to receive a complete request head. The first one's clock starts at accept (at the
+    /// end of the TLS handshake), whatever the protocol; after that hyper starts it whenever it
+    /// waits for a head, so on HTTP/1.1 it also bounds how long a keep-alive connection may sit
+    /// between requests (HAProxy's `timeout http-keep-alive` defaults the same way).
+    pub header_read_timeout: Duration,
+    /// No byte in either direction for this long closes the connection (HAProxy's
+    /// `timeout client`); the only idle bound for HTTP/2 and for upgraded connections.
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+}
+
+/// HTTP/2 flow control: a stream may have 1 MiB unread in flight (a fast upload is not held
+/// back by round trips), a connection 2 MiB in all, which bounds what one client can make
+/// fulcrum buffer whatever its number of streams.
+const H2_STREAM_WINDOW: u32 = 1 << 20;
+const H2_CONNECTION_WINDOW: u32 = 2 << 20;
+/// Streams one HTTP/2 client may have open at once (hyper's default is 200; browsers open
+/// at most ~100).
+const H2_MAX_STREAMS: u32 = 256;
+/// Response bytes buffered per stream for a client that does not read. The limit is per
+/// stream, so the connection's worst case is this times [`H2_MAX_STREAMS`]: 16 MiB, where
+/// hyper's default (~400 KB) allowed ~100 MiB. Four full-size frames still keep one stream's
+/// pipe full between two polls of the backend's body.
+const H2_SEND_BUFFER: usize = 64 << 10;
+/// A peer that stops acknowledging pings is gone: noticed even while a stream trickles bytes
+/// one way, which the idle timer cannot see. hyper's server pings idle connections too, and
+/// an acknowledgement is traffic, so the interval never drops below 1.5 × `idle_timeout`:
+/// the idle timer (which fires by 1.25 × `idle_timeout`) still closes an idle connection.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Streams a client may open and reset before fulcrum has accepted them, then `GOAWAY`: the
+/// "rapid reset" flood (CVE-2023-44487) costs the server work for streams nobody will read.
+/// h2's current default, pinned so an upgrade cannot loosen it.
+const H2_MAX_PENDING_RESETS: usize = 20;
+/// Streams fulcrum may reset for a client's protocol errors before it sends `GOAWAY`: a
+/// client that earns more resets than it may have streams open is not making mistakes.
+const H2_MAX_ERROR_RESETS: usize = H2_MAX_STREAMS as usize;
+
+/// The stop signals and the task tracker every accept loop of one balancer shares.
+#[derive(Debug, Clone, Default)]
+pub struct Lifecycle {
+    /// Cancelled on Ctrl-C / SIGTERM: stop accepting, let in-flight work finish.
+    pub shutdown: CancellationToken,
+    /// Cancelled when `shutdown_grace` has run out: whatever still runs is cut off.
+    pub cut_off: CancellationToken,
+    /// Connection and tunnel tasks, so the drain can wait for them.
+    pub tracker: TaskTracker,
+}
+
+/// Accepts connections on `listener` until shutdown, serving each with the service that
+/// `make_service` builds for its peer. With `tls`, each connection's task first runs the
+/// handshake (bounded by its timeout), so a slow or silent client never holds up the loop.
+pub fn spawn_accept_loop<M, S, B>(
+    listener: TcpListener,
+    name: Arc<str>,
+    limits: ConnLimits,
+    tls: Option<Arc<TlsTerminator>>,
+    make_service: M,
+    open_connections: Arc<AtomicU64>,
+    lifecycle: Lifecycle,
+) where
+    M: Fn(SocketAddr, ConnHandle) -> S + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let builders = Arc::new(Builders::new(&limits));
+    let connections = metrics::gauge!(DOWNSTREAM_CONNECTIONS, "listener" => name.to_string());
+    let client_errors = Arc::new(ClientErrors::new(&name));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let shutdown = lifecycle.shutdown.clone();
+    lifecycle.tracker.clone().spawn(async move {
+        loop {
+            // At max_connections we stop accepting and let the kernel's backlog queue, rather
+            // than accept and drop.
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => slot.expect("semaphore is never closed"),
+                () = shutdown.cancelled() => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        accept_error(&name, e).await;
+                        continue;
+                    }
+                },
+                () = shutdown.cancelled() => break,
+            };
+            // Small responses must not wait on Nagle's algorithm.
+            let _ = stream.set_nodelay(true);
+            let conn = ConnHandle::new(
+                slot,
+                connections.clone(),
+                open_connections.clone(),
+                &limits,
+                client_errors.clone(),
+                lifecycle.clone(),
+            );
+            let service = make_service(peer, conn.clone());
+            let builders = builders.clone();
+            let io = CountingIo {
+                inner: stream,
+                activity: conn.inner.activity.clone(),
+            };
+            // Two kinds of task rather than one that can be either: a task's size is that of
+            // its largest state, and a cleartext connection should not carry room for a TLS one
+            // for as long as it stays open.
+            let Some(tls) = tls.clone() else {
+                lifecycle.tracker.spawn(async move {
+                    serve_connection(io, &builders.auto, service, &conn).await;
+                });
+                continue;
+            };
+            lifecycle.tracker.spawn(async move {
+                // A connection that arrives as shutdown starts is not worth a handshake.
+                let stream = tokio::select! {
+                    stream = tls.handshake(io, peer) => stream,
+                    () = conn.inner.lifecycle.shutdown.cancelled() => None,
+                };
+                if let Some(stream) = stream {
+                    let builder = match crate::datapath::tls::alpn(&stream) {
+                        Some(b"h2") => &builders.h2,
+                        Some(b"http/1.1") => &builders.h1,
+                        // No ALPN: HTTP/1.1, or HTTP/2 with prior knowledge.
+                        _ => &builders.auto,
+                    };
+                    serve_connection(stream, builder, service, &conn).await;
+                }
+            });
+        }
+        debug!(listener = %name, "stopped accepting");
+    });
+}
+
+/// Resource exhaustion (EMFILE, ENFILE, ENOBUFS) must not end the accept loop: back off so the
+/// loop does not spin while the condition lasts. Per-connection errors are just skipped.
+async fn accept_error(listener: &str, e: io::Error) {
+    match e.kind() {
+        io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::Interrupted => {
+            debug!(listener, error = %e, "accept failed for one connection");
+        }
+        _ => {
+            error!(listener, error = %e, "accept failed; retrying in 100ms");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// hyper connection builders: both protocols (cleartext, or TLS without ALPN), and one each for
+/// the protocol ALPN settled.
+struct Builders {
+    auto: auto::Builder<TokioExecutor>,
+    h1: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(limits: &ConnLimits) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            // A head that fills the read buffer without completing is answered 431.
+            // hyper-util's auto builder does not expose hyper's separate max_header_size, so
+            // the buffer is the limit (hyper's floor is 8 KiB).
+            .max_buf_size(limits.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_send_buf_size(H2_SEND_BUFFER)
+            .keep_alive_interval(H2_PING_INTERVAL.max(limits.idle_timeout.saturating_mul(3) / 2))
+            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_ERROR_RESETS);
+        Self {
+            h1: builder.clone().http1_only(),
+            h2: builder.clone().http2_only(),
+            auto: builder,
+        }
+    }
+}
+
+/// A share in one client connection, held by the connection's task and by its service.
+///
+/// An upgraded connection (WebSocket) outlives hyper's part of it: [`ConnHandle::spawn_tunnel`]
+/// keeps a share in the tunnel task, so until the tunnel ends the connection still holds its
+/// `max_connections` slot and its place in `fulcrum_downstream_connections`, the drain waits
+/// for it, and `idle_timeout` still closes it.
+#[derive(Clone)]
+pub struct ConnHandle {
+    inner: Arc<ConnShared>,
+}
+
+struct ConnShared {
+    _slot: OwnedSemaphorePermit,
+    gauge: Gauge,
+    open_connections: Arc<AtomicU64>,
+    /// Bumped by every read and write on the client socket (see [`CountingIo`]).
+    activity: Arc<AtomicU64>,
+    idle_timeout: Duration,
+    header_read_timeout: Duration,
+    /// Set when hyper hands over the connection's first request.
+    dispatched: AtomicBool,
+    /// Requests uploading a body under their own stall timer (see [`ConnHandle::hold_open`]).
+    uploads: AtomicUsize,
+    client_errors: Arc<ClientErrors>,
+    lifecycle: Lifecycle,
+}
+
+impl ConnHandle {
+    fn new(
+        slot: OwnedSemaphorePermit,
+        gauge: Gauge,
+        open_connections: Arc<AtomicU64>,
+        limits: &ConnLimits,
+        client_errors: Arc<ClientErrors>,
+        lifecycle: Lifecycle,
+    ) -> Self {
+        gauge.increment(1.0);
+        open_connections.fetch_add(1, Ordering::Relaxed);
+        Self {
+            inner: Arc::new(ConnShared {
+                _slot: slot,
+                gauge,
+                open_connections,
+                activity: Arc::new(AtomicU64::new(0)),
+                idle_timeout: limits.idle_timeout,
+                header_read_timeout: limits.header_read_timeout,
+                dispatched: AtomicBool::new(false),
+                uploads: AtomicUsize::new(0),
+                client_errors,
+                lifecycle,
+            }),
+        }
+    }
+
+    /// The listener's `idle_timeout`: how long a client may leave its connection (or its
+    /// upload) without a byte.
+    pub fn idle_timeout(&self) -> Duration {
+        self.inner.idle_timeout
+    }
+
+    /// The listener's `fulcrum_client_errors_total` handles.
+    pub fn client_errors(&self) -> &Arc<ClientErrors> {
+        &self.inner.client_errors
+    }
+
+    /// Whether `shutdown_grace` ran out and the connection is being cut off (not the client's
+    /// doing).
+    pub fn is_cut_off(&self) -> bool {
+        self.inner.lifecycle.cut_off.is_cancelled()
+    }
+
+    /// Keeps the connection's idle timer from closing the connection while the returned guard
+    /// lives: a request watching its own upload answers a stalled client `408` at the same
+    /// `idle_timeout`, and must not lose that race to a silent close.
+    pub fn hold_open(&self) -> HoldOpen<'_> {
+        self.inner.uploads.fetch_add(1, Ordering::Relaxed);
+        HoldOpen(&self.inner)
+    }
+
+    /// Once both sides have switched protocols, copies bytes between the client and the
+    /// backend until either closes, the connection idles for `idle_timeout`, or shutdown
+    /// cuts it off. `guard` (the request's in-flight count) lives as long as the tunnel.
+    pub fn spawn_tunnel<G: Send + 'static>(&self, client: OnUpgrade, backend: OnUpgrade, guard: G) {
+        let conn = self.clone();
+        self.inner.lifecycle.tracker.spawn(async move {
+            let _guard = guard;
+            let (client, backend) = match tokio::try_join!(client, backend) {
+                Ok(both) => both,
+                Err(e) => {
+                    debug!(error = %e, "upgrade did not complete");
+                    return;
+                }
+            };
+            let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+            let shared = &conn.inner;
+            tokio::select! {
+                result = tokio::io::copy_bidirectional(&mut client, &mut backend) => match result {
+                    Ok((up, down)) => debug!(up, down, "tunnel closed"),
+                    Err(e) => debug!(error = %e, "tunnel ended with an error"),
+                },
+                () = idle(shared) => debug!("closing idle tunnel"),
+                () = shared.lifecycle.cut_off.cancelled() => debug!("tunnel cut off by shutdown_grace"),
+            }
+        });
+    }
+}
+
+/// See [`ConnHandle::hold_open`].
+pub struct HoldOpen<'a>(&'a ConnShared);
+
+impl Drop for HoldOpen<'_> {
+    fn drop(&mut self) {
+        self.0.uploads.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for HoldOpen<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HoldOpen")
+    }
+}
+
+impl std::fmt::Debug for ConnHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnHandle")
+            .field("idle_timeout", &self.inner.idle_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ConnShared {
+    fn drop(&mut self) {
+        self.open_connections.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.decrement(1.0);
+    }
+}
+
+async fn serve_connection<I, S, B>(
+    io: I,
+    builder: &auto::Builder<TokioExecutor>,
+    service: S,
+    conn: &ConnHandle,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let shared = &conn.inner;
+    let first = conn.inner.clone();
+    let conn = builder.serve_connection_with_upgrades(
+        TokioIo::new(io),
+        hyper::service::service_fn(move |req| {
+            first.dispatched.store(true, Ordering::Relaxed);
+            service.call(req)
+        }),
+    );
+    tokio::pin!(conn);
+    // hyper reads the protocol preface (HTTP/1.1 or HTTP/2?) without a timer, and its own
+    // header timer starts only once it has decided: the first request gets a deadline of its
+    // own, from accept (or the end of the TLS handshake).
+    let reads_before = reads(&shared.activity);
+    let first_head = tokio::time::sleep(shared.header_read_timeout);
+    tokio::pin!(first_head);
+    let mut awaiting_first_head = true;
+    let idle = idle(shared);
+    tokio::pin!(idle);
+    let shutdown = Quiet::new(shared.lifecycle.shutdown.cancelled());
+    tokio::pin!(shutdown);
+    let cut_off = Quiet::new(shared.lifecycle.cut_off.cancelled());
+    tokio::pin!(cut_off);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            biased;
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    let first_head_pending = !shared.dispatched.load(Ordering::Relaxed);
+                    let sent_bytes = reads(&shared.activity) != reads_before;
+                    if let Some(kind) = refused(&*e, first_head_pending, sent_bytes) {
+                        shared.client_errors.count(kind);
+                    }
+                    debug!(error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            () = shutdown.as_mut(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = first_head.as_mut(), if awaiting_first_head => {
+                awaiting_first_head = false;
+                if !shared.dispatched.load(Ordering::Relaxed) {
+                    // A connection that never sent a byte is not a request, so it is not a
+                    // client error either (port scanners, browsers' speculative preconnects);
+                    // one that sent part of a head is, like a head hyper times out.
+                    if reads(&shared.activity) != reads_before {
+                        shared.client_errors.count(ClientErrorKind::Timeout);
+                    }
+                    debug!("no request head within header_read_timeout; closing");
+                    return;
+                }
+            }
+            () = &mut idle => {
+                debug!("closing idle client connection");
+                return;
+            }
+            () = cut_off.as_mut() => return,
+        }
+    }
+}
+
+/// The client error behind a connection hyper ended with an error, when it is one: a head
+/// hyper answered itself (`400`, `431`, `414`), a head cut short, an HTTP/2 protocol
+/// violation. Resets and an EOF between requests are how connections end, not errors.
+///
+/// hyper's header timer on a reused HTTP/1.1 connection cannot tell a keep-alive connection
+/// that simply went quiet from a partial head, so only the first head's timeout counts (and
+/// only when the client sent something, as for fulcrum's own first-head deadline).
+fn refused(
+    error: &(dyn std::error::Error + 'static),
+    first_head_pending: bool,
+    sent_bytes: bool,
+) -> Option<ClientErrorKind> {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(e) = e.downcast_ref::<hyper::Error>() {
+            return if e.is_parse_too_large() {
+                Some(ClientErrorKind::TooLarge)
+            } else if e.is_parse() {
+                Some(ClientErrorKind::Malformed)
+            } else if e.is_incomplete_message() {
+                Some(ClientErrorKind::Aborted)
+            } else if e.is_timeout() {
+                (first_head_pending && sent_bytes).then_some(ClientErrorKind::Timeout)
+            } else {
+                // HTTP/2: look further down for h2's own verdict.
+                source = std::error::Error::source(e);
+                continue;
+            };
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            // A GOAWAY h2 sent itself: the client broke the protocol (or flooded resets).
+            return (h2.is_go_away() && h2.is_library()).then_some(ClientErrorKind::Malformed);
+        }
+        source = e.source();
+    }
+    None
+}
+
+pin_project! {
+    /// Polls its future only after that future's own waker fired.
+    ///
+    /// Every wake-up of a connection's task polls each branch of its `select!`, and a
+    /// cancellation future shared by every connection takes its `Notify`'s lock on each poll:
+    /// several lock round trips per request, contended across workers. Behind a waker of its
+    /// own, the signal costs one atomic swap per wake-up until it actually fires.
+    struct Quiet<F> {
+        #[pin]
+        inner: F,
+        waker: Arc<QuietWaker>,
+    }
+}
+
+struct QuietWaker {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for QuietWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future> Quiet<F> {
+    fn new(inner: F) -> Self {
+        Self {
+            inner,
+            // Woken to begin with: the first poll registers with the signal.
+            waker: Arc::new(QuietWaker {
+                woken: AtomicBool::new(true),
+                task: AtomicWaker::new(),
+            }),
+        }
+    }
+}
+
+impl<F: Future> Future for Quiet<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        this.waker.task.register(cx.waker());
+        if !this.waker.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = Waker::from(this.waker.clone());
+        this.inner.poll(&mut Context::from_waker(&waker))
+    }
+}
+
+/// Resolves once the connection's `activity` has not moved for `idle_timeout` and no request
+/// holds it open. Checking four times per timeout closes an idle connection within 1.25 × the
+/// limit without reading a clock on every read and write.
+async fn idle(shared: &ConnShared) {
+    let (activity, idle_timeout) = (&*shared.activity, shared.idle_timeout);
+    let period = idle_timeout / 4;
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_seen = activity.load(Ordering::Relaxed);
+    let mut quiet = Duration::ZERO;
+    loop {
+        ticker.tick().await;
+        let seen = activity.load(Ordering::Relaxed);
+        if seen != last_seen || shared.uploads.load(Ordering::Relaxed) != 0 {
+            last_seen = seen;
+            quiet = Duration::ZERO;
+        } else {
+            quiet += period;
+            if quiet >= idle_timeout {
+                return;
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// A stream that counts reads and writes so the connection task can tell it is idle, and
+    /// whether the client has sent anything.
+    struct CountingIo<T> {
+        #[pin]
+        inner: T,
+        activity: Arc<AtomicU64>,
+    }
+}
+
+/// Reads count in the high half of `activity`, writes in the low half: one atomic add per
+/// operation tells both "anything happened" and "the client sent something". Only the change
+/// matters, so wrapping is harmless.
+const READ: u64 = 1 << 32;
+const WRITE: u64 = 1;
+
+fn reads(activity: &AtomicU64) -> u64 {
+    activity.load(Ordering::Relaxed) >> 32
+}
+
+impl<T> CountingIo<T> {
+    fn touch(activity: &AtomicU64, what: u64) {
+        activity.fetch_add(what, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for CountingIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let result = this.inner.poll_read(cx, buf);
+        if buf.filled().len() != before {
+            Self::touch(this.activity, READ);
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let result = this.inner.poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            Self::touch(this.activity, WRITE);
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let result = this.inner.poll_write_vectored(cx, bufs);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            Self::touch(this.activity, WRITE);
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// Waits for the connection and tunnel tasks for at most `grace`, then cuts off the rest;
+/// returns how many were still running when it ran out.
+pub async fn drain(lifecycle: &Lifecycle, grace: Duration) -> usize {
+    let tracker = &lifecycle.tracker;
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        let left = tracker.len();
+        warn!(
+            connections = left,
+            ?grace,
+            "shutdown_grace ran out; cutting off connections still busy"
+        );
+        lifecycle.cut_off.cancel();
+        left
+    } else {
+        0
+    }
+}
+
+/// Binds a listening socket with room for a burst of connections: tokio's default backlog of
+/// 1024 overflows when a thousand clients connect at once, and each overflowed SYN costs its
+/// client a one-second retransmit. The kernel caps the value at `net.core.somaxconn`.
+pub fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}

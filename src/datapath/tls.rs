@@ -1,0 +1,292 @@
+//! TLS termination: choosing a certificate by SNI (loading them is [`crate::base::certs`]'s),
+//! and the handshake (bounded by `tls_handshake_timeout`,
+//! counted in `fulcrum_tls_handshakes_total`) that each connection's task runs, never the
+//! accept loop.
+//!
+//! The certificates of a listener live in one [`CertSet`] behind an `ArcSwap` in the
+//! [`CertResolver`], so a reload can publish a new set without touching the listener or the
+//! connections being served (the resolver is asked once per handshake).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use metrics::{Counter, counter};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ServerConfig, version};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tracing::debug;
+
+use crate::base::certs::{CertError, client_verifier, load_cert, provider};
+use crate::base::config::TlsConfig;
+use crate::base::metrics::TLS_HANDSHAKES_TOTAL;
+
+/// ALPN protocols offered, in order of preference.
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+/// What a gRPC listener (the registry) offers: HTTP/2 only.
+const ALPN_GRPC: [&[u8]; 1] = [b"h2"];
+
+/// The certificates of one listener, by the name a client asks for.
+#[derive(Debug)]
+pub struct CertSet {
+    default: Arc<CertifiedKey>,
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// `*.example.com` is stored as `example.com`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl CertSet {
+    /// Loads every certificate of `config`, or fails on the first that cannot be used.
+    pub fn load(config: &TlsConfig) -> Result<Self, CertError> {
+        let mut set = CertSet {
+            default: load_cert(&config.default)?.certified,
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+        };
+        for sni in &config.sni {
+            let certified = load_cert(&sni.paths)?.certified;
+            for name in &sni.names {
+                let (map, key) = match name.strip_prefix("*.") {
+                    Some(suffix) => (&mut set.wildcard, suffix),
+                    None => (&mut set.exact, name.as_str()),
+                };
+                // Validation rejects a name claimed twice; should one slip through, the first wins.
+                map.entry(key.to_owned())
+                    .or_insert_with(|| certified.clone());
+            }
+        }
+        Ok(set)
+    }
+
+    /// The certificate for the SNI name a client sent: an exact name, else a wildcard one
+    /// label up, else the default.
+    pub fn pick(&self, server_name: Option<&str>) -> &Arc<CertifiedKey> {
+        let Some(name) = server_name else {
+            return &self.default;
+        };
+        let name = name.strip_suffix('.').unwrap_or(name);
+        // rustls hands over SNI names in lower case already; fold only if one is not.
+        let lowered;
+        let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = name.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            name
+        };
+        if let Some(cert) = self.exact.get(name) {
+            return cert;
+        }
+        name.split_once('.')
+            .and_then(|(_, parent)| self.wildcard.get(parent))
+            .unwrap_or(&self.default)
+    }
+}
+
+/// Chooses a listener's certificate per handshake from a swappable [`CertSet`].
+#[derive(Debug)]
+pub struct CertResolver {
+    certs: ArcSwap<CertSet>,
+}
+
+impl CertResolver {
+    pub fn new(certs: CertSet) -> Self {
+        Self {
+            certs: ArcSwap::from_pointee(certs),
+        }
+    }
+
+    /// Publishes a new set; handshakes from now on use it, established connections keep theirs.
+    pub fn replace(&self, certs: CertSet) {
+        self.certs.store(Arc::new(certs));
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.certs.load().pick(hello.server_name()).clone())
+    }
+}
+
+/// How one handshake ended: the `result` label of `fulcrum_tls_handshakes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeResult {
+    Ok,
+    Error,
+    Timeout,
+}
+
+impl HandshakeResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeResult::Ok => "ok",
+            HandshakeResult::Error => "error",
+            HandshakeResult::Timeout => "timeout",
+        }
+    }
+}
+
+/// A listener's TLS side: acceptor, certificates, handshake timeout and counters.
+pub struct TlsTerminator {
+    listener: Arc<str>,
+    acceptor: TlsAcceptor,
+    resolver: Arc<CertResolver>,
+    timeout: Duration,
+    ok: Counter,
+    error: Counter,
+    timed_out: Counter,
+}
+
+impl std::fmt::Debug for TlsTerminator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsTerminator")
+            .field("listener", &self.listener)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsTerminator {
+    /// Loads the listener's certificates and builds its rustls configuration: TLS 1.3 and 1.2,
+    /// ALPN `h2` then `http/1.1`, stateless session tickets.
+    pub fn new(listener: &str, config: &TlsConfig) -> Result<Self, CertError> {
+        Self::build(listener, config, None, &ALPN)
+    }
+
+    /// The registry's TLS: gRPC, so ALPN `h2` only; with `client_ca`, a client without a
+    /// certificate signed by one of its CAs does not complete the handshake.
+    pub fn grpc(
+        listener: &str,
+        config: &TlsConfig,
+        client_ca: Option<&Path>,
+    ) -> Result<Self, CertError> {
+        let verifier = client_ca.map(client_verifier).transpose()?;
+        Self::build(listener, config, verifier, &ALPN_GRPC)
+    }
+
+    fn build(
+        listener: &str,
+        config: &TlsConfig,
+        clients: Option<Arc<dyn ClientCertVerifier>>,
+        alpn: &[&[u8]],
+    ) -> Result<Self, CertError> {
+        let resolver = Arc::new(CertResolver::new(CertSet::load(config)?));
+        let builder = ServerConfig::builder_with_provider(provider().clone())
+            .with_protocol_versions(&[&version::TLS13, &version::TLS12])
+            .expect("the default provider supports TLS 1.2 and 1.3");
+        let builder = match clients {
+            Some(verifier) => builder.with_client_cert_verifier(verifier),
+            None => builder.with_no_client_auth(),
+        };
+        let mut server = builder.with_cert_resolver(resolver.clone());
+        server.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        // Resumption without server-side state: TLS 1.3 tickets and TLS 1.2 session tickets.
+        server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
+            .expect("the system random number generator works");
+        let listener: Arc<str> = Arc::from(listener);
+        let count = |result: HandshakeResult| counter!(TLS_HANDSHAKES_TOTAL, "listener" => listener.to_string(), "result" => result.as_str());
+        Ok(Self {
+            ok: count(HandshakeResult::Ok),
+            error: count(HandshakeResult::Error),
+            timed_out: count(HandshakeResult::Timeout),
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            resolver,
+            timeout: config.handshake_timeout,
+            listener,
+        })
+    }
+
+    /// The resolver a certificate reload publishes into.
+    pub fn resolver(&self) -> &Arc<CertResolver> {
+        &self.resolver
+    }
+
+    /// Runs the server side of a handshake within the listener's timeout. `None` means the
+    /// client is gone or useless (plaintext on a TLS port, a bad hello, silence): the caller
+    /// drops the connection.
+    pub async fn handshake<IO>(&self, io: IO, peer: SocketAddr) -> Option<TlsStream<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (result, stream) = match tokio::time::timeout(self.timeout, self.acceptor.accept(io))
+            .await
+        {
+            Ok(Ok(stream)) => (HandshakeResult::Ok, Some(stream)),
+            Ok(Err(e)) => {
+                // Scanners and plaintext clients do this all day: not worth more than debug.
+                debug!(listener = %self.listener, %peer, error = %e, "TLS handshake failed");
+                (HandshakeResult::Error, None)
+            }
+            Err(_) => {
+                debug!(listener = %self.listener, %peer, timeout = ?self.timeout, "TLS handshake timed out");
+                (HandshakeResult::Timeout, None)
+            }
+        };
+        match result {
+            HandshakeResult::Ok => self.ok.increment(1),
+            HandshakeResult::Error => self.error.increment(1),
+            HandshakeResult::Timeout => self.timed_out.increment(1),
+        }
+        stream
+    }
+}
+
+/// The negotiated ALPN protocol of an established TLS connection.
+pub fn alpn<IO>(stream: &TlsStream<IO>) -> Option<&[u8]> {
+    stream.get_ref().1.alpn_protocol()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::base::certs::{LoadedCert, self_signed};
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    fn key() -> Arc<CertifiedKey> {
+        let (cert, key) = self_signed(&["x.test"]).unwrap();
+        let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        Arc::new(CertifiedKey::from_der(chain, key, provider()).unwrap())
+    }
+
+    #[test]
+    fn sni_prefers_exact_names_then_one_level_wildcards_then_the_default() {
+        let (default, exact, wild) = (key(), key(), key());
+        let set = CertSet {
+            default: default.clone(),
+            exact: HashMap::from([("a.example".to_owned(), exact.clone())]),
+            wildcard: HashMap::from([("a.example".to_owned(), wild.clone())]),
+        };
+        let is = |name: Option<&str>, want: &Arc<CertifiedKey>| {
+            assert!(Arc::ptr_eq(set.pick(name), want), "{name:?}");
+        };
+        is(Some("a.example"), &exact);
+        is(Some("A.Example."), &exact);
+        is(Some("www.a.example"), &wild);
+        is(Some("deep.www.a.example"), &default);
+        is(Some("other.example"), &default);
+        is(None, &default);
+    }
+
+    #[test]
+    fn covers_follows_wildcard_rules() {
+        let loaded = LoadedCert {
+            certified: key(),
+            dns_names: vec!["a.example".into(), "*.b.example".into()],
+            warnings: Vec::new(),
+        };
+        assert!(loaded.covers("a.example"));
+        assert!(loaded.covers("x.b.example"));
+        assert!(loaded.covers("*.b.example"));
+        assert!(!loaded.covers("b.example"));
+        assert!(!loaded.covers("y.x.b.example"));
+        assert!(!loaded.covers("x.a.example"));
+    }
+}
