@@ -20,6 +20,8 @@
 mod chart;
 mod continuity;
 mod distribution;
+#[cfg(test)]
+mod golden;
 mod jar;
 mod report;
 mod source_ips;
