@@ -12,6 +12,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::round::round;
+
 /// One user's view of its session count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Continuity {
@@ -80,7 +82,7 @@ impl Sessions {
         }
         self.continuity = (self.users_tracked > 0).then(|| {
             let kept = (self.users_tracked - self.users_reset) as f64;
-            (kept / self.users_tracked as f64 * 1e4).round() / 1e4
+            round(kept / self.users_tracked as f64, 4)
         });
     }
 }

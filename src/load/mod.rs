@@ -24,7 +24,9 @@ mod distribution;
 mod golden;
 mod jar;
 mod report;
+mod round;
 mod source_ips;
+mod table;
 
 use std::error::Error as StdError;
 use std::net::IpAddr;

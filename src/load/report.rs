@@ -1,8 +1,7 @@
 //! What a load run saw: the [`Recorder`] every request reports to while the run lasts, and the
-//! [`Report`] it becomes (serde for `--json` and scripts, [`Report::to_table`] for people).
+//! [`Report`] it becomes (serde for `--json` and scripts; `table.rs` prints it for people).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::time::{Duration, Instant, SystemTime};
 
 use hdrhistogram::Histogram;
@@ -10,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::continuity::Sessions;
 use super::distribution::Distribution;
+use super::round::round;
 
 /// The node name counted for answers without an `x-served-by` header (e.g. the balancer's own
 /// 502/503 answers).
@@ -194,37 +194,24 @@ impl Recorder {
         }
     }
 
-    pub(crate) fn finish(mut self, run: RunInfo) -> Report {
+    /// The report of a run that ended at `run.ended`, with what only the run knows.
+    pub(super) fn finish(mut self, run: RunInfo) -> Report {
         let elapsed = run.ended.saturating_duration_since(self.start);
         // Whole seconds that passed get an entry even if nothing finished in them (a stalled
         // backend shows as a gap); a last partial second appears only if something ended in it.
         self.pad_timeline(elapsed.as_secs());
         let answers: u64 = self.nodes.values().sum();
+        // A 5xx is an answer and an error at once: counted among the answers only.
         let transport_errors = self.errors.total - self.errors.status;
         let requests = answers + transport_errors;
         let duration_s = elapsed.as_secs_f64();
-        let ms = |us: u64| us as f64 / 1000.0;
-        let latency = if self.histogram.is_empty() {
-            Latency::default()
-        } else {
-            Latency {
-                samples: self.histogram.len(),
-                p50: ms(self.histogram.value_at_quantile(0.5)),
-                p99: ms(self.histogram.value_at_quantile(0.99)),
-                p999: ms(self.histogram.value_at_quantile(0.999)),
-                max: ms(self.histogram.max()),
-            }
-        };
         Report {
             url: run.url,
             paths: run.paths,
             mode: run.mode,
             target_rate: run.target_rate,
             users: run.users,
-            started_unix_ms: run
-                .started_at
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            started_unix_ms: unix_ms(run.started_at),
             duration_s: round(duration_s, 3),
             requests,
             unfinished: self.unfinished,
@@ -234,26 +221,51 @@ impl Recorder {
                 0.0
             },
             distribution: Distribution::from_counts(&self.nodes, NO_NODE),
-            nodes: self
-                .nodes
-                .into_iter()
-                .map(|(name, responses)| {
-                    let share_pct = round(100.0 * responses as f64 / answers as f64, 2);
-                    (
-                        name,
-                        NodeCount {
-                            responses,
-                            share_pct,
-                        },
-                    )
-                })
-                .collect(),
+            nodes: node_counts(self.nodes, answers),
             statuses: self.statuses,
             errors: self.errors,
-            latency_ms: latency,
+            latency_ms: latency(&self.histogram),
             sessions: run.sessions,
             timeline: self.timeline,
         }
+    }
+}
+
+/// Milliseconds since the Unix epoch; 0 for a clock set before 1970.
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Each node's answers with its share of all `answers`.
+fn node_counts(nodes: BTreeMap<String, u64>, answers: u64) -> BTreeMap<String, NodeCount> {
+    nodes
+        .into_iter()
+        .map(|(name, responses)| {
+            let share_pct = round(100.0 * responses as f64 / answers as f64, 2);
+            (
+                name,
+                NodeCount {
+                    responses,
+                    share_pct,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The percentiles a person reads, in milliseconds; all zero when nothing was answered.
+fn latency(histogram: &Histogram<u64>) -> Latency {
+    if histogram.is_empty() {
+        return Latency::default();
+    }
+    let ms = |us: u64| us as f64 / 1000.0;
+    Latency {
+        samples: histogram.len(),
+        p50: ms(histogram.value_at_quantile(0.5)),
+        p99: ms(histogram.value_at_quantile(0.99)),
+        p999: ms(histogram.value_at_quantile(0.999)),
+        max: ms(histogram.max()),
     }
 }
 
@@ -269,164 +281,12 @@ pub(crate) struct RunInfo {
     pub sessions: Sessions,
 }
 
-/// Figures a person or a script reads, without the noise of float division.
-fn round(value: f64, decimals: i32) -> f64 {
-    let scale = 10f64.powi(decimals);
-    (value * scale).round() / scale
-}
-
 fn bump(counts: &mut BTreeMap<String, u64>, key: &str) {
     match counts.get_mut(key) {
         Some(n) => *n += 1,
         None => {
             counts.insert(key.to_owned(), 1);
         }
-    }
-}
-
-impl Report {
-    /// The report as a person reads it in a terminal.
-    pub fn to_table(&self) -> String {
-        self.to_string()
-    }
-}
-
-/// The table of [`Report::to_table`].
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mode = match (self.mode, self.target_rate) {
-            (Mode::Open, Some(rate)) => format!("open loop at {rate} req/s"),
-            _ => "closed loop".to_owned(),
-        };
-        let started = SystemTime::UNIX_EPOCH + Duration::from_millis(self.started_unix_ms);
-        write!(f, "fulcrum load  {}", self.url)?;
-        if !self.paths.is_empty() {
-            write!(f, "  paths {}", self.paths.join(", "))?;
-        }
-        writeln!(f)?;
-        writeln!(
-            f,
-            "  {} users, {mode}, started {} (unix ms {})",
-            self.users,
-            humantime::format_rfc3339_millis(started),
-            self.started_unix_ms
-        )?;
-        write!(
-            f,
-            "  {:.2} s, {} requests, {:.1} req/s",
-            self.duration_s, self.requests, self.achieved_rate
-        )?;
-        if self.unfinished > 0 {
-            write!(f, ", {} unfinished at the end", self.unfinished)?;
-        }
-        writeln!(f)?;
-
-        let width = self
-            .nodes
-            .keys()
-            .map(|n| n.chars().count())
-            .max()
-            .unwrap_or(0)
-            .max("node".len());
-        writeln!(
-            f,
-            "\n  {:<width$}  {:>10}  {:>7}",
-            "node", "responses", "share"
-        )?;
-        for (name, count) in &self.nodes {
-            writeln!(
-                f,
-                "  {name:<width$}  {:>10}  {:>6.1}%",
-                count.responses, count.share_pct
-            )?;
-        }
-        if self.nodes.is_empty() {
-            writeln!(f, "  (no answers)")?;
-        }
-
-        write!(f, "\n  statuses  ")?;
-        if self.statuses.is_empty() {
-            write!(f, "-")?;
-        }
-        for (i, (code, n)) in self.statuses.iter().enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            write!(f, "{sep}{code}: {n}")?;
-        }
-        writeln!(f)?;
-        let e = &self.errors;
-        writeln!(
-            f,
-            "  errors    {} (connect {}, timeout {}, reset {}, status {}, other {})",
-            e.total, e.connect, e.timeout, e.reset, e.status, e.other
-        )?;
-        let l = &self.latency_ms;
-        writeln!(
-            f,
-            "  latency   p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms ({} samples)",
-            l.p50, l.p99, l.p999, l.max, l.samples
-        )?;
-        let d = &self.distribution;
-        match (d.cv, d.max_min_ratio) {
-            (Some(cv), Some(ratio)) => writeln!(
-                f,
-                "  evenness  cv {cv:.4}, max/min {ratio:.3} over {} node{}; shares {}",
-                d.shares.len(),
-                if d.shares.len() == 1 { "" } else { "s" },
-                d.shares
-                    .iter()
-                    .map(|(name, share)| format!("{name} {:.1}%", share * 100.0))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )?,
-            _ => writeln!(f, "  evenness  - (no answer named a node)")?,
-        }
-        let s = &self.sessions;
-        writeln!(
-            f,
-            "  sessions  {} node switches, {} of {} users switched at least once",
-            s.switches, s.users_switched, self.users
-        )?;
-        match s.continuity {
-            Some(continuity) => {
-                write!(
-                    f,
-                    "            continuity {:.1}%: {} of {} users saw their visit count reset \
-                     ({} resets)",
-                    continuity * 100.0,
-                    s.users_reset,
-                    s.users_tracked,
-                    s.resets
-                )?;
-                if self.mode == Mode::Open {
-                    write!(
-                        f,
-                        "; open loop: a user's overlapping requests can read as resets"
-                    )?;
-                }
-                writeln!(f)?;
-            }
-            None => writeln!(
-                f,
-                "            continuity -: no answer carried x-session-visits (try --path /session)"
-            )?,
-        }
-
-        writeln!(f, "\n  timeline (answers per node and errors, per second)")?;
-        let col = |name: &str| name.chars().count().max(6);
-        write!(f, "  {:>5}", "s")?;
-        for name in self.nodes.keys() {
-            write!(f, "  {name:>w$}", w = col(name))?;
-        }
-        writeln!(f, "  {:>6}", "errors")?;
-        for s in &self.timeline {
-            write!(f, "  {:>5}", s.second)?;
-            for name in self.nodes.keys() {
-                let n = s.nodes.get(name).copied().unwrap_or(0);
-                write!(f, "  {n:>w$}", w = col(name))?;
-            }
-            writeln!(f, "  {:>6}", s.errors.total)?;
-        }
-        Ok(())
     }
 }
 
