@@ -25,7 +25,7 @@ pub struct Distribution {
 
 impl Distribution {
     /// From answers per node, leaving out the names in `skip`.
-    pub(crate) fn from_counts(counts: &BTreeMap<String, u64>, skip: &str) -> Self {
+    pub(super) fn from_counts(counts: &BTreeMap<String, u64>, skip: &str) -> Self {
         let nodes: Vec<(&String, u64)> = counts
             .iter()
             .filter(|(name, n)| name.as_str() != skip && **n > 0)

@@ -10,15 +10,13 @@ use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 
+use super::report::NO_NODE;
 use super::*;
 
 /// Everything the table can show: paths, an open loop, unfinished requests, a node name wider
 /// than the column heading, a node that missed a second, answers without a node, continuity
 /// with the open-loop caveat.
 fn busy() -> Report {
-    let nodes = |pairs: &[(&str, u64)]| -> BTreeMap<String, u64> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
-    };
     Report {
         url: "http://127.0.0.1:8080/".into(),
         paths: vec!["/session".into(), "/a?b=1".into()],
@@ -31,27 +29,9 @@ fn busy() -> Report {
         unfinished: 2,
         achieved_rate: 250.5,
         nodes: BTreeMap::from([
-            (
-                NO_NODE.to_owned(),
-                NodeCount {
-                    responses: 3,
-                    share_pct: 0.3,
-                },
-            ),
-            (
-                "edge-10.0.0.17:9001".to_owned(),
-                NodeCount {
-                    responses: 333,
-                    share_pct: 33.3,
-                },
-            ),
-            (
-                "web-1".to_owned(),
-                NodeCount {
-                    responses: 664,
-                    share_pct: 66.4,
-                },
-            ),
+            node(NO_NODE, 3, 0.3),
+            node("edge-10.0.0.17:9001", 333, 33.3),
+            node("web-1", 664, 66.4),
         ]),
         distribution: Distribution {
             shares: BTreeMap::from([
@@ -85,43 +65,49 @@ fn busy() -> Report {
             resets: 17,
             continuity: Some(0.6667),
         },
-        timeline: vec![
-            Second {
-                second: 0,
-                responses: 251,
-                nodes: nodes(&[("web-1", 167), ("edge-10.0.0.17:9001", 84)]),
-                errors: ErrorCounts::default(),
-            },
-            Second {
-                second: 1,
-                responses: 249,
-                nodes: nodes(&[("web-1", 246), (NO_NODE, 3)]),
-                errors: ErrorCounts {
-                    total: 4,
-                    connect: 1,
-                    status: 3,
-                    ..ErrorCounts::default()
-                },
-            },
-            Second {
-                second: 2,
-                responses: 0,
-                nodes: BTreeMap::new(),
-                errors: ErrorCounts::default(),
-            },
-            Second {
-                second: 3,
-                responses: 500,
-                nodes: nodes(&[("web-1", 251), ("edge-10.0.0.17:9001", 249)]),
-                errors: ErrorCounts {
-                    total: 2,
-                    timeout: 1,
-                    other: 1,
-                    ..ErrorCounts::default()
-                },
-            },
-        ],
+        timeline: busy_timeline(),
     }
+}
+
+/// One entry of `Report::nodes`.
+fn node(name: &str, responses: u64, share_pct: f64) -> (String, NodeCount) {
+    let count = NodeCount {
+        responses,
+        share_pct,
+    };
+    (name.to_owned(), count)
+}
+
+/// Second 1 misses a node and has one without a name, second 2 is empty.
+fn busy_timeline() -> Vec<Second> {
+    let second = |second, nodes: &[(&str, u64)], errors| Second {
+        second,
+        responses: nodes.iter().map(|(_, n)| n).sum(),
+        nodes: nodes.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+        errors,
+    };
+    let failed = |connect, timeout, status, other| ErrorCounts {
+        total: connect + timeout + status + other,
+        connect,
+        timeout,
+        reset: 0,
+        status,
+        other,
+    };
+    vec![
+        second(
+            0,
+            &[("web-1", 167), ("edge-10.0.0.17:9001", 84)],
+            ErrorCounts::default(),
+        ),
+        second(1, &[("web-1", 246), (NO_NODE, 3)], failed(1, 0, 3, 0)),
+        second(2, &[], ErrorCounts::default()),
+        second(
+            3,
+            &[("web-1", 251), ("edge-10.0.0.17:9001", 249)],
+            failed(0, 1, 0, 1),
+        ),
+    ]
 }
 
 /// Nothing answered: every "nothing to show" line.
@@ -154,13 +140,7 @@ fn single() -> Report {
         duration_s: 1.25,
         requests: 4,
         achieved_rate: 3.2,
-        nodes: BTreeMap::from([(
-            "web-1".to_owned(),
-            NodeCount {
-                responses: 4,
-                share_pct: 100.0,
-            },
-        )]),
+        nodes: BTreeMap::from([node("web-1", 4, 100.0)]),
         distribution: Distribution {
             shares: BTreeMap::from([("web-1".to_owned(), 1.0)]),
             cv: Some(0.0),
@@ -203,16 +183,7 @@ fn crowd() -> Report {
         .map(|i| format!("backend-pool-eu-west-{i:02}.internal"))
         .collect();
     let mut report = busy();
-    report.nodes = names
-        .iter()
-        .map(|name| {
-            let count = NodeCount {
-                responses: 10,
-                share_pct: 3.33,
-            };
-            (name.clone(), count)
-        })
-        .collect();
+    report.nodes = names.iter().map(|name| node(name, 10, 3.33)).collect();
     report.timeline = (0..90)
         .map(|second| Second {
             second,

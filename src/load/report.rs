@@ -13,7 +13,7 @@ use super::round::round;
 
 /// The node name counted for answers without an `x-served-by` header (e.g. the balancer's own
 /// 502/503 answers).
-pub const NO_NODE: &str = "(none)";
+pub(super) const NO_NODE: &str = "(none)";
 
 /// Latencies are recorded in microseconds up to an hour, with 3 significant digits: 0.1 %
 /// error at any magnitude, which is finer than anything a person reads off a table.
@@ -22,7 +22,7 @@ const HIST_SIGFIG: u8 = 3;
 
 /// How a request failed. 4xx answers are not errors: the server answered as designed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
+pub(super) enum ErrorKind {
     /// The connection could not be made (refused, unreachable, source address unusable).
     Connect,
     /// No complete answer (head and body) within `--timeout`.
@@ -38,11 +38,17 @@ pub enum ErrorKind {
 /// Error counts by kind; `total` is their sum.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorCounts {
+    /// All failed requests.
     pub total: u64,
+    /// The connection could not be made (refused, unreachable, source address unusable).
     pub connect: u64,
+    /// No complete answer (head and body) within `--timeout`.
     pub timeout: u64,
+    /// The connection was closed or reset while the request was in flight.
     pub reset: u64,
+    /// 5xx answers (also counted as answers, in `nodes` and `statuses`).
     pub status: u64,
+    /// Anything else the client reported (e.g. a malformed response).
     pub other: u64,
 }
 
@@ -64,19 +70,24 @@ impl ErrorCounts {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    /// Each user waits for its answer before the next request.
     Closed,
+    /// Requests leave on the `--rate` schedule.
     Open,
 }
 
 /// The outcome of a whole run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
+    /// The `--url` requests went to.
     pub url: String,
     /// The `--path`s requests rotated through on the URL's host (empty: the URL's own path).
     pub paths: Vec<String>,
+    /// How requests were paced.
     pub mode: Mode,
     /// The `--rate` asked for (open loop only), requests per second.
     pub target_rate: Option<f64>,
+    /// Virtual users (`--users`).
     pub users: usize,
     /// Wall-clock start, for lining the timeline up with a drill script's own timestamps:
     /// timeline second `s` covers `[started_unix_ms + 1000 s, started_unix_ms + 1000 (s + 1))`.
@@ -89,48 +100,62 @@ pub struct Report {
     pub unfinished: u64,
     /// `requests / duration_s`, to two decimals.
     pub achieved_rate: f64,
-    /// Answers (any status) per `x-served-by` value.
+    /// Answers (any status) per `x-served-by` value; `(none)` for answers without one.
     pub nodes: BTreeMap<String, NodeCount>,
     /// Shares and evenness over the answers that named a node.
     pub distribution: Distribution,
     /// Answers per status code.
     pub statuses: BTreeMap<u16, u64>,
+    /// Failed requests by kind; 5xx answers included.
     pub errors: ErrorCounts,
     /// Over every answer (any status), from sending the request to the end of the body.
     pub latency_ms: Latency,
+    /// Node switches and session continuity, per user and over the run.
     pub sessions: Sessions,
     /// One entry per whole second since the start, by when each request finished.
     pub timeline: Vec<Second>,
 }
 
+/// One node's answers.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct NodeCount {
+    /// Answers (any status) that named this node.
     pub responses: u64,
     /// Percentage of all answers, to two decimals.
     pub share_pct: f64,
 }
 
+/// Latency percentiles in milliseconds, to the microsecond; all 0 without answers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
+    /// Answers measured.
     pub samples: u64,
+    /// The median.
     pub p50: f64,
+    /// 99th percentile.
     pub p99: f64,
+    /// 99.9th percentile.
     pub p999: f64,
+    /// The slowest answer.
     pub max: f64,
 }
 
+/// What ended in one second of the run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Second {
+    /// Whole seconds since the start: this entry covers `[second, second + 1)`.
     pub second: u64,
     /// Answers (any status) that arrived in this second.
     pub responses: u64,
+    /// Those answers per node; a node that gave none is left out.
     pub nodes: BTreeMap<String, u64>,
+    /// Requests that failed in this second.
     pub errors: ErrorCounts,
 }
 
 /// Collects outcomes while a run lasts. Shared behind one mutex: each update is a few map
 /// look-ups, far below the cost of the request it records.
-pub(crate) struct Recorder {
+pub(super) struct Recorder {
     start: Instant,
     histogram: Histogram<u64>,
     nodes: BTreeMap<String, u64>,
@@ -141,7 +166,7 @@ pub(crate) struct Recorder {
 }
 
 impl Recorder {
-    pub(crate) fn new(start: Instant) -> Self {
+    pub(super) fn new(start: Instant) -> Self {
         Recorder {
             start,
             histogram: Histogram::new_with_bounds(1, HIST_MAX_US, HIST_SIGFIG)
@@ -155,7 +180,7 @@ impl Recorder {
     }
 
     /// An answer from `node` with `status`, taking `latency`, arriving at `at`.
-    pub(crate) fn answer(&mut self, at: Instant, node: &str, status: u16, latency: Duration) {
+    pub(super) fn answer(&mut self, at: Instant, node: &str, status: u16, latency: Duration) {
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.histogram.saturating_record(us.clamp(1, HIST_MAX_US));
         bump(&mut self.nodes, node);
@@ -168,12 +193,12 @@ impl Recorder {
         }
     }
 
-    pub(crate) fn error(&mut self, at: Instant, kind: ErrorKind) {
+    pub(super) fn error(&mut self, at: Instant, kind: ErrorKind) {
         self.errors.add(kind);
         self.second(at).errors.add(kind);
     }
 
-    pub(crate) fn unfinished(&mut self) {
+    pub(super) fn unfinished(&mut self) {
         self.unfinished += 1;
     }
 
@@ -270,15 +295,15 @@ fn latency(histogram: &Histogram<u64>) -> Latency {
 }
 
 /// What the recorder cannot know by itself.
-pub(crate) struct RunInfo {
-    pub url: String,
-    pub paths: Vec<String>,
-    pub mode: Mode,
-    pub target_rate: Option<f64>,
-    pub users: usize,
-    pub started_at: SystemTime,
-    pub ended: Instant,
-    pub sessions: Sessions,
+pub(super) struct RunInfo {
+    pub(super) url: String,
+    pub(super) paths: Vec<String>,
+    pub(super) mode: Mode,
+    pub(super) target_rate: Option<f64>,
+    pub(super) users: usize,
+    pub(super) started_at: SystemTime,
+    pub(super) ended: Instant,
+    pub(super) sessions: Sessions,
 }
 
 fn bump(counts: &mut BTreeMap<String, u64>, key: &str) {
