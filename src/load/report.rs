@@ -110,7 +110,7 @@ pub struct Report {
     pub errors: ErrorCounts,
     /// Over every answer (any status), from sending the request to the end of the body.
     pub latency_ms: Latency,
-    /// Node switches and session continuity, per user and over the run.
+    /// Node switches and session continuity, over all users.
     pub sessions: Sessions,
     /// One entry per whole second since the start, by when each request finished.
     pub timeline: Vec<Second>,
@@ -125,7 +125,7 @@ pub struct NodeCount {
     pub share_pct: f64,
 }
 
-/// Latency percentiles in milliseconds, to the microsecond; all 0 without answers.
+/// Latency percentiles in milliseconds; all 0 without answers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     /// Answers measured.
