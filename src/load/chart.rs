@@ -31,7 +31,7 @@ const ERROR_COLOUR: RGBColor = RGBColor(0xd6, 0x00, 0x00);
 const DOTS_UP_TO: usize = 60;
 
 /// Writes the timeline of `report` to `path` as an SVG line chart titled `title`.
-pub fn write_svg(report: &Report, path: &Path, title: &str) -> Result<(), LoadError> {
+pub(super) fn write_svg(report: &Report, path: &Path, title: &str) -> Result<(), LoadError> {
     draw(report, path, title).map_err(|source| LoadError::Chart {
         path: path.to_owned(),
         source,
@@ -118,22 +118,36 @@ fn draw_legend(
     } else {
         fits.saturating_sub(2)
     };
-    let font = ("sans-serif", 14).into_font();
-    let text = |label: String, y: i32| Text::new(label, (34, y - 8), font.clone());
     let mut y = TOP;
     for (name, colour) in &nodes[..shown] {
-        area.draw(&PathElement::new([(4, y), (28, y)], colour.stroke_width(3)))?;
-        area.draw(&text(short(name), y))?;
+        legend_entry(area, name, *colour, y)?;
         y += LINE;
     }
     if shown < nodes.len() {
-        area.draw(&text(format!("+{} more nodes", nodes.len() - shown), y))?;
+        legend_text(area, format!("+{} more nodes", nodes.len() - shown), y)?;
         y += LINE;
     }
     for (name, colour) in errors {
-        area.draw(&PathElement::new([(4, y), (28, y)], colour.stroke_width(3)))?;
-        area.draw(&text(short(name), y))?;
+        legend_entry(area, name, *colour, y)?;
     }
+    Ok(())
+}
+
+/// A short stroke of the line's colour, then its name, centred on `y`.
+fn legend_entry(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    name: &str,
+    colour: RGBColor,
+    y: i32,
+) -> DrawResult {
+    area.draw(&PathElement::new([(4, y), (28, y)], colour.stroke_width(3)))?;
+    legend_text(area, short(name), y)
+}
+
+/// A legend label right of where the strokes are, centred on `y`.
+fn legend_text(area: &DrawingArea<SVGBackend<'_>, Shift>, label: String, y: i32) -> DrawResult {
+    let font = ("sans-serif", 14).into_font();
+    area.draw(&Text::new(label, (34, y - 8), font))?;
     Ok(())
 }
 

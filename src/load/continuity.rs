@@ -12,9 +12,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::round::round;
+
 /// One user's view of its session count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Continuity {
+pub(super) struct Continuity {
     /// The last count shown, `None` before the first.
     last: Option<u64>,
     /// Requests since `last` that ended without a count.
@@ -24,7 +26,7 @@ pub(crate) struct Continuity {
 
 impl Continuity {
     /// An answer that said the session has now been visited `visits` times.
-    pub(crate) fn counted(&mut self, visits: u64) {
+    pub(super) fn counted(&mut self, visits: u64) {
         let low = self.last.map_or(1, |last| last.saturating_add(1));
         let high = low.saturating_add(self.uncounted);
         if !(low..=high).contains(&visits) {
@@ -35,16 +37,16 @@ impl Continuity {
     }
 
     /// A request that ended without a count.
-    pub(crate) fn uncounted(&mut self) {
+    pub(super) fn uncounted(&mut self) {
         self.uncounted = self.uncounted.saturating_add(1);
     }
 
     /// Whether any answer carried a count, so continuity means something for this user.
-    pub(crate) fn tracked(&self) -> bool {
+    pub(super) fn tracked(&self) -> bool {
         self.last.is_some()
     }
 
-    pub(crate) fn resets(&self) -> u64 {
+    pub(super) fn resets(&self) -> u64 {
         self.resets
     }
 }
@@ -70,7 +72,7 @@ pub struct Sessions {
 
 impl Sessions {
     /// Adds one user: its node switches and its count history.
-    pub(crate) fn add_user(&mut self, switches: u64, continuity: &Continuity) {
+    pub(super) fn add_user(&mut self, switches: u64, continuity: &Continuity) {
         self.switches += switches;
         self.users_switched += usize::from(switches > 0);
         if continuity.tracked() {
@@ -80,7 +82,7 @@ impl Sessions {
         }
         self.continuity = (self.users_tracked > 0).then(|| {
             let kept = (self.users_tracked - self.users_reset) as f64;
-            (kept / self.users_tracked as f64 * 1e4).round() / 1e4
+            round(kept / self.users_tracked as f64, 4)
         });
     }
 }

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::round::round;
+
 /// Per-node shares and two evenness figures; see the README's `fulcrum load` section.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Distribution {
@@ -23,7 +25,7 @@ pub struct Distribution {
 
 impl Distribution {
     /// From answers per node, leaving out the names in `skip`.
-    pub(crate) fn from_counts(counts: &BTreeMap<String, u64>, skip: &str) -> Self {
+    pub(super) fn from_counts(counts: &BTreeMap<String, u64>, skip: &str) -> Self {
         let nodes: Vec<(&String, u64)> = counts
             .iter()
             .filter(|(name, n)| name.as_str() != skip && **n > 0)
@@ -35,7 +37,7 @@ impl Distribution {
         }
         let shares = nodes
             .iter()
-            .map(|(name, n)| ((*name).clone(), round4(*n as f64 / total as f64)))
+            .map(|(name, n)| ((*name).clone(), round(*n as f64 / total as f64, 4)))
             .collect();
         let values: Vec<f64> = nodes.iter().map(|(_, n)| *n as f64).collect();
         let mean = total as f64 / values.len() as f64;
@@ -45,15 +47,11 @@ impl Distribution {
         });
         Distribution {
             shares,
-            cv: Some(round4(variance.sqrt() / mean)),
+            cv: Some(round(variance.sqrt() / mean, 4)),
             // Every count here is at least 1, so min is never 0.
-            max_min_ratio: Some(round4(max / min)),
+            max_min_ratio: Some(round(max / min, 4)),
         }
     }
-}
-
-fn round4(value: f64) -> f64 {
-    (value * 1e4).round() / 1e4
 }
 
 #[cfg(test)]

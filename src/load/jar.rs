@@ -12,8 +12,9 @@ use cookie::time::OffsetDateTime;
 use http::HeaderMap;
 use http::header::{HeaderValue, SET_COOKIE};
 
+/// The cookies one user holds.
 #[derive(Debug, Default)]
-pub struct Jar {
+pub(super) struct Jar {
     /// Few cookies per user, and the order they were first set is the order they are sent.
     cookies: Vec<Stored>,
 }
@@ -27,7 +28,7 @@ struct Stored {
 
 impl Jar {
     /// Takes in every `Set-Cookie` of a response. Unparsable ones are ignored, as browsers do.
-    pub fn store(&mut self, headers: &HeaderMap, now: Instant) {
+    pub(super) fn store(&mut self, headers: &HeaderMap, now: Instant) {
         for header in headers.get_all(SET_COOKIE) {
             let Ok(text) = header.to_str() else { continue };
             let Ok(cookie) = Cookie::parse(text) else {
@@ -57,7 +58,7 @@ impl Jar {
     }
 
     /// The `Cookie` header to send, or `None` for an empty jar. Drops cookies that expired.
-    pub fn header(&mut self, now: Instant) -> Option<HeaderValue> {
+    pub(super) fn header(&mut self, now: Instant) -> Option<HeaderValue> {
         self.cookies
             .retain(|c| c.expires.is_none_or(|expires| expires > now));
         if self.cookies.is_empty() {
@@ -75,14 +76,6 @@ impl Jar {
         // The parts came out of valid header values, so this only fails on a hostile server's
         // bytes the parser let through; sending no cookie then is the honest answer.
         HeaderValue::from_str(&line).ok()
-    }
-
-    pub fn len(&self) -> usize {
-        self.cookies.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.cookies.is_empty()
     }
 }
 
@@ -155,7 +148,7 @@ mod tests {
         assert_eq!(sent(&mut jar, now).as_deref(), Some("c=3"));
         set(&mut jar, now, &["c=; Max-Age=-1"]);
         assert_eq!(sent(&mut jar, now), None);
-        assert!(jar.is_empty());
+        assert!(jar.cookies.is_empty());
     }
 
     #[test]
@@ -172,7 +165,7 @@ mod tests {
             Some("a=1")
         );
         assert_eq!(sent(&mut jar, now + Duration::from_secs(10)), None);
-        assert_eq!(jar.len(), 0);
+        assert!(jar.cookies.is_empty());
     }
 
     #[test]

@@ -13,54 +13,49 @@
 //! With `--visits M` each user makes exactly M requests and stops, so a run compares like
 //! with like: the same users, the same number of visits, whatever the strategy in front.
 //!
-//! What the run saw becomes a [`Report`] (see `report.rs`): per-node counts, shares and
-//! evenness (`distribution.rs`), node switches and session continuity from the web node's
-//! `x-session-visits` (`continuity.rs`). `chart.rs` draws its timeline.
+//! Each virtual user is a `User` (`user.rs`); this file checks the flags, paces the users and
+//! records how each request ended. What the run saw becomes a [`Report`] (see `report.rs`):
+//! per-node counts, shares and evenness (`distribution.rs`), node switches and session
+//! continuity from the web node's `x-session-visits` (`continuity.rs`). `table.rs` prints it
+//! for people and `chart.rs` draws its timeline.
 
 mod chart;
 mod continuity;
 mod distribution;
+#[cfg(test)]
+mod golden;
 mod jar;
 mod report;
+mod round;
 mod source_ips;
+mod table;
+mod user;
 
 use std::error::Error as StdError;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http::header::{COOKIE, HeaderValue, USER_AGENT};
+use http::Uri;
 use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Uri};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::info;
 
-pub use chart::write_svg;
 pub use continuity::Sessions;
 pub use distribution::Distribution;
-pub use jar::Jar;
-pub use report::{ErrorCounts, Latency, Mode, NO_NODE, NodeCount, Report, Second};
+pub use report::{ErrorCounts, Latency, Mode, NodeCount, Report, Second};
 pub use source_ips::{SourceIps, SourceIpsError};
 
-use continuity::Continuity;
+use chart::write_svg;
 use report::{ErrorKind, Recorder, RunInfo};
+use user::{Ending, User, classify, served_by};
 
 /// One scheduler task spawns at most a few million requests per second on any machine, and
 /// each waiting request holds memory; past this a typo (`--rate 1e9`) would only exhaust RAM.
 const MAX_RATE: f64 = 1_000_000.0;
-
-const USER_AGENT_VALUE: &str = concat!("fulcrum-load/", env!("CARGO_PKG_VERSION"));
-
-/// The web node's `/session` visit count; continuity is judged from it.
-const X_SESSION_VISITS: &str = "x-session-visits";
 
 /// `fulcrum load`: what to send, for how long, and how to report it.
 #[derive(Debug, Clone, PartialEq, clap::Args)]
@@ -135,6 +130,7 @@ impl LoadArgs {
     }
 }
 
+/// Why a run could not start, or its report could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("--url `{url}` is not a URL")]
@@ -174,9 +170,52 @@ pub enum LoadError {
 /// Runs the simulation described by `args` until its duration or request count is reached.
 /// Errors are returned only when the run cannot start; failed requests are in the report.
 pub async fn run(args: &LoadArgs) -> Result<Report, LoadError> {
-    let target = Target::new(&args.url, &args.paths)?;
+    let target = check(args)?;
     let users = usize::try_from(args.users).unwrap_or(usize::MAX);
-    if users == 0 {
+    let mode = if args.rate.is_some() {
+        Mode::Open
+    } else {
+        Mode::Closed
+    };
+    info!(url = %args.url, users, ?mode, rate = ?args.rate, duration = ?args.duration,
+        requests = ?args.requests, visits = ?args.visits, "load run starting");
+    let users: Vec<Arc<User>> = (0..users)
+        .map(|i| Arc::new(User::new(args.source_ips.map(|ips| ips.nth(i)))))
+        .collect();
+    let started_at = SystemTime::now();
+    let start = Instant::now();
+    let shared = Arc::new(Shared::new(target, args, users.len(), start)?);
+
+    match args.rate {
+        None => closed_loop(&shared, &users, args.visits).await,
+        Some(rate) => open_loop(&shared, &users, rate, start).await,
+    }
+    let ended = Instant::now();
+
+    let report = shared.into_recorder().finish(RunInfo {
+        url: args.url.clone(),
+        paths: args.paths.clone(),
+        mode,
+        target_rate: args.rate,
+        users: users.len(),
+        started_at,
+        ended: ended.into_std(),
+        sessions: sessions(&users),
+    });
+    info!(
+        requests = report.requests,
+        errors = report.errors.total,
+        unfinished = report.unfinished,
+        "load run finished"
+    );
+    Ok(report)
+}
+
+/// The target, once every flag that could keep the run from starting has been checked; the
+/// first mistake found is the one reported.
+fn check(args: &LoadArgs) -> Result<Target, LoadError> {
+    let target = Target::new(&args.url, &args.paths)?;
+    if args.users == 0 {
         return Err(LoadError::NoUsers);
     }
     if args.duration.is_zero() {
@@ -192,113 +231,88 @@ pub async fn run(args: &LoadArgs) -> Result<Report, LoadError> {
     {
         return Err(LoadError::SourceFamily { ips, target: host });
     }
+    Ok(target)
+}
 
-    let mode = if args.rate.is_some() {
-        Mode::Open
-    } else {
-        Mode::Closed
-    };
-    info!(url = %args.url, users, ?mode, rate = ?args.rate, duration = ?args.duration,
-        requests = ?args.requests, visits = ?args.visits, "load run starting");
+/// How many requests the run may issue: `--requests`, or `--visits` for every one of `users`,
+/// whichever is fewer.
+fn request_limit(args: &LoadArgs, users: usize) -> Option<u64> {
     // In the open loop request k goes to user k % users, so the first users × visits requests
-    // are exactly `visits` per user; the closed loop also counts per user, below.
+    // are exactly `visits` per user; the closed loop also counts per user (`closed_loop`).
     let per_user_total = args
         .visits
         .map(|visits| visits.saturating_mul(users as u64));
-    let limit = match (args.requests, per_user_total) {
+    match (args.requests, per_user_total) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
-    };
-    let users: Vec<Arc<User>> = (0..users)
-        .map(|i| Arc::new(User::new(args.source_ips.map(|ips| ips.nth(i)))))
-        .collect();
-    let started_at = SystemTime::now();
-    let start = Instant::now();
-    let shared = Arc::new(Shared {
-        target,
-        timeout: args.timeout,
-        deadline: start
-            .checked_add(args.duration)
-            .ok_or(LoadError::LongDuration(args.duration))?,
-        limit,
-        issued: AtomicU64::new(0),
-        recorder: Mutex::new(Recorder::new(start.into_std())),
-    });
+    }
+}
 
+/// Closed loop: each user sends its next request when its previous one finished, until it made
+/// `visits`, the run's requests ran out or the deadline passed.
+async fn closed_loop(shared: &Arc<Shared>, users: &[Arc<User>], visits: Option<u64>) {
+    let visits = visits.unwrap_or(u64::MAX);
     let mut tasks = JoinSet::new();
-    match args.rate {
-        None => {
-            let visits = args.visits.unwrap_or(u64::MAX);
-            for user in &users {
-                let (shared, user) = (shared.clone(), user.clone());
-                tasks.spawn(async move {
-                    let mut made = 0;
-                    while made < visits && Instant::now() < shared.deadline {
-                        let Some(k) = shared.ticket() else { break };
-                        request(&shared, &user, k).await;
-                        made += 1;
-                    }
-                });
+    for user in users {
+        let (shared, user) = (shared.clone(), user.clone());
+        tasks.spawn(async move {
+            let mut made = 0;
+            while made < visits && Instant::now() < shared.deadline {
+                let Some(k) = shared.ticket() else { break };
+                request(&shared, &user, k).await;
+                made += 1;
             }
+        });
+    }
+    join_all(tasks).await;
+}
+
+/// Open loop: request `k` leaves at `start + k / rate` from user `k % users`, whether or not
+/// that user's earlier requests were answered.
+async fn open_loop(shared: &Arc<Shared>, users: &[Arc<User>], rate: f64, start: Instant) {
+    let mut tasks = JoinSet::new();
+    // Scheduling from `start` rather than from the previous send keeps the rate exact: a late
+    // wake-up is caught up at once instead of shifting every later request.
+    while let Some(k) = shared.ticket() {
+        let at = Duration::try_from_secs_f64(k as f64 / rate)
+            .ok()
+            .and_then(|offset| start.checked_add(offset));
+        let Some(at) = at.filter(|at| *at < shared.deadline) else {
+            break;
+        };
+        if Instant::now() >= shared.deadline {
+            break;
         }
-        Some(rate) => {
-            // Scheduling from `start` rather than from the previous send keeps the rate exact:
-            // a late wake-up is caught up at once instead of shifting every later request.
-            while let Some(k) = shared.ticket() {
-                let at = Duration::try_from_secs_f64(k as f64 / rate)
-                    .ok()
-                    .and_then(|offset| start.checked_add(offset));
-                let Some(at) = at.filter(|at| *at < shared.deadline) else {
-                    break;
-                };
-                if Instant::now() >= shared.deadline {
-                    break;
-                }
-                tokio::time::sleep_until(at).await;
-                let (shared, user) = (shared.clone(), users[k as usize % users.len()].clone());
-                tasks.spawn(async move { request(&shared, &user, k).await });
-                // Reap what finished so a long run does not keep a handle per request.
-                while let Some(done) = tasks.try_join_next() {
-                    propagate_panic(done);
-                }
-            }
+        tokio::time::sleep_until(at).await;
+        let (shared, user) = (shared.clone(), users[k as usize % users.len()].clone());
+        tasks.spawn(async move { request(&shared, &user, k).await });
+        // Reap what finished so a long run does not keep a handle per request.
+        while let Some(done) = tasks.try_join_next() {
+            propagate_panic(done);
         }
     }
+    join_all(tasks).await;
+}
+
+/// Waits until every request task has ended.
+async fn join_all(mut tasks: JoinSet<()>) {
     while let Some(done) = tasks.join_next().await {
         propagate_panic(done);
     }
-    let ended = Instant::now();
+}
 
+/// Every user's node switches and visit counts, summed up once the run is over.
+fn sessions(users: &[Arc<User>]) -> Sessions {
     let mut sessions = Sessions::default();
-    for user in &users {
-        let state = user.state();
-        sessions.add_user(state.switches, &state.continuity);
+    for user in users {
+        user.add_to(&mut sessions);
     }
-    let shared = Arc::into_inner(shared).expect("every request task has finished");
-    let recorder = shared
-        .recorder
-        .into_inner()
-        .unwrap_or_else(PoisonError::into_inner);
-    let report = recorder.finish(RunInfo {
-        url: args.url.clone(),
-        paths: args.paths.clone(),
-        mode,
-        target_rate: args.rate,
-        users: users.len(),
-        started_at,
-        ended: ended.into_std(),
-        sessions,
-    });
-    info!(
-        requests = report.requests,
-        errors = report.errors.total,
-        unfinished = report.unfinished,
-        "load run finished"
-    );
-    Ok(report)
+    sessions
 }
 
 /// Request tasks are never cancelled, so a task error is a panic: a bug, raised again here.
+/// Until then the other tasks go on: `Shared::recorder` and `User::state` take no notice of
+/// the poison it left on their locks.
 fn propagate_panic(done: Result<(), tokio::task::JoinError>) {
     if let Err(e) = done
         && e.is_panic()
@@ -375,152 +389,70 @@ struct Shared {
 }
 
 impl Shared {
+    /// A run of `users` that starts at `start`.
+    fn new(
+        target: Target,
+        args: &LoadArgs,
+        users: usize,
+        start: Instant,
+    ) -> Result<Self, LoadError> {
+        Ok(Shared {
+            target,
+            timeout: args.timeout,
+            deadline: start
+                .checked_add(args.duration)
+                .ok_or(LoadError::LongDuration(args.duration))?,
+            limit: request_limit(args, users),
+            issued: AtomicU64::new(0),
+            recorder: Mutex::new(Recorder::new(start.into_std())),
+        })
+    }
+
     /// The number of the next request, or `None` once `--requests` have been issued.
     fn ticket(&self) -> Option<u64> {
         let k = self.issued.fetch_add(1, Ordering::Relaxed);
         self.limit.is_none_or(|limit| k < limit).then_some(k)
     }
 
-    fn recorder(&self) -> std::sync::MutexGuard<'_, Recorder> {
+    fn recorder(&self) -> MutexGuard<'_, Recorder> {
         self.recorder.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
 
-/// A virtual user: its own connection pool, cookie jar, node switches and session count.
-struct User {
-    client: Client<HttpConnector, Empty<Bytes>>,
-    state: Mutex<UserState>,
-}
-
-#[derive(Default)]
-struct UserState {
-    jar: Jar,
-    last_node: Option<String>,
-    switches: u64,
-    continuity: Continuity,
-}
-
-impl User {
-    fn new(source: Option<IpAddr>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_local_address(source);
-        User {
-            client: Client::builder(TokioExecutor::new()).build(connector),
-            state: Mutex::new(UserState::default()),
-        }
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, UserState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    /// What was recorded, once every request task has ended and let go of its `Shared`.
+    fn into_recorder(self: Arc<Self>) -> Recorder {
+        let shared = Arc::into_inner(self).expect("every request task has finished");
+        shared
+            .recorder
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// Sends request `k` as `user` and records what happened.
+/// Sends request `k` as `user` and records how it ended.
 async fn request(shared: &Shared, user: &User, k: u64) {
-    let mut builder = Request::get(shared.target.uri(k).clone())
-        .header(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
-    if let Some(cookies) = user.state().jar.header(std::time::Instant::now()) {
-        builder = builder.header(COOKIE, cookies);
-    }
-    let req = builder
-        .body(Empty::new())
-        .expect("a GET of a valid URI is a valid request");
-
+    let req = user.get(shared.target.uri(k));
     let sent = Instant::now();
-    let exchange = async {
-        let response = user.client.request(req).await?;
-        let (parts, body) = response.into_parts();
-        // The whole body, so latency is what a user waits for and the connection is reusable.
-        body.collect().await?;
-        Ok::<_, Box<dyn StdError + Send + Sync>>(parts)
-    };
-    let outcome = tokio::time::timeout_at(
-        shared.deadline,
-        tokio::time::timeout(shared.timeout, exchange),
-    )
-    .await;
+    let ending = user.exchange(req, shared.timeout, shared.deadline).await;
     let now = Instant::now();
-    match outcome {
-        Err(_) => {
-            user.state().continuity.uncounted();
-            shared.recorder().unfinished();
-        }
-        Ok(Err(_)) => {
-            user.state().continuity.uncounted();
-            shared.recorder().error(now.into_std(), ErrorKind::Timeout);
-        }
-        Ok(Ok(Err(e))) => {
-            user.state().continuity.uncounted();
+    let failure = match ending {
+        Ending::Answered(parts) => {
+            let node = served_by(&parts.headers);
+            user.answered(&parts.headers, &node, now.into_std());
+            let status = parts.status.as_u16();
             shared
                 .recorder()
-                .error(now.into_std(), classify(e.as_ref()));
+                .answer(now.into_std(), &node, status, now - sent);
+            return;
         }
-        Ok(Ok(Ok(parts))) => {
-            let node = parts
-                .headers
-                .get("x-served-by")
-                .map_or_else(|| NO_NODE.into(), |v| String::from_utf8_lossy(v.as_bytes()));
-            {
-                let mut state = user.state();
-                state.jar.store(&parts.headers, now.into_std());
-                let switched = state.last_node.as_deref().is_some_and(|last| last != node);
-                if state.last_node.as_deref() != Some(&*node) {
-                    state.last_node = Some(node.to_string());
-                }
-                state.switches += u64::from(switched);
-                match visit_count(&parts.headers) {
-                    Some(visits) => state.continuity.counted(visits),
-                    None => state.continuity.uncounted(),
-                }
-            }
-            shared
-                .recorder()
-                .answer(now.into_std(), &node, parts.status.as_u16(), now - sent);
-        }
+        Ending::Unfinished => None,
+        Ending::TimedOut => Some(ErrorKind::Timeout),
+        Ending::Failed(error) => Some(classify(error.as_ref())),
+    };
+    user.unanswered();
+    match failure {
+        Some(kind) => shared.recorder().error(now.into_std(), kind),
+        None => shared.recorder().unfinished(),
     }
-}
-
-/// The `x-session-visits` figure of an answer, if it carries a whole number.
-fn visit_count(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(X_SESSION_VISITS)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// Sorts a client error into the report's kinds by walking its source chain.
-fn classify(error: &(dyn StdError + 'static)) -> ErrorKind {
-    if let Some(e) = error.downcast_ref::<hyper_util::client::legacy::Error>()
-        && e.is_connect()
-    {
-        return ErrorKind::Connect;
-    }
-    let mut cause = Some(error);
-    while let Some(e) = cause {
-        if let Some(h) = e.downcast_ref::<hyper::Error>()
-            && (h.is_incomplete_message() || h.is_canceled() || h.is_closed())
-        {
-            return ErrorKind::Reset;
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind as Io;
-            match io.kind() {
-                Io::ConnectionRefused => return ErrorKind::Connect,
-                Io::TimedOut => return ErrorKind::Timeout,
-                Io::ConnectionReset
-                | Io::ConnectionAborted
-                | Io::BrokenPipe
-                | Io::UnexpectedEof => return ErrorKind::Reset,
-                _ => {}
-            }
-        }
-        cause = e.source();
-    }
-    ErrorKind::Other
 }
 
 #[cfg(test)]

@@ -1,8 +1,7 @@
 //! What a load run saw: the [`Recorder`] every request reports to while the run lasts, and the
-//! [`Report`] it becomes (serde for `--json` and scripts, [`Report::to_table`] for people).
+//! [`Report`] it becomes (serde for `--json` and scripts; `table.rs` prints it for people).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::time::{Duration, Instant, SystemTime};
 
 use hdrhistogram::Histogram;
@@ -10,10 +9,11 @@ use serde::{Deserialize, Serialize};
 
 use super::continuity::Sessions;
 use super::distribution::Distribution;
+use super::round::round;
 
 /// The node name counted for answers without an `x-served-by` header (e.g. the balancer's own
 /// 502/503 answers).
-pub const NO_NODE: &str = "(none)";
+pub(super) const NO_NODE: &str = "(none)";
 
 /// Latencies are recorded in microseconds up to an hour, with 3 significant digits: 0.1 %
 /// error at any magnitude, which is finer than anything a person reads off a table.
@@ -22,7 +22,7 @@ const HIST_SIGFIG: u8 = 3;
 
 /// How a request failed. 4xx answers are not errors: the server answered as designed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
+pub(super) enum ErrorKind {
     /// The connection could not be made (refused, unreachable, source address unusable).
     Connect,
     /// No complete answer (head and body) within `--timeout`.
@@ -38,11 +38,17 @@ pub enum ErrorKind {
 /// Error counts by kind; `total` is their sum.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorCounts {
+    /// All failed requests.
     pub total: u64,
+    /// The connection could not be made (refused, unreachable, source address unusable).
     pub connect: u64,
+    /// No complete answer (head and body) within `--timeout`.
     pub timeout: u64,
+    /// The connection was closed or reset while the request was in flight.
     pub reset: u64,
+    /// 5xx answers (also counted as answers, in `nodes` and `statuses`).
     pub status: u64,
+    /// Anything else the client reported (e.g. a malformed response).
     pub other: u64,
 }
 
@@ -64,19 +70,24 @@ impl ErrorCounts {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    /// Each user waits for its answer before the next request.
     Closed,
+    /// Requests leave on the `--rate` schedule.
     Open,
 }
 
 /// The outcome of a whole run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
+    /// The `--url` requests went to.
     pub url: String,
     /// The `--path`s requests rotated through on the URL's host (empty: the URL's own path).
     pub paths: Vec<String>,
+    /// How requests were paced.
     pub mode: Mode,
     /// The `--rate` asked for (open loop only), requests per second.
     pub target_rate: Option<f64>,
+    /// Virtual users (`--users`).
     pub users: usize,
     /// Wall-clock start, for lining the timeline up with a drill script's own timestamps:
     /// timeline second `s` covers `[started_unix_ms + 1000 s, started_unix_ms + 1000 (s + 1))`.
@@ -89,48 +100,62 @@ pub struct Report {
     pub unfinished: u64,
     /// `requests / duration_s`, to two decimals.
     pub achieved_rate: f64,
-    /// Answers (any status) per `x-served-by` value.
+    /// Answers (any status) per `x-served-by` value; `(none)` for answers without one.
     pub nodes: BTreeMap<String, NodeCount>,
     /// Shares and evenness over the answers that named a node.
     pub distribution: Distribution,
     /// Answers per status code.
     pub statuses: BTreeMap<u16, u64>,
+    /// Failed requests by kind; 5xx answers included.
     pub errors: ErrorCounts,
     /// Over every answer (any status), from sending the request to the end of the body.
     pub latency_ms: Latency,
+    /// Node switches and session continuity, over all users.
     pub sessions: Sessions,
     /// One entry per whole second since the start, by when each request finished.
     pub timeline: Vec<Second>,
 }
 
+/// One node's answers.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct NodeCount {
+    /// Answers (any status) that named this node.
     pub responses: u64,
     /// Percentage of all answers, to two decimals.
     pub share_pct: f64,
 }
 
+/// Latency percentiles in milliseconds; all 0 without answers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
+    /// Answers measured.
     pub samples: u64,
+    /// The median.
     pub p50: f64,
+    /// 99th percentile.
     pub p99: f64,
+    /// 99.9th percentile.
     pub p999: f64,
+    /// The slowest answer.
     pub max: f64,
 }
 
+/// What ended in one second of the run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Second {
+    /// Whole seconds since the start: this entry covers `[second, second + 1)`.
     pub second: u64,
     /// Answers (any status) that arrived in this second.
     pub responses: u64,
+    /// Those answers per node; a node that gave none is left out.
     pub nodes: BTreeMap<String, u64>,
+    /// Requests that failed in this second.
     pub errors: ErrorCounts,
 }
 
 /// Collects outcomes while a run lasts. Shared behind one mutex: each update is a few map
 /// look-ups, far below the cost of the request it records.
-pub(crate) struct Recorder {
+pub(super) struct Recorder {
     start: Instant,
     histogram: Histogram<u64>,
     nodes: BTreeMap<String, u64>,
@@ -141,7 +166,7 @@ pub(crate) struct Recorder {
 }
 
 impl Recorder {
-    pub(crate) fn new(start: Instant) -> Self {
+    pub(super) fn new(start: Instant) -> Self {
         Recorder {
             start,
             histogram: Histogram::new_with_bounds(1, HIST_MAX_US, HIST_SIGFIG)
@@ -155,7 +180,7 @@ impl Recorder {
     }
 
     /// An answer from `node` with `status`, taking `latency`, arriving at `at`.
-    pub(crate) fn answer(&mut self, at: Instant, node: &str, status: u16, latency: Duration) {
+    pub(super) fn answer(&mut self, at: Instant, node: &str, status: u16, latency: Duration) {
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.histogram.saturating_record(us.clamp(1, HIST_MAX_US));
         bump(&mut self.nodes, node);
@@ -168,12 +193,12 @@ impl Recorder {
         }
     }
 
-    pub(crate) fn error(&mut self, at: Instant, kind: ErrorKind) {
+    pub(super) fn error(&mut self, at: Instant, kind: ErrorKind) {
         self.errors.add(kind);
         self.second(at).errors.add(kind);
     }
 
-    pub(crate) fn unfinished(&mut self) {
+    pub(super) fn unfinished(&mut self) {
         self.unfinished += 1;
     }
 
@@ -194,37 +219,24 @@ impl Recorder {
         }
     }
 
-    pub(crate) fn finish(mut self, run: RunInfo) -> Report {
+    /// The report of a run that ended at `run.ended`, with what only the run knows.
+    pub(super) fn finish(mut self, run: RunInfo) -> Report {
         let elapsed = run.ended.saturating_duration_since(self.start);
         // Whole seconds that passed get an entry even if nothing finished in them (a stalled
         // backend shows as a gap); a last partial second appears only if something ended in it.
         self.pad_timeline(elapsed.as_secs());
         let answers: u64 = self.nodes.values().sum();
+        // A 5xx is an answer and an error at once: counted among the answers only.
         let transport_errors = self.errors.total - self.errors.status;
         let requests = answers + transport_errors;
         let duration_s = elapsed.as_secs_f64();
-        let ms = |us: u64| us as f64 / 1000.0;
-        let latency = if self.histogram.is_empty() {
-            Latency::default()
-        } else {
-            Latency {
-                samples: self.histogram.len(),
-                p50: ms(self.histogram.value_at_quantile(0.5)),
-                p99: ms(self.histogram.value_at_quantile(0.99)),
-                p999: ms(self.histogram.value_at_quantile(0.999)),
-                max: ms(self.histogram.max()),
-            }
-        };
         Report {
             url: run.url,
             paths: run.paths,
             mode: run.mode,
             target_rate: run.target_rate,
             users: run.users,
-            started_unix_ms: run
-                .started_at
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            started_unix_ms: unix_ms(run.started_at),
             duration_s: round(duration_s, 3),
             requests,
             unfinished: self.unfinished,
@@ -234,45 +246,64 @@ impl Recorder {
                 0.0
             },
             distribution: Distribution::from_counts(&self.nodes, NO_NODE),
-            nodes: self
-                .nodes
-                .into_iter()
-                .map(|(name, responses)| {
-                    let share_pct = round(100.0 * responses as f64 / answers as f64, 2);
-                    (
-                        name,
-                        NodeCount {
-                            responses,
-                            share_pct,
-                        },
-                    )
-                })
-                .collect(),
+            nodes: node_counts(self.nodes, answers),
             statuses: self.statuses,
             errors: self.errors,
-            latency_ms: latency,
+            latency_ms: latency(&self.histogram),
             sessions: run.sessions,
             timeline: self.timeline,
         }
     }
 }
 
-/// What the recorder cannot know by itself.
-pub(crate) struct RunInfo {
-    pub url: String,
-    pub paths: Vec<String>,
-    pub mode: Mode,
-    pub target_rate: Option<f64>,
-    pub users: usize,
-    pub started_at: SystemTime,
-    pub ended: Instant,
-    pub sessions: Sessions,
+/// Milliseconds since the Unix epoch; 0 for a clock set before 1970.
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Figures a person or a script reads, without the noise of float division.
-fn round(value: f64, decimals: i32) -> f64 {
-    let scale = 10f64.powi(decimals);
-    (value * scale).round() / scale
+/// Each node's answers with its share of all `answers`.
+fn node_counts(nodes: BTreeMap<String, u64>, answers: u64) -> BTreeMap<String, NodeCount> {
+    nodes
+        .into_iter()
+        .map(|(name, responses)| {
+            let share_pct = round(100.0 * responses as f64 / answers as f64, 2);
+            (
+                name,
+                NodeCount {
+                    responses,
+                    share_pct,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The percentiles a person reads, in milliseconds; all zero when nothing was answered.
+fn latency(histogram: &Histogram<u64>) -> Latency {
+    if histogram.is_empty() {
+        return Latency::default();
+    }
+    let ms = |us: u64| us as f64 / 1000.0;
+    Latency {
+        samples: histogram.len(),
+        p50: ms(histogram.value_at_quantile(0.5)),
+        p99: ms(histogram.value_at_quantile(0.99)),
+        p999: ms(histogram.value_at_quantile(0.999)),
+        max: ms(histogram.max()),
+    }
+}
+
+/// What the recorder cannot know by itself.
+pub(super) struct RunInfo {
+    pub(super) url: String,
+    pub(super) paths: Vec<String>,
+    pub(super) mode: Mode,
+    pub(super) target_rate: Option<f64>,
+    pub(super) users: usize,
+    pub(super) started_at: SystemTime,
+    pub(super) ended: Instant,
+    pub(super) sessions: Sessions,
 }
 
 fn bump(counts: &mut BTreeMap<String, u64>, key: &str) {
@@ -281,152 +312,6 @@ fn bump(counts: &mut BTreeMap<String, u64>, key: &str) {
         None => {
             counts.insert(key.to_owned(), 1);
         }
-    }
-}
-
-impl Report {
-    /// The report as a person reads it in a terminal.
-    pub fn to_table(&self) -> String {
-        self.to_string()
-    }
-}
-
-/// The table of [`Report::to_table`].
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mode = match (self.mode, self.target_rate) {
-            (Mode::Open, Some(rate)) => format!("open loop at {rate} req/s"),
-            _ => "closed loop".to_owned(),
-        };
-        let started = SystemTime::UNIX_EPOCH + Duration::from_millis(self.started_unix_ms);
-        write!(f, "fulcrum load  {}", self.url)?;
-        if !self.paths.is_empty() {
-            write!(f, "  paths {}", self.paths.join(", "))?;
-        }
-        writeln!(f)?;
-        writeln!(
-            f,
-            "  {} users, {mode}, started {} (unix ms {})",
-            self.users,
-            humantime::format_rfc3339_millis(started),
-            self.started_unix_ms
-        )?;
-        write!(
-            f,
-            "  {:.2} s, {} requests, {:.1} req/s",
-            self.duration_s, self.requests, self.achieved_rate
-        )?;
-        if self.unfinished > 0 {
-            write!(f, ", {} unfinished at the end", self.unfinished)?;
-        }
-        writeln!(f)?;
-
-        let width = self
-            .nodes
-            .keys()
-            .map(|n| n.chars().count())
-            .max()
-            .unwrap_or(0)
-            .max("node".len());
-        writeln!(
-            f,
-            "\n  {:<width$}  {:>10}  {:>7}",
-            "node", "responses", "share"
-        )?;
-        for (name, count) in &self.nodes {
-            writeln!(
-                f,
-                "  {name:<width$}  {:>10}  {:>6.1}%",
-                count.responses, count.share_pct
-            )?;
-        }
-        if self.nodes.is_empty() {
-            writeln!(f, "  (no answers)")?;
-        }
-
-        write!(f, "\n  statuses  ")?;
-        if self.statuses.is_empty() {
-            write!(f, "-")?;
-        }
-        for (i, (code, n)) in self.statuses.iter().enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            write!(f, "{sep}{code}: {n}")?;
-        }
-        writeln!(f)?;
-        let e = &self.errors;
-        writeln!(
-            f,
-            "  errors    {} (connect {}, timeout {}, reset {}, status {}, other {})",
-            e.total, e.connect, e.timeout, e.reset, e.status, e.other
-        )?;
-        let l = &self.latency_ms;
-        writeln!(
-            f,
-            "  latency   p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms ({} samples)",
-            l.p50, l.p99, l.p999, l.max, l.samples
-        )?;
-        let d = &self.distribution;
-        match (d.cv, d.max_min_ratio) {
-            (Some(cv), Some(ratio)) => writeln!(
-                f,
-                "  evenness  cv {cv:.4}, max/min {ratio:.3} over {} node{}; shares {}",
-                d.shares.len(),
-                if d.shares.len() == 1 { "" } else { "s" },
-                d.shares
-                    .iter()
-                    .map(|(name, share)| format!("{name} {:.1}%", share * 100.0))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )?,
-            _ => writeln!(f, "  evenness  - (no answer named a node)")?,
-        }
-        let s = &self.sessions;
-        writeln!(
-            f,
-            "  sessions  {} node switches, {} of {} users switched at least once",
-            s.switches, s.users_switched, self.users
-        )?;
-        match s.continuity {
-            Some(continuity) => {
-                write!(
-                    f,
-                    "            continuity {:.1}%: {} of {} users saw their visit count reset \
-                     ({} resets)",
-                    continuity * 100.0,
-                    s.users_reset,
-                    s.users_tracked,
-                    s.resets
-                )?;
-                if self.mode == Mode::Open {
-                    write!(
-                        f,
-                        "; open loop: a user's overlapping requests can read as resets"
-                    )?;
-                }
-                writeln!(f)?;
-            }
-            None => writeln!(
-                f,
-                "            continuity -: no answer carried x-session-visits (try --path /session)"
-            )?,
-        }
-
-        writeln!(f, "\n  timeline (answers per node and errors, per second)")?;
-        let col = |name: &str| name.chars().count().max(6);
-        write!(f, "  {:>5}", "s")?;
-        for name in self.nodes.keys() {
-            write!(f, "  {name:>w$}", w = col(name))?;
-        }
-        writeln!(f, "  {:>6}", "errors")?;
-        for s in &self.timeline {
-            write!(f, "  {:>5}", s.second)?;
-            for name in self.nodes.keys() {
-                let n = s.nodes.get(name).copied().unwrap_or(0);
-                write!(f, "  {n:>w$}", w = col(name))?;
-            }
-            writeln!(f, "  {:>6}", s.errors.total)?;
-        }
-        Ok(())
     }
 }
 

@@ -14,6 +14,7 @@ pub struct SourceIps {
     len: u128,
 }
 
+/// Why a `--source-ips` range did not parse.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceIpsError {
     #[error("`{text}` is not an IP address (expected e.g. 127.0.0.2-127.0.0.250)")]
@@ -30,22 +31,22 @@ pub enum SourceIpsError {
 
 impl SourceIps {
     /// The address of virtual user `user`; users past the end of the range wrap around.
-    pub fn nth(&self, user: usize) -> IpAddr {
-        let offset = (user as u128) % self.len;
+    pub(super) fn nth(&self, user: usize) -> IpAddr {
+        self.at((user as u128) % self.len)
+    }
+
+    /// Whether these are IPv4 addresses (else IPv6).
+    pub(super) fn is_ipv4(&self) -> bool {
+        self.first.is_ipv4()
+    }
+
+    /// The address `offset` places after the first; `offset` is below `len`.
+    fn at(&self, offset: u128) -> IpAddr {
         match self.first {
             // `len` never reaches past the family's last address, so these cannot overflow.
             IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) + offset as u32)),
             IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) + offset)),
         }
-    }
-
-    /// How many distinct addresses the range holds (at least 1).
-    pub fn count(&self) -> u128 {
-        self.len
-    }
-
-    pub fn is_ipv4(&self) -> bool {
-        self.first.is_ipv4()
     }
 }
 
@@ -78,13 +79,7 @@ impl FromStr for SourceIps {
 
 impl fmt::Display for SourceIps {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let last = match self.first {
-            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(
-                (u128::from(u32::from(a)) + self.len - 1) as u32,
-            )),
-            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) + (self.len - 1))),
-        };
-        write!(f, "{}-{last}", self.first)
+        write!(f, "{}-{}", self.first, self.at(self.len - 1))
     }
 }
 
@@ -103,7 +98,7 @@ mod tests {
     #[test]
     fn a_range_crossing_an_octet_wraps_per_user() {
         let ips: SourceIps = "127.0.0.2-127.0.1.250".parse().unwrap();
-        assert_eq!(ips.count(), 254 + 250 + 1);
+        assert_eq!(ips.len, 254 + 250 + 1);
         assert_eq!(ips.nth(0).to_string(), "127.0.0.2");
         assert_eq!(ips.nth(253).to_string(), "127.0.0.255");
         assert_eq!(ips.nth(254).to_string(), "127.0.1.0");
@@ -115,7 +110,7 @@ mod tests {
     #[test]
     fn a_single_address_is_a_range_of_one() {
         let ips: SourceIps = "127.0.0.9".parse().unwrap();
-        assert_eq!(ips.count(), 1);
+        assert_eq!(ips.len, 1);
         assert_eq!(ips.nth(7).to_string(), "127.0.0.9");
     }
 
