@@ -4,6 +4,7 @@
 
 pub mod admin_api;
 pub mod registry;
+pub mod sample;
 pub mod tls;
 
 use std::convert::Infallible;
