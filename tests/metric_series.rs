@@ -273,18 +273,12 @@ backends = [{{ name = "web-1", address = "{}" }}]
 /// values. CI installs promtool (Debian's `prometheus` package); elsewhere a missing promtool
 /// fails the test unless `FULCRUM_SKIP_PROMTOOL=1` says to skip it.
 fn promtool_check(text: &str) {
-    if Command::new("promtool").arg("--version").output().is_err() {
-        if std::env::var("FULCRUM_SKIP_PROMTOOL").as_deref() == Ok("1") {
-            eprintln!(
-                "\n!!! SKIPPED promtool check metrics: promtool is not installed and \
-                 FULCRUM_SKIP_PROMTOOL=1 !!!\n"
-            );
-            return;
-        }
-        panic!(
-            "promtool is not installed: install it (Debian/Ubuntu: `apt-get install prometheus`, \
-             or a Prometheus release tarball) or set FULCRUM_SKIP_PROMTOOL=1 to skip this check"
-        );
+    if !tool_available(
+        "promtool",
+        "FULCRUM_SKIP_PROMTOOL",
+        "Debian/Ubuntu: `apt-get install prometheus`, or a Prometheus release tarball",
+    ) {
+        return;
     }
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
