@@ -39,7 +39,7 @@ fn client_from(source: IpAddr) -> Client<HttpConnector, TestBody> {
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
-/// A config for `nodes` that believes `X-Forwarded-For` from [`PROXY`].
+/// An ip_hash pool of `backends` whose listener believes `X-Forwarded-For` from [`PROXY`].
 fn behind_proxy(pool: &str, backends: &[(&str, std::net::SocketAddr, u32)]) -> String {
     single_pool(pool, "ip_hash", backends, "").replace(
         "name = \"http\"\n",

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use fulcrum::pool::Health;
 use http::Request;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use rand::RngExt;
 use rand::rngs::StdRng;
 use support::sample::{self, SIGMAS};
@@ -40,7 +42,7 @@ fn share(p: f64) -> f64 {
 /// How requests are made: plain ones, or (for ip_hash) each from a new random client.
 enum Clients {
     Same,
-    Random(StdRng, u64),
+    Random(Box<StdRng>, u64),
 }
 
 impl Clients {
@@ -70,10 +72,7 @@ impl Clients {
 
 /// Sends `n` requests one at a time and counts those `web-2` served.
 async fn served_by_web_2(
-    client: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        TestBody,
-    >,
+    client: &Client<HttpConnector, TestBody>,
     target: &str,
     clients: &mut Clients,
     n: usize,
@@ -212,5 +211,5 @@ async fn a_returning_node_ramps_to_its_full_share_under_least_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_returning_node_ramps_to_its_full_share_of_clients_under_ip_hash() {
     let (rng, seed) = sample::rng("ip_hash slow start");
-    a_returning_node_ramps_up("ip_hash", "ss_ih", Clients::Random(rng, seed)).await;
+    a_returning_node_ramps_up("ip_hash", "ss_ih", Clients::Random(Box::new(rng), seed)).await;
 }
