@@ -3,11 +3,15 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::{Request, Response};
+use hyper::body::Incoming;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 fn with_listener_option(toml: String, option: &str) -> String {
     toml.replace(
@@ -127,22 +131,30 @@ async fn on_a_single_threaded_runtime_too() {
     sigterm_mid_request(&["--threads", "1"]).await;
 }
 
-/// `fulcrum run ARGS` serves a slow request, gets SIGTERM in the middle of it, finishes it and
-/// exits 0.
+/// `fulcrum run ARGS` gets SIGTERM while a request is held at the backend, stops accepting,
+/// finishes that request once the backend answers, and exits 0.
 async fn sigterm_mid_request(args: &[&str]) {
-    let nodes = webnodes(1).await;
-    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let config = single_pool(
-        "conn_sigterm",
-        "round_robin",
-        &nodes_as_backends(&nodes),
-        "",
-    )
-    .replace(
+    // The backend tells the test when the request has arrived and answers when told to: the
+    // SIGTERM lands while the request is certainly in flight, however slow the machine.
+    let arrived = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let held = backend({
+        let (arrived, release) = (arrived.clone(), release.clone());
+        move |req: Request<Incoming>| {
+            let (arrived, release) = (arrived.clone(), release.clone());
+            async move {
+                if req.uri().path() == "/hold" {
+                    arrived.notify_one();
+                    release.notified().await;
+                    return Response::new(full("released"));
+                }
+                Response::new(full(r#"{"status":"UP"}"#))
+            }
+        }
+    })
+    .await;
+    let port = free_port().await;
+    let config = single_pool("conn_sigterm", "round_robin", &[("held", held.addr, 1)], "").replace(
         "bind = \"127.0.0.1:0\"\n[admin]",
         &format!("bind = \"{port}\"\n[admin]"),
     );
@@ -152,7 +164,7 @@ async fn sigterm_mid_request(args: &[&str]) {
         args.len()
     ));
     std::fs::write(&path, config).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
         .arg("run")
         .args(args)
         .arg("-c")
@@ -160,24 +172,37 @@ async fn sigterm_mid_request(args: &[&str]) {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let mut child = Process(child);
     wait_until("fulcrum run listens", || async {
         TcpStream::connect(port).await.is_ok()
     })
     .await;
 
-    let slow =
-        tokio::spawn(async move { get(&client(), &format!("http://{port}/slow?ms=600")).await });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    let in_flight =
+        tokio::spawn(async move { get(&client(), &format!("http://{port}/hold")).await });
+    tokio::time::timeout(DEADLINE, arrived.notified())
+        .await
+        .expect("the request reaches the backend");
     let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let reply = slow.await.unwrap();
+    wait_until("fulcrum stops accepting after SIGTERM", || async {
+        TcpStream::connect(port).await.is_err()
+    })
+    .await;
+    assert!(
+        !in_flight.is_finished(),
+        "the held request ended before the backend answered it (cut off?)"
+    );
+    release.notify_one();
+    let reply = in_flight.await.unwrap();
     assert_eq!(reply.status, 200, "the in-flight request was cut off");
+    assert_eq!(reply.text(), "released");
     let started = Instant::now();
     let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
+        if let Some(exit) = child.0.try_wait().unwrap() {
             break exit;
         }
         assert!(

@@ -118,7 +118,10 @@ async fn checks_slower_than_the_interval_never_overlap_and_the_node_stays_up() {
     })
     .await;
     let (start, before) = (Instant::now(), slow.requests.load(Ordering::SeqCst));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_until("six more checks", || async {
+        slow.requests.load(Ordering::SeqCst) - before >= 6
+    })
+    .await;
     let during = slow.requests.load(Ordering::SeqCst) - before;
     let elapsed = start.elapsed();
     assert_eq!(
@@ -126,12 +129,9 @@ async fn checks_slower_than_the_interval_never_overlap_and_the_node_stays_up() {
         1,
         "two checks of one node were in flight at once"
     );
-    // Each check takes 250 ms, so about one per 250 ms (not one per 100 ms interval).
+    // Each check takes 250 ms, so at most one starts per 250 ms (not one per 100 ms interval).
     let at_most = elapsed.as_millis() as u64 / 250 + 1;
-    assert!(
-        (3..=at_most).contains(&during),
-        "{during} checks in {elapsed:?}"
-    );
+    assert!(during <= at_most, "{during} checks in {elapsed:?}");
     assert_eq!(node(&running, "slow").health(), Health::Up);
     assert_eq!(
         series(
@@ -173,7 +173,12 @@ async fn a_check_that_times_out_ends_before_the_next_one_starts() {
         "down after {:?}",
         started.elapsed()
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The checks go on while the node is down: watch two more time out.
+    let at_down = hanging.requests.load(Ordering::SeqCst);
+    wait_until("two more checks", || async {
+        hanging.requests.load(Ordering::SeqCst) >= at_down + 2
+    })
+    .await;
     assert_eq!(
         hanging.max_in_flight.load(Ordering::SeqCst),
         1,

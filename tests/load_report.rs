@@ -5,8 +5,6 @@
 //! n-th request by a rule the test picks (`--source-ips` gives every user its own address), so
 //! each expected figure is exact. fulcrum's own strategies are compared in their own tests.
 
-#[path = "support/redis.rs"]
-mod redis_server;
 mod support;
 
 use std::collections::HashMap;
@@ -22,9 +20,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use redis_server::RedisServer;
 use serde_json::Value;
 use support::TestBody;
+use support::redis_server::RedisServer;
 use tokio::net::TcpListener;
 
 /// The flags exactly as `fulcrum load` takes them.

@@ -622,8 +622,12 @@ async fn a_reload_adds_and_removes_listeners_and_a_removed_one_finishes_its_requ
 
     // Remove the first listener while a slow request is in flight on it.
     let slow =
-        tokio::spawn(async move { get(&client(), &format!("http://{old}/slow?ms=600")).await });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::spawn(async move { get(&client(), &format!("http://{old}/slow?ms=1000")).await });
+    let web_1 = node(&running, "web-1");
+    wait_until("the slow request reaches the node", || async {
+        web_1.in_flight() == 1
+    })
+    .await;
     let only_extra = with_extra.replacen(
         "[[listeners]]\nname = \"http\"\nbind = \"127.0.0.1:0\"\n",
         "",
@@ -634,6 +638,11 @@ async fn a_reload_adds_and_removes_listeners_and_a_removed_one_finishes_its_requ
     let (status, body) = api(&running, Method::POST, "/api/reload", None, None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(running.addr("http"), None);
+    assert_eq!(
+        web_1.in_flight(),
+        1,
+        "the slow request ended before its listener was removed: nothing was tested"
+    );
     assert_eq!(
         slow.await.unwrap().status,
         200,

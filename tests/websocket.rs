@@ -5,7 +5,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
@@ -227,11 +226,16 @@ async fn shutdown_waits_for_a_tunnel_that_closes_within_the_grace() {
     let backend = ws_echo_backend().await;
     let toml = single_pool("ws_drain", "round_robin", &[("ws", backend, 1)], "");
     let running = balancer(&with_grace(toml, "5s")).await;
-    let mut ws = open(running.addr("http").unwrap(), "/drain").await;
+    let addr = running.addr("http").unwrap();
+    let mut ws = open(addr, "/drain").await;
     next_message(&mut ws).await;
 
     let shutdown = tokio::spawn(running.shutdown());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Shutdown is under way once the listener is closed; it must still be waiting.
+    wait_until("shutdown closes the listener", || async {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
     assert!(
         !shutdown.is_finished(),
         "shutdown must wait for the open tunnel"

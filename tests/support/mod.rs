@@ -3,7 +3,9 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod admin_api;
+pub mod redis_server;
 pub mod registry;
+pub mod sample;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -192,6 +194,39 @@ pub fn series(scrape: &str, name_and_labels: &str) -> Option<f64> {
     scrape
         .lines()
         .find_map(|line| line.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
+/// Whether a test may use the external command `tool`: true when `tool --version` runs. When
+/// it does not, the test fails (a suite that passes without running a check says nothing about
+/// what it checks), unless the environment sets `skip_var=1`: then a `SKIPPED` line goes to
+/// stderr and this returns false, and the test returns without asserting anything. `.ci/run`
+/// installs every such tool, so CI never skips.
+pub fn tool_available(tool: &str, skip_var: &str, install: &str) -> bool {
+    let installed = std::process::Command::new(tool)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if installed {
+        return true;
+    }
+    // libtest names the thread that runs a test after the test.
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_owned();
+    if std::env::var(skip_var).as_deref() == Ok("1") {
+        // Straight to the stderr handle, in one write: `eprintln!` is captured by the test
+        // harness and shown only for failures, and a skip must be seen in a passing run.
+        let line = format!("\n!!! SKIPPED: {test}: {tool} is not installed and {skip_var}=1 !!!\n");
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+        return false;
+    }
+    panic!(
+        "{test} needs {tool}, which is not installed: install it ({install}) or set \
+         {skip_var}=1 to skip the tests that need it"
+    );
 }
 
 /// Polls `condition` until it holds or `DEADLINE` passes.
