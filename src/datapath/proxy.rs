@@ -23,11 +23,13 @@ use crate::base::metrics::{ClientErrorKind, ErrorKind, NONE, ResponseCounters};
 use crate::datapath::body::ProxyBody;
 use crate::datapath::headers::{self, ForwardedFor};
 use crate::datapath::server::ConnHandle;
-use crate::model::balance::Pick;
-use crate::model::pool::{InFlight, Node, Placement, Pool, Unplaced};
+use crate::model::balance::{CookieTarget, Pick};
+use crate::model::pool::{Backend, InFlight, Node, Placement, Pool, PoolState, Unplaced};
 use crate::upstream::body::{RequestBody, Upload};
-use crate::upstream::{self, UpstreamError};
+use crate::upstream::client::UpstreamClient;
+use crate::upstream::{self, UpstreamConn, UpstreamError};
 use http_body::Body as _;
+use tokio::sync::oneshot;
 
 /// What one listener tells the proxy path about its connections.
 #[derive(Debug)]
@@ -153,6 +155,8 @@ pub async fn handle(req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBo
     }
 }
 
+/// Forwards a routed request: check what it declares, rewrite its head, then send it to a
+/// node (trying another when one refused it), and relay the answer.
 async fn forward(
     req: Request<Incoming>,
     pool: &Pool,
@@ -166,44 +170,139 @@ async fn forward(
         conn.conn.client_errors().count(ClientErrorKind::TooLarge);
         return Err(ProxyError::BodyTooLarge { limit });
     }
-
-    let (mut head, body) = req.into_parts();
     let state = pool.snapshot();
-    let (client, cookie) = state.affinity(&head.headers, || {
-        headers::client_ip(
-            conn.peer.ip(),
-            &head.headers,
-            &conn.listener.trusted_proxies,
-        )
-    });
-    // An HTTP/1.1 `Upgrade` (WebSocket) goes to the backend as one, over HTTP/1.1; hyper hands
-    // over the client's connection once the backend's 101 has been relayed.
-    let upgrade = headers::upgrade_protocol(head.version, &head.headers);
-    let mut client_upgrade = upgrade
-        .as_ref()
-        .and_then(|_| head.extensions.remove::<OnUpgrade>());
-    let fwd = ForwardedFor {
-        peer: conn.peer.ip(),
-        proto: conn.listener.proto,
-        rfc7239: conn.listener.forwarded,
-    };
-    headers::upstream_head(&mut head, fwd);
-    if let Some(protocol) = &upgrade {
-        headers::keep_upgrade(&mut head.headers, protocol.clone());
+    let mut outgoing = Outgoing::prepare(req, &state, conn);
+    send_with_retries(&mut outgoing, &state, pool, conn, started).await
+}
+
+/// A request on its way to a backend: its rewritten head, the body no backend has read yet,
+/// and what a pick and a retry need to know about it.
+struct Outgoing {
+    head: http::request::Parts,
+    body: Option<Incoming>,
+    bodiless: bool,
+    /// Only a request with a body pays for watching its upload.
+    upload: Option<Arc<Upload>>,
+    /// Safe to repeat after a backend dropped the connection mid-exchange (RFC 9110 §9.2.2).
+    idempotent: bool,
+    /// An HTTP/1.1 `Upgrade` (WebSocket) goes to the backend as one, over HTTP/1.1; hyper hands
+    /// over the client's connection once the backend's 101 has been relayed.
+    upgrade: Option<HeaderValue>,
+    client_upgrade: Option<OnUpgrade>,
+    /// `ip_hash`'s key and the node the sticky cookie names.
+    client: u64,
+    cookie: CookieTarget,
+}
+
+impl Outgoing {
+    fn prepare(req: Request<Incoming>, state: &PoolState, conn: &ConnInfo) -> Self {
+        let (mut head, body) = req.into_parts();
+        let (client, cookie) = state.affinity(&head.headers, || {
+            headers::client_ip(
+                conn.peer.ip(),
+                &head.headers,
+                &conn.listener.trusted_proxies,
+            )
+        });
+        let upgrade = headers::upgrade_protocol(head.version, &head.headers);
+        let client_upgrade = upgrade
+            .as_ref()
+            .and_then(|_| head.extensions.remove::<OnUpgrade>());
+        let fwd = ForwardedFor {
+            peer: conn.peer.ip(),
+            proto: conn.listener.proto,
+            rfc7239: conn.listener.forwarded,
+        };
+        headers::upstream_head(&mut head, fwd);
+        if let Some(protocol) = &upgrade {
+            headers::keep_upgrade(&mut head.headers, protocol.clone());
+        }
+        let bodiless = body.is_end_stream();
+        let upload = (!bodiless).then(|| {
+            let errors = conn.conn.client_errors().clone();
+            Arc::new(Upload::new(conn.listener.max_body_bytes, errors))
+        });
+        let idempotent = matches!(
+            head.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        Self {
+            head,
+            body: (!bodiless).then_some(body),
+            bodiless,
+            upload,
+            idempotent,
+            upgrade,
+            client_upgrade,
+            client,
+            cookie,
+        }
     }
 
-    let bodiless = body.is_end_stream();
-    let mut body = (!bodiless).then_some(body);
-    // Only a request with a body pays for watching its upload.
-    let upload = body
-        .as_ref()
-        .map(|_| Arc::new(Upload::new(limit, conn.conn.client_errors().clone())));
-    // Safe to repeat after a backend dropped the connection mid-exchange (RFC 9110 §9.2.2).
-    let idempotent = matches!(
-        head.method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    );
+    /// The request for one attempt on `backend`. Before the last attempt the body goes out
+    /// recoverable (handed back on the receiver if the backend never read it) and the head is
+    /// cloned; the last attempt takes both.
+    fn attempt(
+        &mut self,
+        backend: &Backend,
+        pooled: Option<&UpstreamClient>,
+        last: bool,
+    ) -> (Request<RequestBody>, Option<oneshot::Receiver<Incoming>>) {
+        let (body, giveback) = match (self.body.take(), &self.upload) {
+            (Some(b), Some(upload)) if last => (RequestBody::new(b, upload.clone()), None),
+            (Some(b), Some(upload)) => {
+                let (b, giveback) = RequestBody::recoverable(b, upload.clone());
+                (b, Some(giveback))
+            }
+            _ => (RequestBody::empty(), None),
+        };
+        let mut upstream = Request::new(body);
+        *upstream.method_mut() = self.head.method.clone();
+        // hyper-util's client (h2c, upgrades) picks its connection by the URI's authority; an
+        // HTTP/1.1 connection of our own takes the origin form it sends.
+        *upstream.uri_mut() = match pooled {
+            Some(_) => headers::upstream_uri(&backend.authority, &self.head.uri),
+            None => headers::origin_form(&self.head.uri),
+        };
+        *upstream.version_mut() = self.head.version;
+        *upstream.headers_mut() = if last {
+            std::mem::take(&mut self.head.headers)
+        } else {
+            self.head.headers.clone()
+        };
+        (upstream, giveback)
+    }
 
+    /// Whether `error` may go to another node: only a request no backend has seen may. Nothing
+    /// was sent over a refused connection, and an idempotent request without a body may be
+    /// repeated. A refusal also starts the node's cool-off.
+    fn may_retry(&self, error: &ProxyError, body_back: bool) -> bool {
+        match error {
+            ProxyError::Connect { node, .. } => {
+                let cool_off = node.refused();
+                debug!(backend = %node.name, ?cool_off, "backend refused; cooling off");
+                self.bodiless || body_back
+            }
+            ProxyError::Reset { .. } => self.idempotent && self.bodiless,
+            _ => false,
+        }
+    }
+}
+
+/// Picks a node, sends, and relays its answer; a failure no backend saw goes to another node,
+/// never the same one twice, up to `retries` times.
+async fn send_with_retries(
+    outgoing: &mut Outgoing,
+    state: &Arc<PoolState>,
+    pool: &Pool,
+    conn: &ConnInfo,
+    started: Instant,
+) -> Result<Response<ProxyBody>, ProxyError> {
     // No node is tried twice, so a pool of one never needs the retry bookkeeping (or the
     // header clone it costs).
     let attempts = (state.settings.retries as usize + 1)
@@ -215,25 +314,12 @@ async fn forward(
         let pick = Pick {
             tried: &tried[..attempt],
             slow_start: state.settings.slow_start,
-            client,
-            cookie,
+            client: outgoing.client,
+            cookie: outgoing.cookie,
         };
-        let (index, in_flight) = match state.place(&pick, started) {
-            Placement::Placed(index, in_flight) => (index, in_flight),
-            Placement::Nowhere => break,
-            // Boxed: only requests to full capped nodes pay for the waiting machinery's size.
-            Placement::Full(wanted) => match Box::pin(state.wait(&pick, wanted, started)).await {
-                Ok(placed) => placed,
-                Err(Unplaced::Nowhere) => break,
-                // A retry that found no room answers with the failure that made it retry.
-                Err(Unplaced::QueueTimeout) if failed.is_some() => break,
-                Err(Unplaced::QueueTimeout) => {
-                    pool.metrics.queue_timeouts.increment(1);
-                    return Err(ProxyError::QueueTimeout {
-                        after: state.settings.queue_timeout,
-                    });
-                }
-            },
+        let Some((index, in_flight)) = place(state, pool, &pick, started, failed.is_some()).await?
+        else {
+            break;
         };
         if let Some(previous) = failed.take() {
             // The failure is hidden from the client: count it here, not in the funnel.
@@ -242,105 +328,16 @@ async fn forward(
             debug!(pool = %pool.name, error = %ErrorChain(&previous), "retrying on another backend");
         }
         tried[attempt] = index;
-        let backend = &state.backends[index];
-        let node = &backend.node;
         let last = attempt + 1 == attempts;
-        let (upstream_body, giveback) = match (body.take(), &upload) {
-            (Some(b), Some(upload)) if last => (RequestBody::new(b, upload.clone()), None),
-            (Some(b), Some(upload)) => {
-                let (b, giveback) = RequestBody::recoverable(b, upload.clone());
-                (b, Some(giveback))
-            }
-            _ => (RequestBody::empty(), None),
+        let (error, giveback) = match exchange(outgoing, state, index, last, conn).await {
+            Ok(answer) => return relay(answer, outgoing, state, pool, index, in_flight, conn),
+            Err(failure) => failure,
         };
-        // hyper-util's client (h2c, upgrades) picks its connection by the URI's authority;
-        // an HTTP/1.1 connection of our own takes the origin form it sends.
-        let client = match (&upgrade, &state.h2c_client) {
-            (Some(_), _) => Some(&state.upgrade_client),
-            (None, h2c) => h2c.as_ref(),
-        };
-        let mut upstream = Request::new(upstream_body);
-        *upstream.method_mut() = head.method.clone();
-        *upstream.uri_mut() = match client {
-            Some(_) => headers::upstream_uri(&backend.authority, &head.uri),
-            None => headers::origin_form(&head.uri),
-        };
-        *upstream.version_mut() = head.version;
-        *upstream.headers_mut() = if last {
-            std::mem::take(&mut head.headers)
-        } else {
-            head.headers.clone()
-        };
-
-        let settings = &state.settings;
-        let uploading = upload.as_deref();
-        let exchange = async {
-            match client {
-                None => upstream::request(
-                    &node.idle,
-                    backend.address,
-                    settings.connect_timeout,
-                    settings.idle_pool_timeout,
-                    upstream,
-                )
-                .await
-                .map(|(response, conn)| (response, Some(conn)))
-                .map_err(|e| ProxyError::exchange(node, e, uploading)),
-                Some(client) => client
-                    .request(upstream)
-                    .await
-                    .map(|response| (response, None))
-                    .map_err(|e| ProxyError::pooled_client(node, e, uploading)),
-            }
-        };
-        let timeout = settings.response_timeout;
-        let error = match exchange_in_time(exchange, uploading, &conn.conn, timeout).await {
-            Ok(Ok((response, _))) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                node.answered();
-                return switch_protocols(response, client_upgrade.take(), in_flight, conn);
-            }
-            Ok(Ok((response, upstream_conn))) => {
-                node.answered();
-                let (mut head, body) = response.into_parts();
-                headers::remove_hop_by_hop(&mut head.headers, false);
-                if let Some(sticky) = state.sticky() {
-                    pool.metrics
-                        .sticky(sticky.outcome(cookie, index))
-                        .increment(1);
-                    let tls = conn.listener.proto == "https";
-                    if let Some(set_cookie) = sticky.set_cookie(cookie, index, tls) {
-                        head.headers.append(header::SET_COOKIE, set_cookie);
-                    }
-                }
-                node.metrics.responses.record(head.status.as_u16());
-                return Ok(Response::from_parts(
-                    head,
-                    ProxyBody::upstream(body, in_flight, upstream_conn),
-                ));
-            }
-            Ok(Err(error)) => error,
-            Err(Late::Backend) => ProxyError::Timeout {
-                node: node.clone(),
-                after: timeout,
-            },
-            Err(Late::Client) => ProxyError::UploadStalled,
-        };
-        // Only a request no backend has seen may go elsewhere: nothing was sent over a refused
-        // connection, and an idempotent request without a body may be repeated.
         let recovered = giveback.and_then(|mut g| g.try_recv().ok());
-        let retryable = match &error {
-            ProxyError::Connect { node, .. } => {
-                let cool_off = node.refused();
-                debug!(backend = %node.name, ?cool_off, "backend refused; cooling off");
-                bodiless || recovered.is_some()
-            }
-            ProxyError::Reset { .. } => idempotent && bodiless,
-            _ => false,
-        };
-        if !retryable {
+        if !outgoing.may_retry(&error, recovered.is_some()) {
             return Err(error);
         }
-        body = recovered;
+        outgoing.body = recovered;
         failed = Some(error);
     }
     match failed {
@@ -350,6 +347,126 @@ async fn forward(
             Err(ProxyError::NoBackend)
         }
     }
+}
+
+/// A node for `pick` with its in-flight count taken, waiting in the pool's queue while every
+/// node it may use is at its cap; `None` when the pool has no node for it.
+async fn place(
+    state: &Arc<PoolState>,
+    pool: &Pool,
+    pick: &Pick<'_>,
+    started: Instant,
+    retrying: bool,
+) -> Result<Option<(usize, InFlight)>, ProxyError> {
+    match state.place(pick, started) {
+        Placement::Placed(index, in_flight) => Ok(Some((index, in_flight))),
+        Placement::Nowhere => Ok(None),
+        // Boxed: only requests to full capped nodes pay for the waiting machinery's size.
+        Placement::Full(wanted) => match Box::pin(state.wait(pick, wanted, started)).await {
+            Ok(placed) => Ok(Some(placed)),
+            Err(Unplaced::Nowhere) => Ok(None),
+            // A retry that found no room answers with the failure that made it retry.
+            Err(Unplaced::QueueTimeout) if retrying => Ok(None),
+            Err(Unplaced::QueueTimeout) => {
+                pool.metrics.queue_timeouts.increment(1);
+                Err(ProxyError::QueueTimeout {
+                    after: state.settings.queue_timeout,
+                })
+            }
+        },
+    }
+}
+
+/// The backend's answer to one attempt, with the HTTP/1.1 connection it came on (ours, not
+/// hyper-util's) to go back to the node's idle queue once its body has ended.
+type Answer = (Response<Incoming>, Option<UpstreamConn>);
+
+/// Sends one attempt to the node at `index` and waits for its response head within the pool's
+/// deadlines; a failure comes with the receiver its unread body may come back on.
+async fn exchange(
+    outgoing: &mut Outgoing,
+    state: &PoolState,
+    index: usize,
+    last: bool,
+    conn: &ConnInfo,
+) -> Result<Answer, (ProxyError, Option<oneshot::Receiver<Incoming>>)> {
+    let backend = &state.backends[index];
+    let node = &backend.node;
+    let pooled = match (&outgoing.upgrade, &state.h2c_client) {
+        (Some(_), _) => Some(&state.upgrade_client),
+        (None, h2c) => h2c.as_ref(),
+    };
+    let (upstream, giveback) = outgoing.attempt(backend, pooled, last);
+    let settings = &state.settings;
+    let uploading = outgoing.upload.as_deref();
+    let send = async {
+        match pooled {
+            None => upstream::request(
+                &node.idle,
+                backend.address,
+                settings.connect_timeout,
+                settings.idle_pool_timeout,
+                upstream,
+            )
+            .await
+            .map(|(response, conn)| (response, Some(conn)))
+            .map_err(|e| ProxyError::exchange(node, e, uploading)),
+            Some(client) => client
+                .request(upstream)
+                .await
+                .map(|response| (response, None))
+                .map_err(|e| ProxyError::pooled_client(node, e, uploading)),
+        }
+    };
+    let timeout = settings.response_timeout;
+    let error = match exchange_in_time(send, uploading, &conn.conn, timeout).await {
+        Ok(Ok(answer)) => {
+            node.answered();
+            return Ok(answer);
+        }
+        Ok(Err(error)) => error,
+        Err(Late::Backend) => ProxyError::Timeout {
+            node: node.clone(),
+            after: timeout,
+        },
+        Err(Late::Client) => ProxyError::UploadStalled,
+    };
+    Err((error, giveback))
+}
+
+/// Relays a backend's answer: a 101 becomes a tunnel; any other response goes to the client
+/// with its hop-by-hop headers gone, the sticky cookie set, and its body carrying the
+/// in-flight count until it ends.
+fn relay(
+    (response, upstream_conn): Answer,
+    outgoing: &mut Outgoing,
+    state: &PoolState,
+    pool: &Pool,
+    index: usize,
+    in_flight: InFlight,
+    conn: &ConnInfo,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return switch_protocols(response, outgoing.client_upgrade.take(), in_flight, conn);
+    }
+    let node = in_flight.node().clone();
+    let (mut head, body) = response.into_parts();
+    headers::remove_hop_by_hop(&mut head.headers, false);
+    if let Some(sticky) = state.sticky() {
+        let cookie = outgoing.cookie;
+        pool.metrics
+            .sticky(sticky.outcome(cookie, index))
+            .increment(1);
+        let tls = conn.listener.proto == "https";
+        if let Some(set_cookie) = sticky.set_cookie(cookie, index, tls) {
+            head.headers.append(header::SET_COOKIE, set_cookie);
+        }
+    }
+    node.metrics.responses.record(head.status.as_u16());
+    Ok(Response::from_parts(
+        head,
+        ProxyBody::upstream(body, in_flight, upstream_conn),
+    ))
 }
 
 /// Who kept a request from getting its answer in time.
