@@ -53,10 +53,9 @@ use tracing::{info, warn};
 
 use crate::base::config::Config;
 use crate::control::Control;
-use crate::control::admin::AdminState;
 use crate::datapath::listeners::{bind, bind_listener};
 use crate::datapath::proxy::Router;
-use crate::datapath::server::{ConnLimits, Lifecycle};
+use crate::datapath::server::Lifecycle;
 use crate::datapath::tls::TlsTerminator;
 
 /// A running balancer.
@@ -127,40 +126,8 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
     );
 
     let admin = admin_listener.map(|tcp| {
-        let addr = tcp.local_addr().expect("a bound socket has an address");
-        info!(listener = "admin", %addr, "admin listening");
-        let state = Arc::new(AdminState {
-            cpu: base::health_report::CpuMeter::new(),
-            client_connections: client_connections.clone(),
-            control: control.clone(),
-            token: config.admin.as_ref().and_then(|a| a.token.clone()),
-            bind: addr,
-            status_rates: Default::default(),
-        });
-        let limits = ConnLimits {
-            header_read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-            max_header_bytes: 16 * 1024,
-            max_connections: 1024,
-        };
-        server::spawn_accept_loop(
-            tcp,
-            Arc::from("admin"),
-            limits,
-            None,
-            move |_peer, _conn| {
-                let state = state.clone();
-                hyper::service::service_fn(move |req| {
-                    let state = state.clone();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(control::admin::handle(req, &state).await)
-                    }
-                })
-            },
-            Arc::new(AtomicU64::new(0)),
-            lifecycle.clone(),
-        );
-        addr
+        let token = config.admin.as_ref().and_then(|a| a.token.clone());
+        control::admin::spawn(tcp, token, &control, &client_connections, lifecycle.clone())
     });
 
     let registry = registry_listener.map(|(registry_config, tls, tcp)| {

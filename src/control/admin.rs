@@ -22,12 +22,15 @@ use hyper::body::Incoming;
 use serde::Serialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tracing::info;
 
 use crate::base::health_report::{CpuMeter, HealthReport};
 use crate::control::status::RateSampler;
 use crate::control::{BackendSpec, ChangeError, Control, PoolView, ReloadError, Removal};
 use crate::datapath::body::ProxyBody;
 use crate::datapath::proxy::local_response;
+use crate::datapath::server::{self, Lifecycle};
 
 /// API bodies are a few backends; anything bigger is a mistake or an attack.
 const MAX_API_BODY: usize = 1 << 20;
@@ -46,6 +49,44 @@ pub struct AdminState {
     /// The admin listener's bound address: the only origin allowed to send mutations.
     pub bind: SocketAddr,
     pub status_rates: RateSampler,
+}
+
+/// Serves the admin API on `tcp` (bound, not yet serving) until shutdown; returns its address.
+pub(crate) fn spawn(
+    tcp: TcpListener,
+    token: Option<String>,
+    control: &Arc<Control>,
+    client_connections: &Arc<AtomicU64>,
+    lifecycle: Lifecycle,
+) -> SocketAddr {
+    let addr = tcp
+        .local_addr()
+        .expect("a socket bound a moment ago has an address");
+    info!(listener = "admin", %addr, "admin listening");
+    let state = Arc::new(AdminState {
+        cpu: CpuMeter::new(),
+        client_connections: client_connections.clone(),
+        control: control.clone(),
+        token,
+        bind: addr,
+        status_rates: RateSampler::default(),
+    });
+    server::spawn_accept_loop(
+        tcp,
+        Arc::from("admin"),
+        server::SERVICE_LIMITS,
+        None,
+        move |_peer, _conn| {
+            let state = state.clone();
+            hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(req, &state).await) }
+            })
+        },
+        Arc::new(AtomicU64::new(0)),
+        lifecycle,
+    );
+    addr
 }
 
 pub async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<ProxyBody> {
@@ -88,28 +129,8 @@ async fn api(req: Request<Incoming>, path: &str, state: &AdminState) -> Response
     let method = req.method().clone();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let mutating = method != Method::GET && method != Method::HEAD;
-    if mutating {
-        if let Some(origin) = foreign_origin(&req, state.bind) {
-            return error(
-                StatusCode::FORBIDDEN,
-                &format!(
-                    "mutations from the origin `{origin}` are refused; call the admin API directly, not from a web page"
-                ),
-            );
-        }
-        if !authorized(&req, state.token.as_deref()) {
-            let mut response = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return response;
-        }
-        if carries_body(&req) && !is_json(&req) {
-            return error(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "the body must be sent with Content-Type: application/json",
-            );
-        }
+    if mutating && let Some(refusal) = refuse_mutation(&req, state) {
+        return refusal;
     }
     let control = &state.control;
     match (&method, segments.as_slice()) {
@@ -143,45 +164,87 @@ async fn api(req: Request<Incoming>, path: &str, state: &AdminState) -> Response
             }
         }
         (&Method::DELETE, ["api", "pools", pool, "backends", name]) => {
-            let drain = match drain_param(req.uri().query()) {
-                Ok(drain) => drain,
-                Err(message) => return error(StatusCode::BAD_REQUEST, &message),
-            };
-            match control.remove_backend(pool, name, drain).await {
-                Ok((Removal::Removed, view)) => ok(StatusCode::OK, &view),
-                Ok((Removal::Draining, view)) => ok(StatusCode::ACCEPTED, &view),
-                Err(e) => change_error(e),
-            }
+            remove_backend(control, pool, name, req.uri().query()).await
         }
-        (&Method::POST, ["api", "reload"]) => match control.reload().await {
-            Ok(()) => ok(StatusCode::OK, &json!({ "result": "ok" })),
-            Err(ReloadError::Invalid(e)) => {
-                let errors: Vec<String> = e.diagnostics.iter().map(ToString::to_string).collect();
-                ok(
-                    StatusCode::BAD_REQUEST,
-                    &json!({ "error": "the new config is invalid; the running config stays", "errors": errors }),
-                )
-            }
-            Err(e @ (ReloadError::Certificate(_) | ReloadError::Listener(_))) => {
-                // "outer: cause": the cause names the file or the address.
-                let cause = std::error::Error::source(&e)
-                    .map(ToString::to_string)
-                    .unwrap_or_default();
-                ok(
-                    StatusCode::BAD_REQUEST,
-                    &json!({ "error": e.to_string(), "errors": [cause] }),
-                )
-            }
-            Err(e @ ReloadError::NoFile) => error(StatusCode::CONFLICT, &e.to_string()),
-            Err(e @ ReloadError::Panicked(_)) => {
-                error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
-            }
-        },
+        (&Method::POST, ["api", "reload"]) => reloaded(control.reload().await),
         (_, ["api", "pools"] | ["api", "pools", _] | ["api", "reload"])
         | (_, ["api", "pools", _, "backends", ..]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         }
         _ => error(StatusCode::NOT_FOUND, "no such API endpoint"),
+    }
+}
+
+/// Why a mutation may not go ahead, in the order a caller should fix it: a browser page is
+/// never let in (`403`), then the token (`401`), then a body that is not JSON (`415`).
+fn refuse_mutation(req: &Request<Incoming>, state: &AdminState) -> Option<Response<ProxyBody>> {
+    if let Some(origin) = foreign_origin(req, state.bind) {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "mutations from the origin `{origin}` are refused; call the admin API directly, not from a web page"
+            ),
+        ));
+    }
+    if !authorized(req, state.token.as_deref()) {
+        let mut response = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return Some(response);
+    }
+    if carries_body(req) && !is_json(req) {
+        return Some(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be sent with Content-Type: application/json",
+        ));
+    }
+    None
+}
+
+/// `DELETE /api/pools/{pool}/backends/{name}?drain=`: `200` removed, `202` draining.
+async fn remove_backend(
+    control: &Arc<Control>,
+    pool: &str,
+    name: &str,
+    query: Option<&str>,
+) -> Response<ProxyBody> {
+    let drain = match drain_param(query) {
+        Ok(drain) => drain,
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+    };
+    match control.remove_backend(pool, name, drain).await {
+        Ok((Removal::Removed, view)) => ok(StatusCode::OK, &view),
+        Ok((Removal::Draining, view)) => ok(StatusCode::ACCEPTED, &view),
+        Err(e) => change_error(e),
+    }
+}
+
+/// `POST /api/reload`'s answer: `200 {"result":"ok"}`, or why the running config stays.
+fn reloaded(result: Result<(), ReloadError>) -> Response<ProxyBody> {
+    match result {
+        Ok(()) => ok(StatusCode::OK, &json!({ "result": "ok" })),
+        Err(ReloadError::Invalid(e)) => {
+            let errors: Vec<String> = e.diagnostics.iter().map(ToString::to_string).collect();
+            ok(
+                StatusCode::BAD_REQUEST,
+                &json!({ "error": "the new config is invalid; the running config stays", "errors": errors }),
+            )
+        }
+        Err(e @ (ReloadError::Certificate(_) | ReloadError::Listener(_))) => {
+            // "outer: cause": the cause names the file or the address.
+            let cause = std::error::Error::source(&e)
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            ok(
+                StatusCode::BAD_REQUEST,
+                &json!({ "error": e.to_string(), "errors": [cause] }),
+            )
+        }
+        Err(e @ ReloadError::NoFile) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e @ ReloadError::Panicked(_)) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
+        }
     }
 }
 

@@ -135,11 +135,9 @@ impl Registry {
         let auth = Auth(self.0.clone());
         let grpc = ServerRegistryServiceServer::with_interceptor(self, auth);
         let limits = ConnLimits {
-            header_read_timeout: Duration::from_secs(10),
             // A node's channel carries one call per heartbeat; minutes of quiet is a gone node.
             idle_timeout: Duration::from_secs(300),
-            max_header_bytes: 16 * 1024,
-            max_connections: 1024,
+            ..server::SERVICE_LIMITS
         };
         server::spawn_accept_loop(
             listener,

@@ -24,7 +24,7 @@ use hyper_util::server::conn::auto;
 use metrics::Gauge;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -48,6 +48,15 @@ pub struct ConnLimits {
     pub max_header_bytes: usize,
     pub max_connections: usize,
 }
+
+/// The limits of fulcrum's own service listeners (admin API, registry): their callers are few
+/// and known, so the bounds are fixed rather than configured.
+pub const SERVICE_LIMITS: ConnLimits = ConnLimits {
+    header_read_timeout: Duration::from_secs(10),
+    idle_timeout: Duration::from_secs(60),
+    max_header_bytes: 16 * 1024,
+    max_connections: 1024,
+};
 
 /// HTTP/2 flow control: a stream may have 1 MiB unread in flight (a fast upload is not held
 /// back by round trips), a connection 2 MiB in all, which bounds what one client can make
@@ -154,25 +163,44 @@ pub fn spawn_accept_loop<M, S, B>(
                 });
                 continue;
             };
-            lifecycle.tracker.spawn(async move {
-                // A connection that arrives as shutdown starts is not worth a handshake.
-                let stream = tokio::select! {
-                    stream = tls.handshake(io, peer) => stream,
-                    () = conn.inner.lifecycle.shutdown.cancelled() => None,
-                };
-                if let Some(stream) = stream {
-                    let builder = match crate::datapath::tls::alpn(&stream) {
-                        Some(b"h2") => &builders.h2,
-                        Some(b"http/1.1") => &builders.h1,
-                        // No ALPN: HTTP/1.1, or HTTP/2 with prior knowledge.
-                        _ => &builders.auto,
-                    };
-                    serve_connection(stream, builder, service, &conn).await;
-                }
-            });
+            lifecycle
+                .tracker
+                .spawn(serve_tls(tls, io, peer, builders, service, conn));
         }
         debug!(listener = %name, "stopped accepting");
     });
+}
+
+/// A TLS connection's task: the handshake (bounded by its timeout), then hyper with the
+/// protocol ALPN settled.
+async fn serve_tls<S, B>(
+    tls: Arc<TlsTerminator>,
+    io: CountingIo<TcpStream>,
+    peer: SocketAddr,
+    builders: Arc<Builders>,
+    service: S,
+    conn: ConnHandle,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    // A connection that arrives as shutdown starts is not worth a handshake.
+    let stream = tokio::select! {
+        stream = tls.handshake(io, peer) => stream,
+        () = conn.inner.lifecycle.shutdown.cancelled() => None,
+    };
+    if let Some(stream) = stream {
+        let builder = match crate::datapath::tls::alpn(&stream) {
+            Some(b"h2") => &builders.h2,
+            Some(b"http/1.1") => &builders.h1,
+            // No ALPN: HTTP/1.1, or HTTP/2 with prior knowledge.
+            _ => &builders.auto,
+        };
+        serve_connection(stream, builder, service, &conn).await;
+    }
 }
 
 /// Resource exhaustion (EMFILE, ENFILE, ENOBUFS) must not end the accept loop: back off so the
