@@ -378,6 +378,10 @@ impl Control {
         });
         let current = self.router.load();
         let mut pools = Vec::new();
+        // Not one store: each kept pool publishes its new snapshot, then the routing table.
+        // In between (no await, microseconds) a request routed by the old table may already
+        // pick from a kept pool's new backends; it never sees half a pool, a new pool before
+        // its route, or a route to a pool that is not built. The README says the same.
         for (name, pool_config) in &config.pools {
             let pool = match current.pool(name) {
                 Some(pool) => {
