@@ -82,6 +82,7 @@ pub async fn start_file(path: &Path) -> Result<Running, StartError> {
     start_with(&config, Some(path.to_owned())).await
 }
 
+#[expect(clippy::expect_used, reason = "a bound socket has an address")]
 async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, StartError> {
     crate::base::metrics::recorder();
     for warning in &config.warnings {

@@ -1,5 +1,6 @@
 //! Client connections: idle ones are closed, `max_connections` queues the excess, and shutdown
 //! finishes in-flight requests before exiting.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
 
 mod support;
 

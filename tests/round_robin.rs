@@ -1,4 +1,5 @@
 //! Smooth weighted round robin is exact: over sum(weights) requests every node gets its weight.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
 
 mod support;
 

@@ -1,4 +1,5 @@
 //! Runtime changes: the admin API, reloads and drains, none of which may drop a request.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
 
 mod support;
 

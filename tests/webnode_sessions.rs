@@ -4,6 +4,7 @@
 //!
 //! Redis tests start their own `redis-server` and fail without one unless `FULCRUM_SKIP_REDIS=1`
 //! (see `support/redis_server.rs`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
 
 mod support;
 

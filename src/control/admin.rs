@@ -52,6 +52,10 @@ pub struct AdminState {
 }
 
 /// Serves the admin API on `tcp` (bound, not yet serving) until shutdown; returns its address.
+#[expect(
+    clippy::expect_used,
+    reason = "a socket bound a moment ago has an address"
+)]
 pub(crate) fn spawn(
     tcp: TcpListener,
     token: Option<String>,
@@ -89,6 +93,7 @@ pub(crate) fn spawn(
     addr
 }
 
+#[expect(clippy::expect_used, reason = "the health report always serializes")]
 pub async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<ProxyBody> {
     let path = req.uri().path().to_owned();
     if path == "/api" || path.starts_with("/api/") {
@@ -366,6 +371,7 @@ fn change_error(e: ChangeError) -> Response<ProxyBody> {
     error(status, &e.to_string())
 }
 
+#[expect(clippy::expect_used, reason = "API values always serialize")]
 fn ok(status: StatusCode, value: &impl Serialize) -> Response<ProxyBody> {
     let body = serde_json::to_vec(value).expect("API values always serialize");
     let mut response = with_type(Response::new(ProxyBody::local(body)), "application/json");

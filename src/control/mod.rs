@@ -416,6 +416,10 @@ impl Control {
     }
 
     /// Rebuilds one pool from the effective config after an API change to its backends.
+    #[expect(
+        clippy::expect_used,
+        reason = "pools in the effective config are routed: apply publishes both together"
+    )]
     fn publish_pool(&self, state: &Applied, pool: &str) -> PoolView {
         let router = self.router.load();
         let live = router
@@ -483,6 +487,10 @@ impl Control {
     /// `DELETE`: removes a node now, or lets it drain first. Draining takes it out of new
     /// picks at once; it is removed when its last request ends (for a sticky pool, whose users
     /// may come back at any time, only when `drain` runs out), and at the latest after `drain`.
+    #[expect(
+        clippy::expect_used,
+        reason = "pools in the effective config are routed, and its nodes are in the live pool"
+    )]
     pub async fn remove_backend(
         self: &Arc<Self>,
         pool: &str,

@@ -164,6 +164,10 @@ pub fn upstream_head(parts: &mut request::Parts, fwd: ForwardedFor) {
 
 /// `http://BACKEND/path?query`: the absolute URI the pooled client needs to pick a connection;
 /// it sends the origin form on the wire.
+#[expect(
+    clippy::expect_used,
+    reason = "scheme, authority and path make a valid URI"
+)]
 pub fn upstream_uri(backend: &Authority, client_uri: &Uri) -> Uri {
     let path = client_uri
         .path_and_query()
@@ -299,6 +303,7 @@ fn join_cookies(headers: &mut HeaderMap) {
 }
 
 /// Built only from bytes of existing header values plus ASCII, so always valid.
+#[expect(clippy::expect_used, reason = "joined header values stay valid")]
 fn header_value(bytes: BytesMut) -> HeaderValue {
     HeaderValue::from_maybe_shared(bytes.freeze()).expect("joined header values stay valid")
 }

@@ -68,6 +68,7 @@ pub(crate) fn bind_listener(l: &ListenerConfig) -> Result<BoundListener, StartEr
 }
 
 /// Serves a bound listener until `lifecycle.shutdown` is cancelled. Returns its address.
+#[expect(clippy::expect_used, reason = "a bound socket has an address")]
 pub(crate) fn serve(
     bound: BoundListener,
     router: &Arc<ArcSwap<Router>>,

@@ -81,6 +81,7 @@ impl Router {
     }
 
     /// The routing table of `config` over `pools`, which must hold every pool it names.
+    #[expect(clippy::expect_used, reason = "see the message")]
     pub fn assemble(config: &Config, pools: Vec<Arc<Pool>>) -> Self {
         let find = |name: &str| {
             pools

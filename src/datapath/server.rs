@@ -99,6 +99,7 @@ pub struct Lifecycle {
 /// Accepts connections on `listener` until shutdown, serving each with the service that
 /// `make_service` builds for its peer. With `tls`, each connection's task first runs the
 /// handshake (bounded by its timeout), so a slow or silent client never holds up the loop.
+#[expect(clippy::expect_used, reason = "semaphore is never closed")]
 pub fn spawn_accept_loop<M, S, B>(
     listener: TcpListener,
     name: Arc<str>,

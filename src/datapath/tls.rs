@@ -170,6 +170,10 @@ impl TlsTerminator {
         Self::build(listener, config, verifier, &ALPN_GRPC)
     }
 
+    #[expect(
+        clippy::expect_used,
+        reason = "the default provider supports TLS 1.2 and 1.3; the system random number generator works"
+    )]
     fn build(
         listener: &str,
         config: &TlsConfig,

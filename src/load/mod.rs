@@ -340,6 +340,7 @@ struct Target {
 }
 
 impl Target {
+    #[expect(clippy::expect_used, reason = "scheme, authority and path were valid")]
     fn new(url: &str, paths: &[String]) -> Result<Self, LoadError> {
         let base: Uri = url.parse().map_err(|source| LoadError::Url {
             url: url.to_owned(),
@@ -419,6 +420,7 @@ impl Shared {
     }
 
     /// What was recorded, once every request task has ended and let go of its `Shared`.
+    #[expect(clippy::expect_used, reason = "every request task has finished")]
     fn into_recorder(self: Arc<Self>) -> Recorder {
         let shared = Arc::into_inner(self).expect("every request task has finished");
         shared

@@ -166,6 +166,7 @@ pub(super) struct Recorder {
 }
 
 impl Recorder {
+    #[expect(clippy::expect_used, reason = "constant histogram bounds are valid")]
     pub(super) fn new(start: Instant) -> Self {
         Recorder {
             start,

@@ -59,6 +59,10 @@ impl User {
     }
 
     /// A GET of `uri` carrying this user's cookies.
+    #[expect(
+        clippy::expect_used,
+        reason = "a GET of a valid URI is a valid request"
+    )]
     pub(super) fn get(&self, uri: &Uri) -> Request<Empty<Bytes>> {
         let mut builder = Request::get(uri.clone())
             .header(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));

@@ -464,6 +464,7 @@ impl Pool {
     }
 }
 
+#[expect(clippy::expect_used, reason = "a socket address is a valid authority")]
 fn build_state(
     pool: &Arc<str>,
     config: &PoolConfig,

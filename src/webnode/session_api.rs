@@ -24,6 +24,7 @@ pub const X_SESSION_VISITS: HeaderName = HeaderName::from_static("x-session-visi
 const MAX_VERIFY_BODY: usize = 16 * 1024;
 
 /// `GET /session`.
+#[expect(clippy::expect_used, reason = "hex digits and ASCII attributes")]
 pub(super) async fn session(shared: &Shared, headers: &HeaderMap) -> Response<NodeBody> {
     let presented = session_cookie(headers);
     let visit = match shared.sessions.visit(presented).await {

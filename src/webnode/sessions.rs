@@ -419,6 +419,10 @@ impl RedisStore {
 
 /// A manager that connects on first use, tries once per command (a retry loop would hold the
 /// user's request), and bounds both the connect and each answer.
+#[expect(
+    clippy::expect_used,
+    reason = "a lazy manager without pub/sub options is always built"
+)]
 fn lazy_manager(client: &redis::Client) -> ConnectionManager {
     let config = ConnectionManagerConfig::new()
         .set_number_of_retries(0)

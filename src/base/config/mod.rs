@@ -144,10 +144,11 @@ pub const MAX_REGISTRY_MAX_NODES: usize = 100_000;
 /// rules that always hold (fulcrum's own sockets, unspecified and multicast addresses). An
 /// operator narrows it to the web tier's networks; the README's Security section says why.
 pub fn default_allowed_networks() -> Vec<IpNet> {
-    ["0.0.0.0/0", "::/0"]
-        .iter()
-        .map(|net| net.parse().expect("the default networks are valid CIDRs"))
-        .collect()
+    // `0.0.0.0/0` and `::/0`: the networks' defaults.
+    vec![
+        IpNet::V4(ipnet::Ipv4Net::default()),
+        IpNet::V6(ipnet::Ipv6Net::default()),
+    ]
 }
 
 /// A credential from the config: compared and sent, never printed (`Debug` hides it, so a

@@ -52,6 +52,7 @@ impl std::fmt::Debug for CookieCodec {
 }
 
 impl CookieCodec {
+    #[expect(clippy::expect_used, reason = "HMAC takes keys of any length")]
     pub fn new(secret: Option<&str>) -> Self {
         let key = secret.unwrap_or_default().as_bytes();
         Self {

@@ -209,6 +209,7 @@ impl Slot {
         })
     }
 
+    #[expect(clippy::expect_used, reason = "a slot holds its node until into_node")]
     pub(super) fn node(&self) -> &Arc<Node> {
         self.node
             .as_ref()
@@ -216,6 +217,7 @@ impl Slot {
     }
 
     /// The node, with the place still taken: the caller releases it.
+    #[expect(clippy::expect_used, reason = "a slot holds its node until into_node")]
     pub(super) fn into_node(mut self) -> Arc<Node> {
         self.node
             .take()
@@ -352,6 +354,7 @@ impl WaitQueue {
     }
 
     /// A place on `node` was freed: hand it to the first entry that takes it.
+    #[expect(clippy::expect_used, reason = "the position was just found")]
     fn released(&self, node: &Arc<Node>) {
         if self.len.load(Ordering::SeqCst) == 0 {
             return;
