@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use sha2::{Digest, Sha256};
 
 use super::Pick;
-use crate::model::pool::Backend;
+use crate::model::node::Backend;
 
 #[derive(Debug)]
 pub struct IpHash {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use super::round_robin::{scramble, smooth_cycle};
-use crate::model::pool::{Backend, Node};
+use crate::model::node::{Backend, Node};
 
 #[derive(Debug)]
 pub struct LeastConnections {

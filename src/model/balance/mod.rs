@@ -26,7 +26,7 @@ pub use sticky::{CookieTarget, Sticky};
 use std::time::Duration;
 
 use crate::base::config::{StickyConfig, Strategy};
-use crate::model::pool::{Backend, Node};
+use crate::model::node::{Backend, Node};
 
 /// What one pick knows about the request and the attempts before it.
 #[derive(Debug, Clone, Copy)]

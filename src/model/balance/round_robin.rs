@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::model::pool::{Backend, Node};
+use crate::model::node::{Backend, Node};
 
 #[derive(Debug)]
 pub struct RoundRobin {

@@ -22,7 +22,7 @@ use sha2::Sha256;
 use super::{Balancer, CappedPick, Pick};
 use crate::base::config::StickyConfig;
 pub use crate::base::metrics::Outcome;
-use crate::model::pool::Backend;
+use crate::model::node::Backend;
 
 type HmacSha256 = Hmac<Sha256>;
 

@@ -35,8 +35,9 @@ use std::time::Instant;
 use metrics::Gauge;
 use tokio::sync::oneshot;
 
-use super::{InFlight, Node, PoolState};
+use super::PoolState;
 use crate::model::balance::{CappedPick, Pick};
+use crate::model::node::{InFlight, Node, Waiters};
 
 /// Looks at the nodes in a row, without waiting, when what a waiting request wants keeps
 /// changing under it.
@@ -85,7 +86,9 @@ impl PoolState {
             };
         }
         match self.reserve(pick) {
-            Ok((index, slot)) => Placement::Placed(index, InFlight::reserved(slot, started)),
+            Ok((index, slot)) => {
+                Placement::Placed(index, InFlight::reserved(slot.into_node(), started))
+            }
             Err(Some(wanted)) => Placement::Full(wanted),
             Err(None) => Placement::Nowhere,
         }
@@ -139,7 +142,9 @@ impl PoolState {
                 return Ok(placed);
             }
             match self.reserve(pick) {
-                Ok((index, slot)) => return Ok((index, InFlight::reserved(slot, started))),
+                Ok((index, slot)) => {
+                    return Ok((index, InFlight::reserved(slot.into_node(), started)));
+                }
                 Err(None) => return Err(Unplaced::Nowhere),
                 // The cookie's node went down, or the like: wait for what is wanted now. Nodes
                 // that keep changing between two looks are churn, not progress: after a few
@@ -189,7 +194,7 @@ impl PoolState {
             .backends
             .iter()
             .position(|b| Arc::ptr_eq(&b.node, slot.node()))?;
-        Some((index, InFlight::reserved(slot, started)))
+        Some((index, InFlight::reserved(slot.into_node(), started)))
     }
 }
 
@@ -228,17 +233,9 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(node) = self.node.take() {
-            release(&node);
+            node.release_capped();
         }
     }
-}
-
-/// Frees one place on a capped node and hands it to the first request that waits for it.
-pub(super) fn release(node: &Arc<Node>) {
-    // SeqCst with the queue's length: this release either sees a waiter that has just joined
-    // the line, or that waiter's look after joining sees the place free. Never neither.
-    node.in_flight.fetch_sub(1, Ordering::SeqCst);
-    node.queue.released(node);
 }
 
 /// What a waiting request waits for.
@@ -314,6 +311,16 @@ pub(super) enum Woken {
     TimedOut,
 }
 
+impl Waiters for WaitQueue {
+    fn released(&self, node: &Arc<Node>) {
+        self.release_to_waiter(node);
+    }
+
+    fn nudge(&self) {
+        self.wake_all();
+    }
+}
+
 impl WaitQueue {
     pub fn new(depth: Gauge) -> Self {
         depth.set(0.0);
@@ -355,7 +362,7 @@ impl WaitQueue {
 
     /// A place on `node` was freed: hand it to the first entry that takes it.
     #[expect(clippy::expect_used, reason = "the position was just found")]
-    fn released(&self, node: &Arc<Node>) {
+    fn release_to_waiter(&self, node: &Arc<Node>) {
         if self.len.load(Ordering::SeqCst) == 0 {
             return;
         }
@@ -381,7 +388,7 @@ impl WaitQueue {
     }
 
     /// Wakes every waiter to look again: the pool changed under them.
-    pub(super) fn nudge(&self) {
+    pub(in crate::model) fn wake_all(&self) {
         if self.len.load(Ordering::SeqCst) == 0 {
             return;
         }
