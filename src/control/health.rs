@@ -167,33 +167,15 @@ pub fn spawn_checker(pool: Arc<Pool>, shutdown: CancellationToken) {
 }
 
 async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
-    let mut settings = pool.snapshot().settings.health.clone();
-    let mut client = check_client(&settings);
-    let mut jitter = Jitter::from_os();
-    let mut next = Instant::now() + jitter.first_offset(settings.interval);
-    // Start and end of the last check, from which a changed interval re-plans the next one.
-    let mut last: Option<(Instant, Instant)> = None;
-    let mut counter: Option<Counter> = None;
-    let mut counting: Option<(Arc<Node>, SocketAddr)> = None;
+    let mut plan = CheckPlan::new(pool.snapshot().settings.health.clone());
     loop {
         let mut changed = pin!(pool.changed.notified());
         changed.as_mut().enable();
         let snapshot = pool.snapshot();
-        if snapshot.settings.health != settings {
-            // A reload changed the checks: adopt the new interval, timeout and path now, not
-            // after a wait of the old interval.
-            settings = snapshot.settings.health.clone();
-            client = check_client(&settings);
-            next = match last {
-                Some((started, ended)) => {
-                    next_start(started, ended, jitter.interval(settings.interval))
-                }
-                None => next.min(Instant::now() + jitter.first_offset(settings.interval)),
-            };
-        }
-        if Instant::now() < next {
+        plan.follow(&snapshot.settings.health);
+        if Instant::now() < plan.next {
             tokio::select! {
-                () = tokio::time::sleep_until(next) => {}
+                () = tokio::time::sleep_until(plan.next) => {}
                 () = changed => continue,
                 () = stop.cancelled() => return,
             }
@@ -205,25 +187,16 @@ async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
         // Absent for now (a swap in progress): the supervisor ends this task if it stays away,
         // and must not find it gone if the name comes straight back.
         let Some(backend) = snapshot.backends.iter().find(|b| b.node.name == name) else {
-            next = started + jitter.interval(settings.interval);
+            plan.next = started + plan.jitter.interval(plan.settings.interval);
             continue;
         };
-        let node = &backend.node;
         // Nothing else visits a quiet pool's idle upstream connections: close the stale ones.
-        node.idle.expire(snapshot.settings.idle_pool_timeout);
-        // A node removed and re-added under the same name between two supervisor rounds is a
-        // new node (pending), and a node that moved has proven nothing at its new address:
-        // neither inherits the old streak.
-        if counting
-            .as_ref()
-            .is_none_or(|(current, at)| !Arc::ptr_eq(current, node) || *at != backend.address)
-        {
-            counting = Some((node.clone(), backend.address));
-            counter = None;
-        }
-        let counter = counter.get_or_insert_with(|| Counter::new(node.health() == Health::Up));
+        backend
+            .node
+            .idle
+            .expire(snapshot.settings.idle_pool_timeout);
         let verdict = tokio::select! {
-            verdict = check(&client, backend, &settings) => verdict,
+            verdict = check(&plan.client, backend, &plan.settings) => verdict,
             () = stop.cancelled() => return,
         };
         // The node moved while it was being checked: the verdict is about the old address.
@@ -234,21 +207,91 @@ async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
             .find(|b| b.node.name == name)
             .is_none_or(|b| b.address != backend.address)
         {
-            next = Instant::now();
+            plan.next = Instant::now();
             continue;
         }
-        let passed = verdict == Verdict::Pass;
+        plan.record(&pool, backend, &verdict);
+        plan.done(started);
+    }
+}
+
+/// One node's checking: the settings and client in use, when the next check is due, and the
+/// streak of results that decides up and down.
+struct CheckPlan {
+    settings: HealthConfig,
+    client: CheckClient,
+    jitter: Jitter<rand::rngs::SmallRng>,
+    next: Instant,
+    /// Start and end of the last check, from which a changed interval re-plans the next one.
+    last: Option<(Instant, Instant)>,
+    /// The streak, and the node and address it is about.
+    streak: Option<(Counter, Arc<Node>, SocketAddr)>,
+}
+
+impl CheckPlan {
+    fn new(settings: HealthConfig) -> Self {
+        let mut jitter = Jitter::from_os();
+        Self {
+            client: check_client(&settings),
+            next: Instant::now() + jitter.first_offset(settings.interval),
+            jitter,
+            settings,
+            last: None,
+            streak: None,
+        }
+    }
+
+    /// A reload changed the checks: adopt the new interval, timeout and path now, not after a
+    /// wait of the old interval.
+    fn follow(&mut self, settings: &HealthConfig) {
+        if *settings == self.settings {
+            return;
+        }
+        self.settings = settings.clone();
+        self.client = check_client(settings);
+        let interval = settings.interval;
+        self.next = match self.last {
+            Some((started, ended)) => next_start(started, ended, self.jitter.interval(interval)),
+            None => self
+                .next
+                .min(Instant::now() + self.jitter.first_offset(interval)),
+        };
+    }
+
+    /// Counts a verdict and publishes the transition it completes, if any. A node removed and
+    /// re-added under the same name is a new node (pending), and a node that moved has proven
+    /// nothing at its new address: neither inherits the old streak.
+    fn record(&mut self, pool: &Pool, backend: &Backend, verdict: &Verdict) {
+        let node = &backend.node;
+        let same = self
+            .streak
+            .as_ref()
+            .is_some_and(|(_, current, at)| Arc::ptr_eq(current, node) && *at == backend.address);
+        if !same {
+            let counter = Counter::new(node.health() == Health::Up);
+            self.streak = Some((counter, node.clone(), backend.address));
+        }
+        let Some((counter, _, _)) = self.streak.as_mut() else {
+            return;
+        };
+        let passed = *verdict == Verdict::Pass;
         if passed {
             node.metrics.checks_passed.increment(1);
         } else {
             node.metrics.checks_failed.increment(1);
         }
-        if let Some(up) = counter.record(passed, settings.rise, settings.fall) {
-            transition(&pool, backend, up, &verdict, &settings);
+        let (rise, fall) = (self.settings.rise, self.settings.fall);
+        if let Some(up) = counter.record(passed, rise, fall) {
+            transition(pool, backend, up, verdict, &self.settings);
         }
+    }
+
+    /// The check that began at `started` has ended: the next one is due one jittered interval
+    /// after that start, and never before this end.
+    fn done(&mut self, started: Instant) {
         let ended = Instant::now();
-        last = Some((started, ended));
-        next = next_start(started, ended, jitter.interval(settings.interval));
+        self.last = Some((started, ended));
+        self.next = next_start(started, ended, self.jitter.interval(self.settings.interval));
     }
 }
 
