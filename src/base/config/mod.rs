@@ -4,6 +4,7 @@
 //! Every mistake is reported as `file:line:col: key: message`, and validation collects all of
 //! them in one pass so an operator fixes a file in one read, not one error per run.
 
+pub mod backend;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -172,22 +173,68 @@ impl fmt::Debug for Secret {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strategy {
-    RoundRobin,
-    LeastConnections,
-    StickyCookie,
-    IpHash,
+/// A config keyword enum: each variant and its spelling in the file in one table, which
+/// `as_str` (the file's word in the admin API, the status page and `check`'s summary),
+/// `from_name` (parsing) and `expected` (the "expected a, b or c" of an error) all read.
+macro_rules! keywords {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $($(#[$variant_meta:meta])* $variant:ident = $text:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        pub enum $name {
+            $($(#[$variant_meta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every variant, in the order the docs list them.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The word the config file uses.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+
+            /// The variant the config file calls `text`.
+            pub fn from_name(text: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|v| v.as_str() == text)
+            }
+
+            /// `a, b or c`: every word, for an error about an unknown one.
+            pub fn expected() -> String {
+                one_of(Self::ALL.iter().map(|v| v.as_str()))
+            }
+        }
+    };
 }
 
-impl Strategy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Strategy::RoundRobin => "round_robin",
-            Strategy::LeastConnections => "least_connections",
-            Strategy::StickyCookie => "sticky_cookie",
-            Strategy::IpHash => "ip_hash",
+/// `a, b or c`.
+fn one_of<'a>(words: impl ExactSizeIterator<Item = &'a str>) -> String {
+    let last = words.len().saturating_sub(1);
+    let mut out = String::new();
+    for (i, word) in words.enumerate() {
+        match i {
+            0 => {}
+            i if i == last => out.push_str(" or "),
+            _ => out.push_str(", "),
         }
+        out.push_str(word);
+    }
+    out
+}
+
+keywords! {
+    /// How a pool picks a backend (one file each under `model/balance/`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Strategy {
+        RoundRobin = "round_robin",
+        LeastConnections = "least_connections",
+        StickyCookie = "sticky_cookie",
+        IpHash = "ip_hash",
     }
 }
 
@@ -224,40 +271,32 @@ impl Default for StickyConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SameSite {
-    Lax,
-    Strict,
-    None,
+impl StickyConfig {
+    /// The strategies that can place a user without a cookie: they need nothing from the
+    /// request (ip_hash would pin by address, sticky_cookie would ask itself).
+    pub const FALLBACKS: &'static [Strategy] = &[Strategy::RoundRobin, Strategy::LeastConnections];
 }
 
-impl SameSite {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SameSite::Lax => "Lax",
-            SameSite::Strict => "Strict",
-            SameSite::None => "None",
-        }
+keywords! {
+    /// The cookie's `SameSite` attribute; the file may write it in any case.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum SameSite {
+        Lax = "Lax",
+        Strict = "Strict",
+        None = "None",
     }
 }
 
-/// How a pool talks to its backends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum BackendProtocol {
-    /// Pooled keep-alive HTTP/1.1 connections (the default).
-    #[default]
-    Http1,
-    /// Cleartext HTTP/2 with prior knowledge: requests multiplexed over one connection per
-    /// backend. `Upgrade` requests (WebSocket) still go over HTTP/1.1.
-    H2c,
-}
-
-impl BackendProtocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendProtocol::Http1 => "http1",
-            BackendProtocol::H2c => "h2c",
-        }
+keywords! {
+    /// How a pool talks to its backends.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub enum BackendProtocol {
+        /// Pooled keep-alive HTTP/1.1 connections (the default).
+        #[default]
+        Http1 = "http1",
+        /// Cleartext HTTP/2 with prior knowledge: requests multiplexed over one connection per
+        /// backend. `Upgrade` requests (WebSocket) still go over HTTP/1.1.
+        H2c = "h2c",
     }
 }
 
@@ -386,6 +425,17 @@ impl Config {
             None
         }
     }
+}
+
+/// `text` is not an `IP:port` address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not an IP:port address (e.g. \"127.0.0.1:8080\" or \"[::1]:8080\")")]
+pub struct NotAnAddress(pub String);
+
+/// An `IP:port` socket address: a listener's, the admin API's or the registry's bind, or a
+/// backend's address (which [`backend::address`] also keeps off port 0).
+pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, NotAnAddress> {
+    text.parse().map_err(|_| NotAnAddress(text.to_owned()))
 }
 
 /// `example.com:8080` -> `example.com`; `[::1]:80` -> `[::1]`.
@@ -632,6 +682,27 @@ pool = "missing"
             err.contains("pools.web.queue_timeout: `soon` is not a duration"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn every_keyword_reads_back_as_itself_and_errors_list_them_all() {
+        for &s in Strategy::ALL {
+            assert_eq!(Strategy::from_name(s.as_str()), Some(s));
+        }
+        for &p in BackendProtocol::ALL {
+            assert_eq!(BackendProtocol::from_name(p.as_str()), Some(p));
+        }
+        for &s in SameSite::ALL {
+            assert_eq!(SameSite::from_name(s.as_str()), Some(s));
+        }
+        assert_eq!(Strategy::from_name("Round_Robin"), None, "the file's case");
+        assert_eq!(
+            Strategy::expected(),
+            "round_robin, least_connections, sticky_cookie or ip_hash"
+        );
+        assert_eq!(BackendProtocol::expected(), "http1 or h2c");
+        assert_eq!(one_of(["only"].into_iter()), "only");
+        assert_eq!(one_of([].into_iter()), "");
     }
 
     #[test]

@@ -6,10 +6,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{RawPool, Validator};
+use super::pool::RawPool;
+use super::{DEFAULT_HANDSHAKE_TIMEOUT, Validator};
 use crate::base::config::{
     DEFAULT_REGISTRY_MAX_NODES, MAX_REGISTRY_MAX_NODES, RegistryConfig, RegistryTls, Secret,
     TlsConfig, default_allowed_networks,
@@ -35,9 +37,6 @@ struct RawRegistryTls {
     client_ca: Option<Spanned<String>>,
 }
 
-/// A registry TLS handshake gets as long as a listener's default.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 impl Validator<'_> {
     pub(super) fn registry(
         &mut self,
@@ -46,15 +45,9 @@ impl Validator<'_> {
         binds: &mut HashSet<SocketAddr>,
     ) -> Option<RegistryConfig> {
         let bind = self.socket_addr(&raw.bind, "registry.bind");
-        if let Some(bind) = bind
-            && bind.port() != 0
-            && !binds.insert(bind)
-        {
-            self.error(
-                Some(raw.bind.span()),
-                "registry.bind",
-                format!("{bind} is already used by a listener or the admin API"),
-            );
+        if let Some(bind) = bind {
+            let taken = "is already used by a listener or the admin API";
+            self.claim_bind(binds, bind, &raw.bind, "registry.bind", taken);
         }
         if !pools.contains_key(raw.pool.get_ref()) {
             self.error(
@@ -63,77 +56,64 @@ impl Validator<'_> {
                 format!("no pool named `{}`", raw.pool.get_ref()),
             );
         }
-        let heartbeat_interval = self.duration(
-            &raw.heartbeat_interval,
-            "registry.heartbeat_interval",
-            Duration::from_secs(5),
-        );
-        let token = raw.token.as_ref().map(|t| {
-            let text = t.get_ref();
-            if text.is_empty() {
-                self.error(
-                    Some(t.span()),
-                    "registry.token",
-                    "must not be empty (leave it out instead)",
-                );
-            } else if !text.bytes().all(|b| b.is_ascii_graphic()) {
-                // It travels as an HTTP/2 header value, where anything else is refused or
-                // mangled on the way.
-                self.error(
-                    Some(t.span()),
-                    "registry.token",
-                    "must be printable ASCII without spaces",
-                );
-            }
-            Secret::new(text.clone())
-        });
-        let allowed_networks = match &raw.allowed_networks {
-            None => default_allowed_networks(),
-            Some(list) => {
-                if list.get_ref().is_empty() {
-                    self.error(
-                        Some(list.span()),
-                        "registry.allowed_networks",
-                        "must list at least one network (leave it out to allow any address)",
-                    );
-                }
-                list.get_ref()
-                    .iter()
-                    .filter_map(|n| self.network(n, "registry.allowed_networks"))
-                    .collect()
-            }
-        };
-        let max_nodes = match &raw.max_nodes {
-            None => DEFAULT_REGISTRY_MAX_NODES,
-            Some(n) => match usize::try_from(*n.get_ref()) {
-                Ok(n) if (1..=MAX_REGISTRY_MAX_NODES).contains(&n) => n,
-                _ => {
-                    self.error(
-                        Some(n.span()),
-                        "registry.max_nodes",
-                        format!("must be between 1 and {MAX_REGISTRY_MAX_NODES}"),
-                    );
-                    DEFAULT_REGISTRY_MAX_NODES
-                }
-            },
-        };
-        let tls = raw
-            .tls
-            .as_ref()
-            .and_then(|t| self.registry_tls(t.get_ref()));
+        // Fields are checked in the order written, so `bind` comes last: a bad bind does not
+        // hide the other fields' mistakes.
         let config = RegistryConfig {
-            bind: bind?,
             pool: raw.pool.get_ref().clone(),
-            heartbeat_interval,
-            token,
-            allowed_networks,
-            max_nodes,
-            tls,
+            heartbeat_interval: self.duration(
+                &raw.heartbeat_interval,
+                "registry.heartbeat_interval",
+                Duration::from_secs(5),
+            ),
+            token: raw.token.as_ref().map(|t| self.registry_token(t)),
+            allowed_networks: self.allowed_networks(raw.allowed_networks.as_ref()),
+            max_nodes: self.bounded(
+                &raw.max_nodes,
+                "registry.max_nodes",
+                1..=MAX_REGISTRY_MAX_NODES,
+                DEFAULT_REGISTRY_MAX_NODES,
+            ),
+            tls: raw
+                .tls
+                .as_ref()
+                .and_then(|t| self.registry_tls(t.get_ref())),
+            bind: bind?,
         };
         if let Some(message) = config.unauthenticated() {
             self.error(Some(raw.bind.span()), "registry.bind", message);
         }
         Some(config)
+    }
+
+    fn registry_token(&mut self, value: &Spanned<String>) -> Secret {
+        let token = self.token(value, "registry.token");
+        // It travels as an HTTP/2 header value, where anything else is refused or mangled on
+        // the way.
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            self.error(
+                Some(value.span()),
+                "registry.token",
+                "must be printable ASCII without spaces",
+            );
+        }
+        Secret::new(token)
+    }
+
+    fn allowed_networks(&mut self, raw: Option<&Spanned<Vec<Spanned<String>>>>) -> Vec<IpNet> {
+        let Some(list) = raw else {
+            return default_allowed_networks();
+        };
+        if list.get_ref().is_empty() {
+            self.error(
+                Some(list.span()),
+                "registry.allowed_networks",
+                "must list at least one network (leave it out to allow any address)",
+            );
+        }
+        list.get_ref()
+            .iter()
+            .filter_map(|n| self.network(n, "registry.allowed_networks"))
+            .collect()
     }
 
     fn registry_tls(&mut self, raw: &RawRegistryTls) -> Option<RegistryTls> {
@@ -157,7 +137,7 @@ impl Validator<'_> {
             certs: TlsConfig {
                 default,
                 sni: Vec::new(),
-                handshake_timeout: HANDSHAKE_TIMEOUT,
+                handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             },
             client_ca,
         })
