@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use fulcrum::config::Config;
+use fulcrum::config::{Config, ListenerConfig, PoolConfig, RegistryConfig};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -230,80 +230,7 @@ macro_rules! outln {
 fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            let mut summary = String::new();
-            outln!(summary, "{}: ok", path.display());
-            for l in &config.listeners {
-                match &l.tls {
-                    None => {
-                        outln!(summary, "  listener {:<12} {}", l.name, l.bind);
-                    }
-                    Some(tls) => {
-                        outln!(
-                            summary,
-                            "  listener {:<12} {} tls ({} certificate{}, handshake timeout {:?})",
-                            l.name,
-                            l.bind,
-                            1 + tls.sni.len(),
-                            if tls.sni.is_empty() { "" } else { "s" },
-                            tls.handshake_timeout
-                        );
-                    }
-                }
-            }
-            if let Some(admin) = &config.admin {
-                let auth = if admin.token.is_some() {
-                    "token set"
-                } else {
-                    "no token"
-                };
-                outln!(summary, "  admin    {:<12} {} ({auth})", "", admin.bind);
-            }
-            if let Some(registry) = &config.registry {
-                let auth = match (&registry.token, &registry.tls) {
-                    (Some(_), Some(tls)) if tls.client_ca.is_some() => "token set, mutual TLS",
-                    (Some(_), Some(_)) => "token set, TLS",
-                    (Some(_), None) => "token set",
-                    (None, Some(tls)) if tls.client_ca.is_some() => "mutual TLS",
-                    (None, Some(_)) => "TLS, no token",
-                    (None, None) => "no token",
-                };
-                outln!(
-                    summary,
-                    "  registry {:<12} {} -> pool {}, heartbeat {:?}, at most {} nodes ({auth})",
-                    "",
-                    registry.bind,
-                    registry.pool,
-                    registry.heartbeat_interval,
-                    registry.max_nodes
-                );
-            }
-            for (name, pool) in &config.pools {
-                outln!(
-                    summary,
-                    "  pool     {name:<12} {} backends, {}, {} to backends",
-                    pool.backends.len(),
-                    pool.strategy.as_str(),
-                    pool.backend_protocol.as_str()
-                );
-                for b in &pool.backends {
-                    outln!(
-                        summary,
-                        "    {:<20} {:<22} weight {}",
-                        b.name,
-                        b.address,
-                        b.weight
-                    );
-                }
-            }
-            for r in &config.routes {
-                outln!(
-                    summary,
-                    "  route    host={} path_prefix={} -> {}",
-                    r.host.as_deref().unwrap_or("*"),
-                    r.path_prefix.as_deref().unwrap_or("*"),
-                    r.pool
-                );
-            }
+            let summary = summary(path, &config);
             for warning in &config.warnings {
                 eprintln!("warning: {warning}");
             }
@@ -315,5 +242,94 @@ fn check(path: &Path) -> ExitCode {
             eprintln!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What `check` prints for a valid config: a line for each listener, the admin API, the
+/// registry, each pool (then its backends) and each route.
+fn summary(path: &Path, config: &Config) -> String {
+    let mut out = String::new();
+    outln!(out, "{}: ok", path.display());
+    for listener in &config.listeners {
+        summarise_listener(&mut out, listener);
+    }
+    if let Some(admin) = &config.admin {
+        let auth = if admin.token.is_some() {
+            "token set"
+        } else {
+            "no token"
+        };
+        outln!(out, "  admin    {:<12} {} ({auth})", "", admin.bind);
+    }
+    if let Some(registry) = &config.registry {
+        summarise_registry(&mut out, registry);
+    }
+    for (name, pool) in &config.pools {
+        summarise_pool(&mut out, name, pool);
+    }
+    for r in &config.routes {
+        outln!(
+            out,
+            "  route    host={} path_prefix={} -> {}",
+            r.host.as_deref().unwrap_or("*"),
+            r.path_prefix.as_deref().unwrap_or("*"),
+            r.pool
+        );
+    }
+    out
+}
+
+fn summarise_listener(out: &mut String, l: &ListenerConfig) {
+    let Some(tls) = &l.tls else {
+        outln!(out, "  listener {:<12} {}", l.name, l.bind);
+        return;
+    };
+    outln!(
+        out,
+        "  listener {:<12} {} tls ({} certificate{}, handshake timeout {:?})",
+        l.name,
+        l.bind,
+        1 + tls.sni.len(),
+        if tls.sni.is_empty() { "" } else { "s" },
+        tls.handshake_timeout
+    );
+}
+
+fn summarise_registry(out: &mut String, registry: &RegistryConfig) {
+    let auth = match (&registry.token, &registry.tls) {
+        (Some(_), Some(tls)) if tls.client_ca.is_some() => "token set, mutual TLS",
+        (Some(_), Some(_)) => "token set, TLS",
+        (Some(_), None) => "token set",
+        (None, Some(tls)) if tls.client_ca.is_some() => "mutual TLS",
+        (None, Some(_)) => "TLS, no token",
+        (None, None) => "no token",
+    };
+    outln!(
+        out,
+        "  registry {:<12} {} -> pool {}, heartbeat {:?}, at most {} nodes ({auth})",
+        "",
+        registry.bind,
+        registry.pool,
+        registry.heartbeat_interval,
+        registry.max_nodes
+    );
+}
+
+fn summarise_pool(out: &mut String, name: &str, pool: &PoolConfig) {
+    outln!(
+        out,
+        "  pool     {name:<12} {} backends, {}, {} to backends",
+        pool.backends.len(),
+        pool.strategy.as_str(),
+        pool.backend_protocol.as_str()
+    );
+    for b in &pool.backends {
+        outln!(
+            out,
+            "    {:<20} {:<22} weight {}",
+            b.name,
+            b.address,
+            b.weight
+        );
     }
 }
