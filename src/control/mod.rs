@@ -26,10 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::base::certs::CertError;
-use crate::base::config::{
-    BackendConfig, Config, ConfigError, ListenerConfig, MAX_BACKEND_CONNECTIONS, MAX_WEIGHT,
-    Strategy,
-};
+use crate::base::config::backend::{self, BackendError, Roster};
+use crate::base::config::{BackendConfig, Config, ConfigError, ListenerConfig, Strategy};
 use crate::base::error::ErrorChain;
 use crate::base::metrics::CONFIG_RELOADS_TOTAL;
 use crate::datapath::listeners::{BoundListener, StartError};
@@ -111,6 +109,41 @@ pub struct BackendSpec {
     pub name: Option<String>,
     /// Wide, so that an absurd number is answered with the bound rather than a parse error.
     pub max_connections: Option<u64>,
+}
+
+impl BackendSpec {
+    /// The backend this body describes, by the rules every backend follows.
+    fn backend(&self) -> Result<BackendConfig, BackendError> {
+        backend::backend(backend::Fields {
+            address: &self.address,
+            weight: self.weight.map(i128::from),
+            name: self.name.as_deref(),
+            max_connections: self.max_connections.map(i128::from),
+        })
+    }
+}
+
+impl From<BackendError> for ChangeError {
+    /// The API's form of a broken backend rule: `field: what is wrong` (a `400`), or a clash
+    /// with a backend the pool already holds (a `409`).
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::DuplicateName(name) => {
+                ChangeError::Conflict(format!("a backend named `{name}` is already in the pool"))
+            }
+            BackendError::DuplicateAddress(address) => {
+                ChangeError::Conflict(format!("a backend at {address} is already in the pool"))
+            }
+            e @ (BackendError::Address(_)
+            | BackendError::PortZero
+            | BackendError::Weight(_)
+            | BackendError::EmptyName
+            | BackendError::Name
+            | BackendError::MaxConnections(_)) => {
+                ChangeError::Invalid(format!("{}: {e}", e.field()))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -454,10 +487,11 @@ impl Control {
         pool: &str,
         specs: Vec<BackendSpec>,
     ) -> Result<PoolView, ChangeError> {
-        let mut backends: Vec<BackendConfig> = Vec::with_capacity(specs.len());
-        for spec in specs {
-            let backend = validate(spec)?;
-            check_unique(&backends, &backend)?;
+        let mut roster = Roster::default();
+        let mut backends = Vec::with_capacity(specs.len());
+        for spec in &specs {
+            let backend = spec.backend()?;
+            roster.take(&backend)?;
             backends.push(backend);
         }
         let mut state = self.state.lock().await;
@@ -475,11 +509,11 @@ impl Control {
         pool: &str,
         spec: BackendSpec,
     ) -> Result<PoolView, ChangeError> {
-        let backend = validate(spec)?;
+        let backend = spec.backend()?;
         let mut state = self.state.lock().await;
         self.refuse_own(&backend)?;
         let config = pool_config(&mut state, pool)?;
-        check_unique(&config.backends, &backend)?;
+        Roster::of(&config.backends).take(&backend)?;
         config.backends.push(backend);
         Ok(self.publish_pool(&state, pool))
     }
@@ -821,63 +855,6 @@ fn pool_config<'a>(
         .pools
         .get_mut(pool)
         .ok_or_else(|| ChangeError::NotFound(format!("no pool named `{pool}`")))
-}
-
-fn validate(spec: BackendSpec) -> Result<BackendConfig, ChangeError> {
-    let address: SocketAddr = spec.address.parse().map_err(|_| {
-        ChangeError::Invalid(format!(
-            "address `{}` is not an IP:port address (e.g. \"127.0.0.1:9001\")",
-            spec.address
-        ))
-    })?;
-    if address.port() == 0 {
-        return Err(ChangeError::Invalid("port 0 is not a backend port".into()));
-    }
-    let weight = spec.weight.unwrap_or(1);
-    if !(1..=MAX_WEIGHT).contains(&weight) {
-        return Err(ChangeError::Invalid(format!(
-            "weight must be between 1 and {MAX_WEIGHT} (got {weight})"
-        )));
-    }
-    let name = spec.name.unwrap_or_else(|| spec.address.clone());
-    if name.is_empty() {
-        return Err(ChangeError::Invalid("name must not be empty".into()));
-    }
-    let max_connections = match spec.max_connections {
-        None => None,
-        Some(cap) => Some(
-            u32::try_from(cap)
-                .ok()
-                .filter(|cap| (1..=MAX_BACKEND_CONNECTIONS).contains(cap))
-                .ok_or_else(|| {
-                    ChangeError::Invalid(format!(
-                        "max_connections must be between 1 and {MAX_BACKEND_CONNECTIONS} (got {cap}); leave it out for no cap"
-                    ))
-                })?,
-        ),
-    };
-    Ok(BackendConfig {
-        name,
-        address,
-        weight,
-        max_connections,
-    })
-}
-
-fn check_unique(existing: &[BackendConfig], new: &BackendConfig) -> Result<(), ChangeError> {
-    if existing.iter().any(|b| b.name == new.name) {
-        return Err(ChangeError::Conflict(format!(
-            "a backend named `{}` is already in the pool",
-            new.name
-        )));
-    }
-    if existing.iter().any(|b| b.address == new.address) {
-        return Err(ChangeError::Conflict(format!(
-            "a backend at {} is already in the pool",
-            new.address
-        )));
-    }
-    Ok(())
 }
 
 fn view(pool: &Pool, strategy: Strategy) -> PoolView {

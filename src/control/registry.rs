@@ -33,6 +33,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
+use crate::base::config::backend::{self, MAX_NAME_LEN};
 use crate::base::config::{BackendConfig, RegistryConfig};
 use crate::base::metrics::REGISTRY_EVENTS_TOTAL;
 use crate::control::{ChangeError, Control, RegisterError, Registration, Removal};
@@ -54,8 +55,6 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 const MAX_DRAIN_SECS: u64 = 86_400;
 /// Heartbeats a node may miss before it is removed.
 const MISSED_HEARTBEATS: u32 = 3;
-/// Ids are pool names of nodes: metric labels and log fields, so kept short and printable.
-const MAX_ID_LEN: usize = 255;
 
 /// The registry service; cheap to clone (one `Arc`).
 #[derive(Clone)]
@@ -312,14 +311,15 @@ impl Interceptor for Auth {
     }
 }
 
-/// The node a `ReportActive` describes; weight 1, named by its `server_id`.
+/// The node a `ReportActive` describes; weight 1, named by its `server_id`. The name and port
+/// follow the rules of every backend; the IP is the registry's own field, and an address no
+/// balancer can connect to is refused here.
 fn backend(request: &ReportActiveRequest) -> Result<BackendConfig, Status> {
-    let id = &request.server_id;
-    if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
-        return Err(Status::invalid_argument(format!(
-            "server_id must be 1 to {MAX_ID_LEN} bytes without control characters"
-        )));
-    }
+    backend::name(&request.server_id).map_err(|_| {
+        Status::invalid_argument(format!(
+            "server_id must be 1 to {MAX_NAME_LEN} bytes without control characters"
+        ))
+    })?;
     let ip: IpAddr = request.ip_address.parse().map_err(|_| {
         Status::invalid_argument(format!(
             "ip_address `{}` is not an IP address",
@@ -333,15 +333,15 @@ fn backend(request: &ReportActiveRequest) -> Result<BackendConfig, Status> {
             "ip_address {ip} is not an address a balancer can connect to"
         )));
     }
-    let port = u16::try_from(request.port)
+    let address = u16::try_from(request.port)
         .ok()
-        .filter(|&p| p != 0)
+        .and_then(|port| backend::port(SocketAddr::new(ip, port)).ok())
         .ok_or_else(|| {
             Status::invalid_argument(format!("port {} is not in 1..=65535", request.port))
         })?;
     Ok(BackendConfig {
-        name: id.clone(),
-        address: SocketAddr::new(ip, port),
+        name: request.server_id.clone(),
+        address,
         weight: 1,
         // The pool's max_connections_per_backend applies.
         max_connections: None,
