@@ -237,6 +237,29 @@ backends = [
 }
 
 #[test]
+fn a_backend_named_like_another_backends_address_is_a_duplicate_name() {
+    // The unnamed backend's name is its address: two nodes would share one identity.
+    let checked = check_text(
+        "duplicate_identity",
+        r#"[[listeners]]
+bind = "127.0.0.1:8080"
+
+[pools.web]
+backends = [
+  { address = "127.0.0.1:9001", name = "127.0.0.1:9002" },
+  { address = "127.0.0.1:9002" },
+]
+"#,
+    );
+    checked.assert_error(
+        7,
+        Some(15),
+        &["pools.web.backends[1].name: duplicate backend `127.0.0.1:9002`"],
+    );
+    assert_eq!(checked.diagnostics().len(), 1, "{}", checked.stderr());
+}
+
+#[test]
 fn route_to_an_unknown_pool_is_an_error() {
     let checked = check_text(
         "route_unknown_pool",

@@ -249,14 +249,16 @@ impl Validator<'_> {
 
         let in_pool = |e: backend::BackendError| format!("{e} in pool `{pool}`");
         let name_taken = roster.take_name(&name).map_err(in_pool);
-        // An unnamed backend whose address parsed is named by that address: a duplicate name
-        // is then a duplicate address, said once, below.
-        if raw.name.is_some() || address.is_none() {
+        let address_taken = address.map(|a| roster.take_address(a).map_err(in_pool));
+        // An unnamed backend is named by its address text: when its address is taken, so is
+        // its name, and the one mistake is said once, at the address.
+        if raw.name.is_some() || !matches!(address_taken, Some(Err(_))) {
             self.checked(name_span, &key("name"), name_taken);
         }
+        if let Some(taken) = address_taken {
+            self.checked(address_span, &key("address"), taken);
+        }
         let address = address?;
-        let address_taken = roster.take_address(address).map_err(in_pool);
-        self.checked(address_span, &key("address"), address_taken);
         Some(BackendConfig {
             name,
             address,
