@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt::Display;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::{Range, RangeInclusive};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -312,6 +312,30 @@ impl Validator<'_> {
         found
     }
 
+    /// A file the config names. Blank is a mistake, not "no file"; spaces around the name are
+    /// not part of it.
+    fn file_path(&mut self, value: &Spanned<String>, key: String) -> Option<PathBuf> {
+        let text = value.get_ref().trim();
+        if text.is_empty() {
+            self.error(Some(value.span()), key, "needs a file name");
+            return None;
+        }
+        Some(PathBuf::from(text))
+    }
+
+    /// A reference to a pool (a route's, the registry's): it must exist.
+    fn pool_named(
+        &mut self,
+        value: &Spanned<String>,
+        key: &str,
+        pools: &BTreeMap<String, PoolConfig>,
+    ) {
+        if !pools.contains_key(value.get_ref()) {
+            let message = format!("no pool named `{}`", value.get_ref());
+            self.error(Some(value.span()), key, message);
+        }
+    }
+
     /// A credential: empty is a mistake (a caller sending an empty one would pass).
     fn token(&mut self, value: &Spanned<String>, key: &str) -> String {
         if value.get_ref().is_empty() {
@@ -345,7 +369,7 @@ impl Validator<'_> {
         let registry = raw
             .registry
             .as_ref()
-            .and_then(|r| self.registry(r.get_ref(), &raw.pools, &mut binds));
+            .and_then(|r| self.registry(r.get_ref(), &pools, &mut binds));
         let routes = self.routes(&raw.routes, &pools);
         Config {
             shutdown_grace,
@@ -426,13 +450,7 @@ impl Validator<'_> {
         pools: &BTreeMap<String, PoolConfig>,
     ) -> RouteConfig {
         let key = |field: &str| format!("routes[{index}].{field}");
-        if !pools.contains_key(route.pool.get_ref()) {
-            self.error(
-                Some(route.pool.span()),
-                key("pool"),
-                format!("no pool named `{}`", route.pool.get_ref()),
-            );
-        }
+        self.pool_named(&route.pool, &key("pool"), pools);
         if let Some(prefix) = &route.path_prefix
             && !prefix.get_ref().starts_with('/')
         {

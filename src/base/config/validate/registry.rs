@@ -3,18 +3,16 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::pool::RawPool;
 use super::{DEFAULT_HANDSHAKE_TIMEOUT, Validator};
 use crate::base::config::{
-    DEFAULT_REGISTRY_MAX_NODES, MAX_REGISTRY_MAX_NODES, RegistryConfig, RegistryTls, Secret,
-    TlsConfig, default_allowed_networks,
+    DEFAULT_REGISTRY_MAX_NODES, MAX_REGISTRY_MAX_NODES, PoolConfig, RegistryConfig, RegistryTls,
+    Secret, TlsConfig, default_allowed_networks,
 };
 
 #[derive(Deserialize)]
@@ -41,7 +39,7 @@ impl Validator<'_> {
     pub(super) fn registry(
         &mut self,
         raw: &RawRegistry,
-        pools: &BTreeMap<String, Spanned<RawPool>>,
+        pools: &BTreeMap<String, PoolConfig>,
         binds: &mut HashSet<SocketAddr>,
     ) -> Option<RegistryConfig> {
         let bind = self.socket_addr(&raw.bind, "registry.bind");
@@ -49,13 +47,7 @@ impl Validator<'_> {
             let taken = "is already used by a listener or the admin API";
             self.claim_bind(binds, bind, &raw.bind, "registry.bind", taken);
         }
-        if !pools.contains_key(raw.pool.get_ref()) {
-            self.error(
-                Some(raw.pool.span()),
-                "registry.pool",
-                format!("no pool named `{}`", raw.pool.get_ref()),
-            );
-        }
+        self.pool_named(&raw.pool, "registry.pool", pools);
         // Fields are checked in the order written, so `bind` comes last: a bad bind does not
         // hide the other fields' mistakes.
         let config = RegistryConfig {
@@ -118,15 +110,7 @@ impl Validator<'_> {
 
     fn registry_tls(&mut self, raw: &RawRegistryTls) -> Option<RegistryTls> {
         let client_ca = raw.client_ca.as_ref().and_then(|ca| {
-            let path = PathBuf::from(ca.get_ref().trim());
-            if path.as_os_str().is_empty() {
-                self.error(
-                    Some(ca.span()),
-                    "registry.tls.client_ca",
-                    "needs a file name",
-                );
-                return None;
-            }
+            let path = self.file_path(ca, "registry.tls.client_ca".to_owned())?;
             if let Err(e) = crate::base::certs::client_verifier(&path) {
                 self.error(Some(ca.span()), "registry.tls.client_ca", e.to_string());
             }

@@ -3,7 +3,6 @@
 //! restart does.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -95,23 +94,11 @@ impl Validator<'_> {
         key: &Spanned<String>,
         names: &[(String, std::ops::Range<usize>)],
     ) -> Option<CertPaths> {
-        let mut empty = false;
-        for (value, field) in [(cert, "cert"), (key, "key")] {
-            if value.get_ref().trim().is_empty() {
-                self.error(
-                    Some(value.span()),
-                    format!("{prefix}.{field}"),
-                    "needs a file name",
-                );
-                empty = true;
-            }
-        }
-        if empty {
-            return None;
-        }
+        let cert_path = self.file_path(cert, format!("{prefix}.cert"));
+        let key_path = self.file_path(key, format!("{prefix}.key"));
         let paths = CertPaths {
-            cert: PathBuf::from(cert.get_ref()),
-            key: PathBuf::from(key.get_ref()),
+            cert: cert_path?,
+            key: key_path?,
         };
         match certs::load_cert(&paths) {
             Ok(loaded) => {
