@@ -253,54 +253,14 @@ impl Control {
         let mut state = self.state.lock().await;
         // Everything that can fail happens before anything changes: new listeners are bound
         // and certificates loaded first, and a failure rejects the whole reload.
-        let (kept, added, removed) = {
-            let live = self.live_listeners();
-            let mut kept = Vec::new();
-            let mut added = Vec::new();
-            for listener in &config.listeners {
-                match live.iter().find(|l| same_listener(&l.config, listener)) {
-                    Some(current) => {
-                        if settings_differ(&current.config, listener) {
-                            warn!(listener = %listener.name, "listener settings other than certificates change at the next restart");
-                        }
-                        if let (Some(tls), Some(terminator)) = (&listener.tls, &current.tls) {
-                            match CertSet::load(tls) {
-                                Ok(certs) => kept.push((terminator.clone(), certs)),
-                                Err(e) => return Err(self.rejected(ReloadError::Certificate(e))),
-                            }
-                        }
-                    }
-                    None => match crate::datapath::listeners::bind_listener(listener) {
-                        Ok(bound) => added.push(bound),
-                        Err(e) => return Err(self.rejected(ReloadError::Listener(e))),
-                    },
-                }
-            }
-            let removed: Vec<String> = live
-                .iter()
-                .filter(|l| !config.listeners.iter().any(|n| same_listener(&l.config, n)))
-                .map(|l| l.config.name.clone())
-                .collect();
-            (kept, added, removed)
+        let changes = match self.prepare_listeners(&config) {
+            Ok(changes) => changes,
+            Err(e) => return Err(self.rejected(e)),
         };
         if config.admin != state.config.admin || config.registry != state.config.registry {
             warn!("admin and registry changes take effect at the next restart");
         }
-        for (terminator, certs) in kept {
-            terminator.resolver().replace(certs);
-        }
-        {
-            let mut live = self.live_listeners();
-            live.retain(|l| {
-                let keep = !removed.contains(&l.config.name);
-                if !keep {
-                    info!(listener = %l.config.name, addr = %l.addr, "listener removed; its connections finish gracefully");
-                    l.stop.cancel();
-                }
-                keep
-            });
-        }
-        self.serve(added);
+        self.switch_listeners(changes);
         for warning in &config.warnings {
             warn!("{warning}");
         }
@@ -308,6 +268,51 @@ impl Control {
         self.reloads_ok.increment(1);
         info!(file = %path.display(), "config reloaded");
         Ok(())
+    }
+
+    /// What a reload does to the traffic listeners, with everything that can fail done: new
+    /// ones bound, kept ones' certificates loaded. Nothing serves differently yet.
+    fn prepare_listeners(&self, config: &Config) -> Result<ListenerChanges, ReloadError> {
+        let live = self.live_listeners();
+        let mut changes = ListenerChanges::default();
+        for listener in &config.listeners {
+            let Some(current) = live.iter().find(|l| same_listener(&l.config, listener)) else {
+                let bound = crate::datapath::listeners::bind_listener(listener)
+                    .map_err(ReloadError::Listener)?;
+                changes.added.push(bound);
+                continue;
+            };
+            if settings_differ(&current.config, listener) {
+                warn!(listener = %listener.name, "listener settings other than certificates change at the next restart");
+            }
+            if let (Some(tls), Some(terminator)) = (&listener.tls, &current.tls) {
+                let certs = CertSet::load(tls).map_err(ReloadError::Certificate)?;
+                changes.kept.push((terminator.clone(), certs));
+            }
+        }
+        changes.removed = live
+            .iter()
+            .filter(|l| !config.listeners.iter().any(|n| same_listener(&l.config, n)))
+            .map(|l| l.config.name.clone())
+            .collect();
+        Ok(changes)
+    }
+
+    /// Puts prepared listener changes into effect: new certificates swapped in place, removed
+    /// listeners stopped (their connections finish gracefully), new ones served.
+    fn switch_listeners(&self, changes: ListenerChanges) {
+        for (terminator, certs) in changes.kept {
+            terminator.resolver().replace(certs);
+        }
+        self.live_listeners().retain(|l| {
+            let keep = !changes.removed.contains(&l.config.name);
+            if !keep {
+                info!(listener = %l.config.name, addr = %l.addr, "listener removed; its connections finish gracefully");
+                l.stop.cancel();
+            }
+            keep
+        });
+        self.serve(changes.added);
     }
 
     /// Serves newly bound listeners, each stoppable on its own (a reload that drops it).
@@ -611,6 +616,15 @@ fn settings_differ(old: &ListenerConfig, new: &ListenerConfig) -> bool {
         old.tls.clone_from(&new.tls);
     }
     old != *new
+}
+
+/// A reload's listener changes, prepared: kept listeners with their new certificates, new
+/// listeners bound, and the names of those to stop.
+#[derive(Default)]
+struct ListenerChanges {
+    kept: Vec<(Arc<TlsTerminator>, CertSet)>,
+    added: Vec<BoundListener>,
+    removed: Vec<String>,
 }
 
 /// A traffic listener serving now.
