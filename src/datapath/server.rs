@@ -438,12 +438,7 @@ async fn serve_connection<I, S, B>(
             biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
-                    let first_head_pending = !shared.dispatched.load(Ordering::Relaxed);
-                    let sent_bytes = reads(&shared.activity) != reads_before;
-                    if let Some(kind) = refused(&*e, first_head_pending, sent_bytes) {
-                        shared.client_errors.count(kind);
-                    }
-                    debug!(error = %e, "client connection ended with an error");
+                    ended_with_error(shared, &*e, reads_before);
                 }
                 return;
             }
@@ -453,14 +448,7 @@ async fn serve_connection<I, S, B>(
             }
             () = first_head.as_mut(), if awaiting_first_head => {
                 awaiting_first_head = false;
-                if !shared.dispatched.load(Ordering::Relaxed) {
-                    // A connection that never sent a byte is not a request, so it is not a
-                    // client error either (port scanners, browsers' speculative preconnects);
-                    // one that sent part of a head is, like a head hyper times out.
-                    if reads(&shared.activity) != reads_before {
-                        shared.client_errors.count(ClientErrorKind::Timeout);
-                    }
-                    debug!("no request head within header_read_timeout; closing");
+                if first_head_missed(shared, reads_before) {
                     return;
                 }
             }
@@ -471,6 +459,35 @@ async fn serve_connection<I, S, B>(
             () = cut_off.as_mut() => return,
         }
     }
+}
+
+/// Counts the client error behind a connection hyper ended with an error, if it is one.
+fn ended_with_error(
+    shared: &ConnShared,
+    error: &(dyn std::error::Error + 'static),
+    reads_before: u64,
+) {
+    let first_head_pending = !shared.dispatched.load(Ordering::Relaxed);
+    let sent_bytes = reads(&shared.activity) != reads_before;
+    if let Some(kind) = refused(error, first_head_pending, sent_bytes) {
+        shared.client_errors.count(kind);
+    }
+    debug!(error = %error, "client connection ended with an error");
+}
+
+/// `header_read_timeout` ran out before the first request: whether the connection is to close.
+/// A connection that never sent a byte is not a request, so it is not a client error either
+/// (port scanners, browsers' speculative preconnects); one that sent part of a head is, like a
+/// head hyper times out.
+fn first_head_missed(shared: &ConnShared, reads_before: u64) -> bool {
+    if shared.dispatched.load(Ordering::Relaxed) {
+        return false;
+    }
+    if reads(&shared.activity) != reads_before {
+        shared.client_errors.count(ClientErrorKind::Timeout);
+    }
+    debug!("no request head within header_read_timeout; closing");
+    true
 }
 
 /// The client error behind a connection hyper ended with an error, when it is one: a head
