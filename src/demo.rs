@@ -61,23 +61,28 @@ pub async fn run() -> anyhow::Result<()> {
     let running = crate::start(&config)
         .await
         .context("starting the balancer (is the port in use?)")?;
-    let url = running
-        .addr("http")
-        .map(|a| format!("http://{a}"))
-        .unwrap_or_default();
-    let https = running
-        .addr("https")
-        .map(|a| format!("https://{a}"))
-        .unwrap_or_default();
-    let admin = running
-        .admin_addr()
-        .map(|a| format!("http://{a}"))
-        .unwrap_or_default();
+    print_banner(&running, &nodes);
+    crate::shutdown_signal().await;
+    running.shutdown().await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Where everything listens, and what to try.
+fn print_banner(running: &crate::Running, nodes: &[webnode::WebNode]) {
+    let address = |scheme: &str, addr: Option<std::net::SocketAddr>| {
+        addr.map(|a| format!("{scheme}://{a}")).unwrap_or_default()
+    };
+    let url = address("http", running.addr("http"));
+    let https = address("https", running.addr("https"));
+    let admin = address("http", running.admin_addr());
 
     println!("fulcrum demo: 3 web nodes behind one balancer (round robin)\n");
     println!("  balancer   {url}/");
     println!("  balancer   {https}/   (TLS, self-signed certificate: curl -k)");
-    for node in &nodes {
+    for node in nodes {
         println!(
             "  web node   {} at http://{}/",
             node.id(),
@@ -111,13 +116,6 @@ pub async fn run() -> anyhow::Result<()> {
     }
     println!("  curl -s {admin}/metrics | grep -E '^fulcrum_(requests|tls_handshakes)_total'");
     println!("\nCtrl-C stops everything.");
-
-    crate::shutdown_signal().await;
-    running.shutdown().await;
-    for node in nodes {
-        node.shutdown().await;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
