@@ -93,53 +93,12 @@ impl Registration {
         id: &str,
         listen: SocketAddr,
     ) -> io::Result<Registration> {
-        let invalid = |e: &dyn std::fmt::Display| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("--register {}: {e}", options.url),
-            )
-        };
-        let uri: Uri = options.url.parse().map_err(|e| invalid(&e))?;
-        let https = match uri.scheme_str() {
-            Some("http") => false,
-            Some("https") => true,
-            _ => {
-                return Err(invalid(
-                    &"expected http://HOST:PORT or https://HOST:PORT (the balancer's [registry] bind)",
-                ));
-            }
-        };
-        if uri.host().is_none() {
-            return Err(invalid(&"the URL has no host"));
-        }
-        let bearer = match &options.token {
-            Some(token) => {
-                let mut value = MetadataValue::try_from(format!("Bearer {}", token.expose()))
-                    .map_err(|_| {
-                        io::Error::new(
-                            io::ErrorKind::InvalidInput,
-                            "--registry-token must be printable ASCII",
-                        )
-                    })?;
-                value.set_sensitive(true);
-                Some(value)
-            }
-            None => None,
-        };
-        let ip = advertised_ip(listen, &uri).await.map_err(|e| invalid(&e))?;
-        let mut endpoint = Endpoint::from(uri)
-            .connect_timeout(CALL_TIMEOUT)
-            .timeout(CALL_TIMEOUT);
-        match (https, client_tls(&options)?) {
-            (true, Some(tls)) => endpoint = endpoint.tls_config(tls).map_err(|e| invalid(&e))?,
-            (true, None) => return Err(invalid(&"an https:// registry needs --registry-ca")),
-            (false, Some(_)) => {
-                return Err(invalid(
-                    &"--registry-ca, --registry-cert and --registry-key need an https:// URL",
-                ));
-            }
-            (false, None) => {}
-        }
+        let (uri, https) = registry_uri(&options.url)?;
+        let bearer = bearer(options.token.as_ref())?;
+        let ip = advertised_ip(listen, &uri)
+            .await
+            .map_err(|e| invalid(&options.url, &e))?;
+        let endpoint = endpoint(uri, https, &options)?;
         let client =
             ServerRegistryServiceClient::with_interceptor(endpoint.connect_lazy(), Bearer(bearer));
         let report = ReportActiveRequest {
@@ -289,6 +248,66 @@ async fn advertised_ip(listen: SocketAddr, registry: &Uri) -> io::Result<IpAddr>
 /// Seconds for `graceful_drain_timeout_seconds`, rounded up so a short drain is not zero.
 fn whole_seconds(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// A `--register` mistake, naming the URL.
+fn invalid(url: &str, e: &dyn std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("--register {url}: {e}"),
+    )
+}
+
+/// The registry's URL, and whether it speaks TLS.
+fn registry_uri(url: &str) -> io::Result<(Uri, bool)> {
+    let uri: Uri = url.parse().map_err(|e| invalid(url, &e))?;
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => {
+            return Err(invalid(
+                url,
+                &"expected http://HOST:PORT or https://HOST:PORT (the balancer's [registry] bind)",
+            ));
+        }
+    };
+    if uri.host().is_none() {
+        return Err(invalid(url, &"the URL has no host"));
+    }
+    Ok((uri, https))
+}
+
+/// `authorization: Bearer TOKEN`, marked sensitive so tonic never logs it.
+fn bearer(token: Option<&Secret>) -> io::Result<Option<MetadataValue<Ascii>>> {
+    let Some(token) = token else {
+        return Ok(None);
+    };
+    let mut value =
+        MetadataValue::try_from(format!("Bearer {}", token.expose())).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "--registry-token must be printable ASCII",
+            )
+        })?;
+    value.set_sensitive(true);
+    Ok(Some(value))
+}
+
+/// The channel to the registry, with TLS when the URL asks for it (and only then).
+fn endpoint(uri: Uri, https: bool, options: &RegisterOptions) -> io::Result<Endpoint> {
+    let url = &options.url;
+    let endpoint = Endpoint::from(uri)
+        .connect_timeout(CALL_TIMEOUT)
+        .timeout(CALL_TIMEOUT);
+    match (https, client_tls(options)?) {
+        (true, Some(tls)) => endpoint.tls_config(tls).map_err(|e| invalid(url, &e)),
+        (true, None) => Err(invalid(url, &"an https:// registry needs --registry-ca")),
+        (false, Some(_)) => Err(invalid(
+            url,
+            &"--registry-ca, --registry-cert and --registry-key need an https:// URL",
+        )),
+        (false, None) => Ok(endpoint),
+    }
 }
 
 #[cfg(test)]
