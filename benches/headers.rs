@@ -23,7 +23,7 @@
 //! pages (page faults were a quarter of the profile), where a server reuses warm memory.
 //!
 //! Run with `cargo bench --bench headers`; it takes about forty seconds.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a bench setup that fails should stop
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a bench setup that fails should stop
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};

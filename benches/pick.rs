@@ -7,7 +7,7 @@
 //! the slower thread's wall time divided by its picks.
 //!
 //! Run with `cargo bench --bench pick`; it takes about a minute and a half.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a bench setup that fails should stop
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a bench setup that fails should stop
 
 use std::hint::black_box;
 use std::net::{IpAddr, SocketAddr};

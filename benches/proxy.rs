@@ -23,7 +23,7 @@
 //! the sized cases and requests for the empty one.
 //!
 //! Run with `cargo bench --bench proxy`; it takes about a minute.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a bench setup that fails should stop
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a bench setup that fails should stop
 
 use std::convert::Infallible;
 use std::hint::black_box;

@@ -9,7 +9,7 @@
 //! nothing from timing. `decode/tampered_*` against `decode/valid` shows that.
 //!
 //! Run with `cargo bench --bench sticky`; it takes about half a minute.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a bench setup that fails should stop
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a bench setup that fails should stop
 
 use std::hint::black_box;
 use std::net::SocketAddr;

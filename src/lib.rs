@@ -24,23 +24,29 @@
 //! picks a status (502/503/504 for a backend, 400/408/413 for a client, 404), counts the
 //! metric and logs the cause.
 
-// The layers, bottom up: each imports only from those below it (tests/layers.rs keeps it so).
-pub mod base;
-pub mod control;
-pub mod datapath;
-pub mod model;
-pub mod upstream;
+// The layers, bottom up: each imports only from those below it (tests/layers.rs keeps it
+// so). They are the crate's inside; what tools, tests and benches use is re-exported below.
+pub(crate) mod base;
+pub(crate) mod control;
+pub(crate) mod datapath;
+pub(crate) mod model;
+pub(crate) mod upstream;
 // Entry points.
 pub mod demo;
 pub mod load;
 pub mod webnode;
 
-// The paths tools, tests and benches know the crate by.
-pub use base::{config, metrics};
-pub use control::registry;
+// The crate's API: the config a balancer starts from, the pool and strategy types the tests
+// and benches inspect, the head rewrite the benches measure, and the registry's messages.
+pub use base::config;
+pub use datapath::headers;
 pub use datapath::listeners::StartError;
-pub use datapath::{headers, proxy, server};
 pub use model::{balance, pool};
+
+/// The seed registry's gRPC messages and client, for web nodes and tools that register.
+pub mod registry {
+    pub use crate::base::proto;
+}
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -137,7 +143,7 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
             token_required = registry_config.token.is_some(),
             client_certificate_required = registry_config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
             "registry listening");
-        registry::Registry::new(registry_config, control.clone()).spawn(
+        control::registry::Registry::new(registry_config, control.clone()).spawn(
             tcp,
             tls,
             lifecycle.clone(),
@@ -212,7 +218,7 @@ impl Running {
     pub async fn shutdown(self) -> usize {
         info!(grace = ?self.grace, "shutting down: no new connections, finishing in-flight requests");
         self.lifecycle.shutdown.cancel();
-        server::drain(&self.lifecycle, self.grace).await
+        datapath::server::drain(&self.lifecycle, self.grace).await
     }
 }
 

@@ -1,6 +1,6 @@
 //! The admin listener: Prometheus text with help for every fulcrum metric and the contract's
 //! labels, and fulcrum's own health in the seed schema.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

@@ -1,7 +1,7 @@
 //! Who may change a running balancer through the admin API: not a web page in the operator's
 //! browser (foreign `Origin` → 403, non-JSON bodies → 415), and no value in a call may be
 //! absurd (a drain longer than a day → 400). Each refusal changes nothing.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

@@ -1,7 +1,7 @@
 //! Per-backend connection caps: a node with `max_connections` never has more requests in flight
 //! than that, whatever the clients do (HTTP/2 streams included); a request with nowhere to go
 //! waits in the pool's FIFO queue for up to `queue_timeout`, then gets 503.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

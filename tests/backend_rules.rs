@@ -2,7 +2,7 @@
 //! (`POST`, `PUT`) and the registry's `ReportActive` refuse the same mistakes, each in its own
 //! form (a located diagnostic, a `400`/`409` with a JSON error, a gRPC status), and a refused
 //! change leaves the pool as it was.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

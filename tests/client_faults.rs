@@ -4,7 +4,7 @@
 //! the node. `response_timeout` starts once the upload is done, and a connection that sends
 //! nothing is closed at `header_read_timeout`. Over HTTP/1.1, HTTP/2 to the listener, and
 //! through `h2c` pools.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

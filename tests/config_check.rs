@@ -1,7 +1,7 @@
 //! `fulcrum check -c FILE` on each kind of config mistake, through the real binary: exit 1 and a
 //! `FILE:LINE:COL: key: message` line on stderr that points at the mistake. Valid files exit 0
 //! with a summary on stdout.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,6 +1,6 @@
 //! Client connections: idle ones are closed, `max_connections` queues the excess, and shutdown
 //! finishes in-flight requests before exiting.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

@@ -1,7 +1,7 @@
 //! Errors are answered, never hung: 503 with no backend, 502 on a refused connection, 504 on a
 //! slow backend, 400 for malformed requests (which never reach a backend), 431 for oversized
 //! heads, 413 over the body limit, 404 when no route matches. Each is counted.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

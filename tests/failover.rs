@@ -1,6 +1,6 @@
 //! Failures clients must not see: a refused connection is retried on another node (body and
 //! all), a refusing node cools off, and killing a node under steady load loses no request.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

@@ -1,6 +1,6 @@
 //! What a backend receives and what a client gets back: hop-by-hop headers stripped both ways
 //! (including those named in `Connection`), `X-Forwarded-*` set, Host preserved.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

@@ -1,7 +1,7 @@
 //! Active health checks are conservative: exactly `fall` consecutive failures take a node out,
 //! exactly `rise` consecutive passes bring it back, alternating results change nothing, and a
 //! "DOWN" body or a hanging check counts as a failure.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

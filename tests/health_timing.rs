@@ -1,7 +1,7 @@
 //! When health checks run: a `timeout` longer than the `interval` is accepted and checks of a
 //! node never overlap (the next starts when the previous one ended), and a reload that
 //! shortens the interval applies at once, also to nodes added afterwards.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

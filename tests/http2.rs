@@ -1,7 +1,7 @@
 //! `backend_protocol = "h2c"`: requests reach an HTTP/2 backend multiplexed over cleartext
 //! HTTP/2 with bodies intact, while `Upgrade` requests (WebSocket) to the same pool still go
 //! over HTTP/1.1, the only version that has them.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

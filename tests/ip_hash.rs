@@ -6,7 +6,7 @@
 //! the test's output; `FULCRUM_TEST_SEED=SEED` replays a failure. Shares are judged within five
 //! binomial standard deviations: a fair hash essentially never lands outside, and a bias of a
 //! few percent over thousands of clients does.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

@@ -5,7 +5,7 @@
 //!
 //! A failure names the file, the path it imports and both layers, so the fix (move the thing
 //! down, or pass it in) is obvious from the message.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

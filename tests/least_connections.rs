@@ -1,6 +1,6 @@
 //! Least connections counts requests until their response body ends, and steers new requests
 //! away from a node that holds them longer.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

@@ -4,7 +4,7 @@
 //! Users are moved between nodes by a tiny test balancer that routes each source address's
 //! n-th request by a rule the test picks (`--source-ips` gives every user its own address), so
 //! each expected figure is exact. fulcrum's own strategies are compared in their own tests.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

@@ -1,6 +1,6 @@
 //! `fulcrum load` against real servers on 127.0.0.1:0: counts, open-loop rate, error kinds,
 //! per-user cookie jars, source addresses, and the report's JSON and SVG forms.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;

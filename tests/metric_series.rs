@@ -1,7 +1,7 @@
 //! Metric series follow the pool: a node's series leave the very next scrape when it leaves,
 //! a node that returns under the same name starts fresh, a pool dropped by a reload takes its
 //! series along, and a scrape after every kind of traffic passes `promtool check metrics`.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

@@ -1,7 +1,7 @@
 //! The seed registry over real gRPC: nodes that register, heartbeat, miss heartbeats, are
 //! decommissioned and survive reloads, and a `fulcrum webnode --register` process that joins a
 //! balancer and leaves it under load without a failed request.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

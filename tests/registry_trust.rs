@@ -4,7 +4,7 @@
 //! `max_nodes` caps the pool; a node that moves is pending until it passes `rise` checks at its
 //! new address; `check`, `run` and `start` refuse a registry open to the network without auth;
 //! and `fulcrum webnode --register` brings its token (flag or environment) and its certificate.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

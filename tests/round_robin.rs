@@ -1,5 +1,5 @@
 //! Smooth weighted round robin is exact: over sum(weights) requests every node gets its weight.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

@@ -6,7 +6,7 @@
 //! moment the health checker brings the node back until the window is over, each filed under
 //! the slice of the window it was sent in, and each slice's share is judged against what the
 //! ramp allows over that slice.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

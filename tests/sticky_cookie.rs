@@ -1,6 +1,6 @@
 //! `sticky_cookie`: a user's cookie brings them back to the node that served them, on any
 //! balancer with the same secret, until that node is down or gone.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

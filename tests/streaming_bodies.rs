@@ -1,6 +1,6 @@
 //! Bodies stream both ways: 10 MiB arrive intact, and a 1 GiB body is relayed chunk by chunk
 //! under backpressure instead of being buffered whole.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

@@ -1,7 +1,7 @@
 //! TLS termination on loopback with certificates made in the test: SNI picks the certificate,
 //! ALPN h2 carries requests to HTTP/1.1 backends intact (bodies, headers, trailers), and clients
 //! that never finish a handshake are dropped without holding anyone else up.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

@@ -2,7 +2,7 @@
 //! naming the file: a key of another certificate, a missing file, a file with no PEM in it. An
 //! expired certificate is a loud warning, not an error: fulcrum still starts and serves it. Key
 //! formats: PKCS#8 (EC and RSA) and PKCS#1 RSA, with a chain.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

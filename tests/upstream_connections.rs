@@ -1,7 +1,7 @@
 //! fulcrum's own HTTP/1.1 connections to backends (src/upstream.rs): kept per node and reused,
 //! replaced without a failed request when the backend closed one while it sat idle, and closed
 //! once idle for `idle_pool_timeout`.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

@@ -1,6 +1,6 @@
 //! Every `fulcrum webnode` endpoint over real loopback sockets: one fresh HTTP/1.1 connection per
 //! request (so connection counts are predictable), nodes on `127.0.0.1:0`, no mocks.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //!
 //! Redis tests start their own `redis-server` and fail without one unless `FULCRUM_SKIP_REDIS=1`
 //! (see `support/redis_server.rs`).
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

@@ -1,7 +1,7 @@
 //! WebSocket (HTTP/1.1 `Upgrade`) pass-through: the handshake goes to the backend, frames flow
 //! both ways until a side closes, the tunnel counts as in flight for least connections, and
 //! graceful shutdown waits for it until `shutdown_grace`, then cuts it off.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test's unwrap is its assertion
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 
 mod support;
 

@@ -94,7 +94,7 @@ impl CertError {
 
 /// A certificate chain with its key, ready to serve, and what the operator should hear about it.
 #[derive(Debug)]
-pub struct LoadedCert {
+pub(crate) struct LoadedCert {
     pub certified: Arc<CertifiedKey>,
     /// DNS names of the leaf's subjectAltName, lower case (`*.example.com` for wildcards).
     pub dns_names: Vec<String>,
@@ -105,7 +105,7 @@ pub struct LoadedCert {
 
 impl LoadedCert {
     /// Whether a client asking for `name` (a config SNI name, possibly `*.x`) accepts the leaf.
-    pub fn covers(&self, name: &str) -> bool {
+    pub(crate) fn covers(&self, name: &str) -> bool {
         self.dns_names.iter().any(|have| {
             have == name
                 || (have.starts_with("*.")
@@ -117,7 +117,7 @@ impl LoadedCert {
 }
 
 /// Reads and checks one certificate chain (leaf first) and its private key.
-pub fn load_cert(paths: &CertPaths) -> Result<LoadedCert, CertError> {
+pub(crate) fn load_cert(paths: &CertPaths) -> Result<LoadedCert, CertError> {
     let cert_pem = std::fs::read(&paths.cert).map_err(|source| CertError::ReadCert {
         path: paths.cert.clone(),
         source,
@@ -223,7 +223,7 @@ fn utc(unix: i64) -> String {
 
 /// Requires a client certificate that chains to one of the CA certificates in `path` (PEM):
 /// the registry's mutual TLS. Errors name the file as [`CertFile::Cert`].
-pub fn client_verifier(path: &Path) -> Result<Arc<dyn ClientCertVerifier>, CertError> {
+pub(crate) fn client_verifier(path: &Path) -> Result<Arc<dyn ClientCertVerifier>, CertError> {
     let pem = std::fs::read(path).map_err(|source| CertError::ReadCert {
         path: path.to_owned(),
         source,
@@ -255,7 +255,7 @@ pub fn client_verifier(path: &Path) -> Result<Arc<dyn ClientCertVerifier>, CertE
 
 /// A self-signed certificate for `names` (DNS names or IP addresses), PEM encoded: the demo's
 /// and the tests' certificate. P-256, valid from now for a year.
-pub fn self_signed(names: &[&str]) -> Result<(String, String), rcgen::Error> {
+pub(crate) fn self_signed(names: &[&str]) -> Result<(String, String), rcgen::Error> {
     let key = rcgen::KeyPair::generate()?;
     let params =
         rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;

@@ -2,17 +2,17 @@
 //! what caused a failure.
 
 /// The error type hyper and tonic bodies carry.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An error and each of its sources in turn, outermost first.
-pub fn chain<'a>(
+pub(crate) fn chain<'a>(
     error: &'a (dyn std::error::Error + 'static),
 ) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
     std::iter::successors(Some(error), |e| e.source())
 }
 
 /// The innermost source: what the operating system or the peer actually said.
-pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     chain(error)
         .last()
         .map_or_else(String::new, ToString::to_string)

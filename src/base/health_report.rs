@@ -18,7 +18,7 @@ const MIN_CPU_WINDOW: Duration = Duration::from_secs(1);
 /// The seed's `/healthz` body; field order is the seed's.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct HealthReport<'a> {
+pub(crate) struct HealthReport<'a> {
     pub instance_id: &'a str,
     /// `UP`, `DOWN` or `DRAINING`.
     pub status: &'a str,
@@ -28,7 +28,7 @@ pub struct HealthReport<'a> {
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct SystemMetrics {
+pub(crate) struct SystemMetrics {
     pub cpu_utilization_percent: f64,
     pub free_memory_bytes: u64,
     pub active_connections: u64,
@@ -36,14 +36,14 @@ pub struct SystemMetrics {
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct DependencyStatus {
+pub(crate) struct DependencyStatus {
     pub database_connection: &'static str,
     pub redis_session_cache: &'static str,
 }
 
 impl<'a> HealthReport<'a> {
     /// A report with this process's real figures and no configured dependencies.
-    pub fn new(
+    pub(crate) fn new(
         instance_id: &'a str,
         status: &'a str,
         cpu: &CpuMeter,
@@ -67,7 +67,7 @@ impl<'a> HealthReport<'a> {
 
 /// This process's CPU use in percent of one core, between successive readings.
 #[derive(Debug)]
-pub struct CpuMeter {
+pub(crate) struct CpuMeter {
     // Only health endpoints read it, never the request path.
     sample: Mutex<CpuSample>,
 }
@@ -86,7 +86,7 @@ impl Default for CpuMeter {
 }
 
 impl CpuMeter {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             sample: Mutex::new(CpuSample {
                 ticks: read_cpu_ticks().unwrap_or(0),
@@ -96,7 +96,7 @@ impl CpuMeter {
         }
     }
 
-    pub fn percent(&self) -> f64 {
+    pub(crate) fn percent(&self) -> f64 {
         let Some(ticks) = read_cpu_ticks() else {
             return 0.0;
         };

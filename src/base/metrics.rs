@@ -15,26 +15,26 @@ use metrics::{
     describe_histogram, gauge, histogram,
 };
 
-pub use recorder::{Labels, Recorder, Scope};
+pub(crate) use recorder::{Recorder, Scope};
 
-pub const REQUESTS_TOTAL: &str = "fulcrum_requests_total";
-pub const REQUEST_DURATION: &str = "fulcrum_request_duration_seconds";
-pub const BACKEND_IN_FLIGHT: &str = "fulcrum_backend_in_flight";
-pub const PROXY_ERRORS_TOTAL: &str = "fulcrum_proxy_errors_total";
-pub const DOWNSTREAM_CONNECTIONS: &str = "fulcrum_downstream_connections";
-pub const BACKEND_UP: &str = "fulcrum_backend_up";
-pub const HEALTH_CHECKS_TOTAL: &str = "fulcrum_health_checks_total";
-pub const BACKEND_TRANSITIONS_TOTAL: &str = "fulcrum_backend_transitions_total";
-pub const RETRIES_TOTAL: &str = "fulcrum_retries_total";
-pub const STICKY_TOTAL: &str = "fulcrum_sticky_total";
-pub const TLS_HANDSHAKES_TOTAL: &str = "fulcrum_tls_handshakes_total";
-pub const CONFIG_RELOADS_TOTAL: &str = "fulcrum_config_reloads_total";
-pub const REGISTRY_EVENTS_TOTAL: &str = "fulcrum_registry_events_total";
-pub const CLIENT_ERRORS_TOTAL: &str = "fulcrum_client_errors_total";
-pub const POOL_QUEUE_DEPTH: &str = "fulcrum_pool_queue_depth";
+pub(crate) const REQUESTS_TOTAL: &str = "fulcrum_requests_total";
+pub(crate) const REQUEST_DURATION: &str = "fulcrum_request_duration_seconds";
+pub(crate) const BACKEND_IN_FLIGHT: &str = "fulcrum_backend_in_flight";
+pub(crate) const PROXY_ERRORS_TOTAL: &str = "fulcrum_proxy_errors_total";
+pub(crate) const DOWNSTREAM_CONNECTIONS: &str = "fulcrum_downstream_connections";
+pub(crate) const BACKEND_UP: &str = "fulcrum_backend_up";
+pub(crate) const HEALTH_CHECKS_TOTAL: &str = "fulcrum_health_checks_total";
+pub(crate) const BACKEND_TRANSITIONS_TOTAL: &str = "fulcrum_backend_transitions_total";
+pub(crate) const RETRIES_TOTAL: &str = "fulcrum_retries_total";
+pub(crate) const STICKY_TOTAL: &str = "fulcrum_sticky_total";
+pub(crate) const TLS_HANDSHAKES_TOTAL: &str = "fulcrum_tls_handshakes_total";
+pub(crate) const CONFIG_RELOADS_TOTAL: &str = "fulcrum_config_reloads_total";
+pub(crate) const REGISTRY_EVENTS_TOTAL: &str = "fulcrum_registry_events_total";
+pub(crate) const CLIENT_ERRORS_TOTAL: &str = "fulcrum_client_errors_total";
+pub(crate) const POOL_QUEUE_DEPTH: &str = "fulcrum_pool_queue_depth";
 
 /// The `backend` label of answers fulcrum gives itself, and the `pool` label when no route matched.
-pub const NONE: &str = "none";
+pub(crate) const NONE: &str = "none";
 
 /// Seconds; from a cache hit on loopback (100 µs) to the default response timeout (30 s).
 const DURATION_BUCKETS: &[f64] = &[
@@ -46,7 +46,7 @@ const DURATION_BUCKETS: &[f64] = &[
 /// metric described.
 ///
 /// Several balancers in one process (the tests do this) share it; their series differ by label.
-pub fn recorder() -> &'static Recorder {
+pub(crate) fn recorder() -> &'static Recorder {
     static RECORDER: Recorder = Recorder::new(&[(REQUEST_DURATION, DURATION_BUCKETS)]);
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {

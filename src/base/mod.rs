@@ -2,10 +2,10 @@
 //! validated config, the cheap clock, metric names and the recorder, error-chain walking,
 //! certificate loading, the web node's health schema and the generated registry messages.
 
-pub mod certs;
-pub mod clock;
+pub(crate) mod certs;
+pub(crate) mod clock;
 pub mod config;
-pub mod error;
-pub mod health_report;
-pub mod metrics;
+pub(crate) mod error;
+pub(crate) mod health_report;
+pub(crate) mod metrics;
 pub mod proto;

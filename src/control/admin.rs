@@ -37,10 +37,10 @@ const MAX_API_BODY: usize = 1 << 20;
 
 /// `?drain=` longer than a day is a typo, not a drain; it also keeps `now + drain` far from
 /// overflowing an `Instant`.
-pub const MAX_DRAIN: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_DRAIN: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug)]
-pub struct AdminState {
+pub(crate) struct AdminState {
     pub cpu: CpuMeter,
     /// Client connections open on all traffic listeners.
     pub client_connections: Arc<AtomicU64>,
@@ -94,7 +94,7 @@ pub(crate) fn spawn(
 }
 
 #[expect(clippy::expect_used, reason = "the health report always serializes")]
-pub async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<ProxyBody> {
+pub(crate) async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<ProxyBody> {
     let path = req.uri().path().to_owned();
     if path == "/api" || path.starts_with("/api/") {
         return api(req, &path, state).await;

@@ -43,21 +43,21 @@ const JITTER_PERCENT: u32 = 10;
 
 /// The outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Pass,
     Fail(String),
 }
 
 /// A node's consecutive-result counter: the whole up/down decision, as a pure state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Counter {
+pub(crate) struct Counter {
     up: bool,
     passes: u32,
     failures: u32,
 }
 
 impl Counter {
-    pub fn new(up: bool) -> Self {
+    pub(crate) fn new(up: bool) -> Self {
         Self {
             up,
             passes: 0,
@@ -65,12 +65,13 @@ impl Counter {
         }
     }
 
-    pub fn is_up(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_up(&self) -> bool {
         self.up
     }
 
     /// Records one check; returns the new state when this check changed it.
-    pub fn record(&mut self, passed: bool, rise: u32, fall: u32) -> Option<bool> {
+    pub(crate) fn record(&mut self, passed: bool, rise: u32, fall: u32) -> Option<bool> {
         if passed {
             self.failures = 0;
             self.passes = self.passes.saturating_add(1);
@@ -92,30 +93,30 @@ impl Counter {
 
 /// The random parts of a node's check schedule.
 #[derive(Debug)]
-pub struct Jitter<R> {
+pub(crate) struct Jitter<R> {
     rng: R,
 }
 
 impl Jitter<rand::rngs::SmallRng> {
     /// Seeded once per node task from the thread-local generator, which itself cannot be held
     /// across an `await`. Not a secret: a fast non-cryptographic generator will do.
-    pub fn from_os() -> Self {
+    pub(crate) fn from_os() -> Self {
         Self::new(rand::make_rng())
     }
 }
 
 impl<R: rand::Rng> Jitter<R> {
-    pub fn new(rng: R) -> Self {
+    pub(crate) fn new(rng: R) -> Self {
         Self { rng }
     }
 
     /// When a node's first check comes: anywhere within one interval.
-    pub fn first_offset(&mut self, interval: Duration) -> Duration {
+    pub(crate) fn first_offset(&mut self, interval: Duration) -> Duration {
         interval.mul_f64(self.rng.random_range(0.0..1.0))
     }
 
     /// The time from one check's start to the next one's: `interval` ±10 %.
-    pub fn interval(&mut self, interval: Duration) -> Duration {
+    pub(crate) fn interval(&mut self, interval: Duration) -> Duration {
         let spread = f64::from(JITTER_PERCENT) / 100.0;
         interval.mul_f64(self.rng.random_range(1.0 - spread..=1.0 + spread))
     }
@@ -124,7 +125,7 @@ impl<R: rand::Rng> Jitter<R> {
 /// When the check after one that ran from `started` to `ended` may start: one (jittered)
 /// `interval` after the previous start, or when the previous check ended if that is later.
 /// Checks of a node therefore never overlap, whatever `timeout` is.
-pub fn next_start(started: Instant, ended: Instant, interval: Duration) -> Instant {
+pub(crate) fn next_start(started: Instant, ended: Instant, interval: Duration) -> Instant {
     (started + interval).max(ended)
 }
 
@@ -133,7 +134,7 @@ type CheckClient = Client<HttpConnector, Empty<Bytes>>;
 
 /// Starts checking every node of `pool` until `shutdown`. A node that joins the pool gets its
 /// task as soon as the pool changes; a node's task ends when it leaves the pool.
-pub fn spawn_checker(pool: Arc<Pool>, shutdown: CancellationToken) {
+pub(crate) fn spawn_checker(pool: Arc<Pool>, shutdown: CancellationToken) {
     tokio::spawn(async move {
         let mut tasks: HashMap<Arc<str>, CancellationToken> = HashMap::new();
         loop {
@@ -369,7 +370,7 @@ async fn check(client: &CheckClient, backend: &Backend, settings: &HealthConfig)
 }
 
 /// The pass rule of the contract, on an answer already received.
-pub fn judge(status: StatusCode, body: &[u8]) -> Verdict {
+pub(crate) fn judge(status: StatusCode, body: &[u8]) -> Verdict {
     if !status.is_success() {
         return Verdict::Fail(format!("status {}", status.as_u16()));
     }

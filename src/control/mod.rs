@@ -6,10 +6,10 @@
 //! one, never half of each. The effective config (the file plus what the API changed since) is
 //! kept here, so each change is "edit the config, rebuild what it touches".
 
-pub mod admin;
-pub mod health;
-pub mod registry;
-pub mod status;
+pub(crate) mod admin;
+pub(crate) mod health;
+pub(crate) mod registry;
+pub(crate) mod status;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -169,7 +169,7 @@ pub struct BackendView {
 
 /// The admin API's word for a node's state; draining wins over everything, then health,
 /// then the passive cool-off.
-pub fn state_name(node: &Node) -> &'static str {
+pub(crate) fn state_name(node: &Node) -> &'static str {
     if node.is_draining() {
         return "draining";
     }

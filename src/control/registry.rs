@@ -14,8 +14,6 @@
 //! `allowed_networks` or at one of fulcrum's own sockets is `PERMISSION_DENIED`, a node beyond
 //! `max_nodes` is `RESOURCE_EXHAUSTED`; none of them changes anything.
 
-/// The generated messages, server and client (defined in [`crate::base::proto`]).
-pub use crate::base::proto;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -49,7 +47,7 @@ use crate::base::proto::{
 };
 
 /// `graceful_drain_timeout_seconds` left empty: the seed's default.
-pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 /// Longer drains are cut to this; a day is past any real drain, and the cap keeps
 /// `Instant + drain` far from overflowing.
 const MAX_DRAIN_SECS: u64 = 86_400;
@@ -58,7 +56,7 @@ const MISSED_HEARTBEATS: u32 = 3;
 
 /// The registry service; cheap to clone (one `Arc`).
 #[derive(Clone)]
-pub struct Registry(Arc<Inner>);
+pub(crate) struct Registry(Arc<Inner>);
 
 struct Inner {
     control: Arc<Control>,
@@ -90,7 +88,7 @@ struct Events {
 struct Peer(SocketAddr);
 
 impl Registry {
-    pub fn new(config: &RegistryConfig, control: Arc<Control>) -> Self {
+    pub(crate) fn new(config: &RegistryConfig, control: Arc<Control>) -> Self {
         let event = |name: &'static str| counter!(REGISTRY_EVENTS_TOTAL, "event" => name);
         let whole = config
             .heartbeat_interval
@@ -124,7 +122,7 @@ impl Registry {
     /// Serves gRPC (HTTP/2 prior knowledge, or over `tls`) on `listener` with the same accept
     /// loop, limits and graceful drain as the other listeners, and starts the reaper; both stop
     /// on `shutdown`. Every call passes the token check first.
-    pub fn spawn(
+    pub(crate) fn spawn(
         self,
         listener: TcpListener,
         tls: Option<Arc<TlsTerminator>>,
@@ -350,7 +348,7 @@ fn backend(request: &ReportActiveRequest) -> Result<BackendConfig, Status> {
 
 /// `graceful_drain_timeout_seconds`: empty for the default, else ASCII digits only (no sign,
 /// no spaces, no unit); numbers past a day are cut to a day.
-pub fn drain_timeout(text: &str) -> Result<Duration, Status> {
+pub(crate) fn drain_timeout(text: &str) -> Result<Duration, Status> {
     if text.is_empty() {
         return Ok(DEFAULT_DRAIN);
     }

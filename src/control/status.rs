@@ -16,7 +16,7 @@ const MIN_WINDOW: Duration = Duration::from_millis(500);
 
 /// Request and failure counts at the previous render, to turn counters into rates.
 #[derive(Debug, Default)]
-pub struct RateSampler(Mutex<Sampled>);
+pub(crate) struct RateSampler(Mutex<Sampled>);
 
 #[derive(Debug, Default)]
 struct Sampled {
@@ -63,7 +63,7 @@ impl RateSampler {
     }
 }
 
-pub fn render(router: &Router, sampler: &RateSampler) -> String {
+pub(crate) fn render(router: &Router, sampler: &RateSampler) -> String {
     let rates = sampler.rates(router);
     let mut html = String::with_capacity(16 * 1024);
     html.push_str(HEAD);

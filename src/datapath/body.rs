@@ -36,7 +36,11 @@ pin_project! {
 impl ProxyBody {
     /// A backend's body; `conn` is the connection it arrives on, when it is one of fulcrum's
     /// own (see [`crate::upstream`]).
-    pub fn upstream(body: Incoming, in_flight: InFlight, conn: Option<UpstreamConn>) -> Self {
+    pub(crate) fn upstream(
+        body: Incoming,
+        in_flight: InFlight,
+        conn: Option<UpstreamConn>,
+    ) -> Self {
         // An empty body may never be polled (HEAD, 204, 304): its connection is free already.
         let conn = match conn {
             Some(conn) if body.is_end_stream() => {
@@ -52,13 +56,13 @@ impl ProxyBody {
         }
     }
 
-    pub fn local(data: impl Into<Bytes>) -> Self {
+    pub(crate) fn local(data: impl Into<Bytes>) -> Self {
         ProxyBody::Local {
             data: Some(data.into()),
         }
     }
 
-    pub fn empty() -> Self {
+    pub(crate) fn empty() -> Self {
         ProxyBody::Local { data: None }
     }
 }

@@ -3,9 +3,9 @@
 //! ([`headers`]), the client-side body ([`body`]), TLS termination ([`tls`]) and the one way a
 //! listener is bound and served ([`listeners`]).
 
-pub mod body;
+pub(crate) mod body;
 pub mod headers;
-pub mod listeners;
-pub mod proxy;
-pub mod server;
-pub mod tls;
+pub(crate) mod listeners;
+pub(crate) mod proxy;
+pub(crate) mod server;
+pub(crate) mod tls;

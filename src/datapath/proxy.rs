@@ -33,7 +33,7 @@ use tokio::sync::oneshot;
 
 /// What one listener tells the proxy path about its connections.
 #[derive(Debug)]
-pub struct ListenerInfo {
+pub(crate) struct ListenerInfo {
     pub name: Arc<str>,
     /// `"http"` or `"https"`, for `X-Forwarded-Proto`.
     pub proto: &'static str,
@@ -46,7 +46,7 @@ pub struct ListenerInfo {
 
 /// One client connection.
 #[derive(Debug)]
-pub struct ConnInfo {
+pub(crate) struct ConnInfo {
     pub peer: SocketAddr,
     pub listener: Arc<ListenerInfo>,
     /// The connection's share for a tunnel that outlives the request (an upgrade).
@@ -136,7 +136,7 @@ impl Router {
 }
 
 /// Serves one request: the whole request path after the connection layer.
-pub async fn handle(req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+pub(crate) async fn handle(req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
     let started = Instant::now();
     let version = req.version();
     if req.method() == Method::CONNECT {
@@ -611,7 +611,7 @@ fn declared_length(req: &Request<Incoming>) -> Option<u64> {
 
 /// Everything that stops a request from getting a backend's answer.
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     #[error("no route matches the request")]
     NoRoute,
     #[error("CONNECT is not served by a reverse proxy")]
@@ -698,7 +698,7 @@ impl ProxyError {
         }
     }
 
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Method => StatusCode::METHOD_NOT_ALLOWED,
@@ -799,7 +799,7 @@ impl ProxyError {
 }
 
 /// A short plain-text answer from fulcrum itself.
-pub fn local_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
+pub(crate) fn local_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::local(format!("{message}\n")));
     *response.status_mut() = status;
     response.headers_mut().insert(

@@ -36,7 +36,7 @@ use crate::datapath::tls::TlsTerminator;
 
 /// Limits applied to every connection of one listener.
 #[derive(Debug, Clone)]
-pub struct ConnLimits {
+pub(crate) struct ConnLimits {
     /// Time to receive a complete request head. The first one's clock starts at accept (at the
     /// end of the TLS handshake), whatever the protocol; after that hyper starts it whenever it
     /// waits for a head, so on HTTP/1.1 it also bounds how long a keep-alive connection may sit
@@ -51,7 +51,7 @@ pub struct ConnLimits {
 
 /// The limits of fulcrum's own service listeners (admin API, registry): their callers are few
 /// and known, so the bounds are fixed rather than configured.
-pub const SERVICE_LIMITS: ConnLimits = ConnLimits {
+pub(crate) const SERVICE_LIMITS: ConnLimits = ConnLimits {
     header_read_timeout: Duration::from_secs(10),
     idle_timeout: Duration::from_secs(60),
     max_header_bytes: 16 * 1024,
@@ -100,7 +100,7 @@ pub struct Lifecycle {
 /// `make_service` builds for its peer. With `tls`, each connection's task first runs the
 /// handshake (bounded by its timeout), so a slow or silent client never holds up the loop.
 #[expect(clippy::expect_used, reason = "semaphore is never closed")]
-pub fn spawn_accept_loop<M, S, B>(
+pub(crate) fn spawn_accept_loop<M, S, B>(
     listener: TcpListener,
     name: Arc<str>,
     limits: ConnLimits,
@@ -266,7 +266,7 @@ impl Builders {
 /// `max_connections` slot and its place in `fulcrum_downstream_connections`, the drain waits
 /// for it, and `idle_timeout` still closes it.
 #[derive(Clone)]
-pub struct ConnHandle {
+pub(crate) struct ConnHandle {
     inner: Arc<ConnShared>,
 }
 
@@ -315,25 +315,25 @@ impl ConnHandle {
 
     /// The listener's `idle_timeout`: how long a client may leave its connection (or its
     /// upload) without a byte.
-    pub fn idle_timeout(&self) -> Duration {
+    pub(crate) fn idle_timeout(&self) -> Duration {
         self.inner.idle_timeout
     }
 
     /// The listener's `fulcrum_client_errors_total` handles.
-    pub fn client_errors(&self) -> &Arc<ClientErrors> {
+    pub(crate) fn client_errors(&self) -> &Arc<ClientErrors> {
         &self.inner.client_errors
     }
 
     /// Whether `shutdown_grace` ran out and the connection is being cut off (not the client's
     /// doing).
-    pub fn is_cut_off(&self) -> bool {
+    pub(crate) fn is_cut_off(&self) -> bool {
         self.inner.lifecycle.cut_off.is_cancelled()
     }
 
     /// Keeps the connection's idle timer from closing the connection while the returned guard
     /// lives: a request watching its own upload answers a stalled client `408` at the same
     /// `idle_timeout`, and must not lose that race to a silent close.
-    pub fn hold_open(&self) -> HoldOpen<'_> {
+    pub(crate) fn hold_open(&self) -> HoldOpen<'_> {
         self.inner.uploads.fetch_add(1, Ordering::Relaxed);
         HoldOpen(&self.inner)
     }
@@ -341,7 +341,12 @@ impl ConnHandle {
     /// Once both sides have switched protocols, copies bytes between the client and the
     /// backend until either closes, the connection idles for `idle_timeout`, or shutdown
     /// cuts it off. `guard` (the request's in-flight count) lives as long as the tunnel.
-    pub fn spawn_tunnel<G: Send + 'static>(&self, client: OnUpgrade, backend: OnUpgrade, guard: G) {
+    pub(crate) fn spawn_tunnel<G: Send + 'static>(
+        &self,
+        client: OnUpgrade,
+        backend: OnUpgrade,
+        guard: G,
+    ) {
         let conn = self.clone();
         self.inner.lifecycle.tracker.spawn(async move {
             let _guard = guard;
@@ -367,7 +372,7 @@ impl ConnHandle {
 }
 
 /// See [`ConnHandle::hold_open`].
-pub struct HoldOpen<'a>(&'a ConnShared);
+pub(crate) struct HoldOpen<'a>(&'a ConnShared);
 
 impl Drop for HoldOpen<'_> {
     fn drop(&mut self) {
@@ -694,7 +699,7 @@ impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
 
 /// Waits for the connection and tunnel tasks for at most `grace`, then cuts off the rest;
 /// returns how many were still running when it ran out.
-pub async fn drain(lifecycle: &Lifecycle, grace: Duration) -> usize {
+pub(crate) async fn drain(lifecycle: &Lifecycle, grace: Duration) -> usize {
     let tracker = &lifecycle.tracker;
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
@@ -714,7 +719,7 @@ pub async fn drain(lifecycle: &Lifecycle, grace: Duration) -> usize {
 /// Binds a listening socket with room for a burst of connections: tokio's default backlog of
 /// 1024 overflows when a thousand clients connect at once, and each overflowed SYN costs its
 /// client a one-second retransmit. The kernel caps the value at `net.core.somaxconn`.
-pub fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+pub(crate) fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {

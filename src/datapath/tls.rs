@@ -35,7 +35,7 @@ const ALPN_GRPC: [&[u8]; 1] = [b"h2"];
 
 /// The certificates of one listener, by the name a client asks for.
 #[derive(Debug)]
-pub struct CertSet {
+pub(crate) struct CertSet {
     default: Arc<CertifiedKey>,
     exact: HashMap<String, Arc<CertifiedKey>>,
     /// `*.example.com` is stored as `example.com`.
@@ -44,7 +44,7 @@ pub struct CertSet {
 
 impl CertSet {
     /// Loads every certificate of `config`, or fails on the first that cannot be used.
-    pub fn load(config: &TlsConfig) -> Result<Self, CertError> {
+    pub(crate) fn load(config: &TlsConfig) -> Result<Self, CertError> {
         let mut set = CertSet {
             default: load_cert(&config.default)?.certified,
             exact: HashMap::new(),
@@ -67,7 +67,7 @@ impl CertSet {
 
     /// The certificate for the SNI name a client sent: an exact name, else a wildcard one
     /// label up, else the default.
-    pub fn pick(&self, server_name: Option<&str>) -> &Arc<CertifiedKey> {
+    pub(crate) fn pick(&self, server_name: Option<&str>) -> &Arc<CertifiedKey> {
         let Some(name) = server_name else {
             return &self.default;
         };
@@ -91,19 +91,19 @@ impl CertSet {
 
 /// Chooses a listener's certificate per handshake from a swappable [`CertSet`].
 #[derive(Debug)]
-pub struct CertResolver {
+pub(crate) struct CertResolver {
     certs: ArcSwap<CertSet>,
 }
 
 impl CertResolver {
-    pub fn new(certs: CertSet) -> Self {
+    pub(crate) fn new(certs: CertSet) -> Self {
         Self {
             certs: ArcSwap::from_pointee(certs),
         }
     }
 
     /// Publishes a new set; handshakes from now on use it, established connections keep theirs.
-    pub fn replace(&self, certs: CertSet) {
+    pub(crate) fn replace(&self, certs: CertSet) {
         self.certs.store(Arc::new(certs));
     }
 }
@@ -116,14 +116,14 @@ impl ResolvesServerCert for CertResolver {
 
 /// How one handshake ended: the `result` label of `fulcrum_tls_handshakes_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandshakeResult {
+pub(crate) enum HandshakeResult {
     Ok,
     Error,
     Timeout,
 }
 
 impl HandshakeResult {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             HandshakeResult::Ok => "ok",
             HandshakeResult::Error => "error",
@@ -133,7 +133,7 @@ impl HandshakeResult {
 }
 
 /// A listener's TLS side: acceptor, certificates, handshake timeout and counters.
-pub struct TlsTerminator {
+pub(crate) struct TlsTerminator {
     listener: Arc<str>,
     acceptor: TlsAcceptor,
     resolver: Arc<CertResolver>,
@@ -155,13 +155,13 @@ impl std::fmt::Debug for TlsTerminator {
 impl TlsTerminator {
     /// Loads the listener's certificates and builds its rustls configuration: TLS 1.3 and 1.2,
     /// ALPN `h2` then `http/1.1`, stateless session tickets.
-    pub fn new(listener: &str, config: &TlsConfig) -> Result<Self, CertError> {
+    pub(crate) fn new(listener: &str, config: &TlsConfig) -> Result<Self, CertError> {
         Self::build(listener, config, None, &ALPN)
     }
 
     /// The registry's TLS: gRPC, so ALPN `h2` only; with `client_ca`, a client without a
     /// certificate signed by one of its CAs does not complete the handshake.
-    pub fn grpc(
+    pub(crate) fn grpc(
         listener: &str,
         config: &TlsConfig,
         client_ca: Option<&Path>,
@@ -207,14 +207,14 @@ impl TlsTerminator {
     }
 
     /// The resolver a certificate reload publishes into.
-    pub fn resolver(&self) -> &Arc<CertResolver> {
+    pub(crate) fn resolver(&self) -> &Arc<CertResolver> {
         &self.resolver
     }
 
     /// Runs the server side of a handshake within the listener's timeout. `None` means the
     /// client is gone or useless (plaintext on a TLS port, a bad hello, silence): the caller
     /// drops the connection.
-    pub async fn handshake<IO>(&self, io: IO, peer: SocketAddr) -> Option<TlsStream<IO>>
+    pub(crate) async fn handshake<IO>(&self, io: IO, peer: SocketAddr) -> Option<TlsStream<IO>>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
@@ -242,7 +242,7 @@ impl TlsTerminator {
 }
 
 /// The negotiated ALPN protocol of an established TLS connection.
-pub fn alpn<IO>(stream: &TlsStream<IO>) -> Option<&[u8]> {
+pub(crate) fn alpn<IO>(stream: &TlsStream<IO>) -> Option<&[u8]> {
     stream.get_ref().1.alpn_protocol()
 }
 

@@ -3,5 +3,5 @@
 //! Nothing here does I/O of its own beyond the upstream connections a node keeps.
 
 pub mod balance;
-pub mod node;
+pub(crate) mod node;
 pub mod pool;

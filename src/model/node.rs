@@ -17,7 +17,7 @@ use crate::upstream::IdleConns;
 /// The requests waiting for room on a pool's capped nodes, as a node sees them: told when a
 /// place frees up and when the node's state changes. The pool's wait queue implements it; the
 /// node holds it as a trait object so that it does not need the pool to exist.
-pub trait Waiters: Send + Sync + std::fmt::Debug {
+pub(crate) trait Waiters: Send + Sync + std::fmt::Debug {
     /// A place on `node` was just given back (its in-flight count already lowered).
     fn released(&self, node: &Arc<Node>);
     /// Something changed that waiting requests should look at again.

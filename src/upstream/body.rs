@@ -23,7 +23,7 @@ use crate::base::metrics::{ClientErrorKind, ClientErrors};
 /// The client's body stream exceeded the listener's `max_body_bytes`.
 #[derive(Debug, thiserror::Error)]
 #[error("request body exceeds the limit of {limit} bytes")]
-pub struct BodyTooLarge {
+pub(crate) struct BodyTooLarge {
     pub limit: u64,
 }
 
@@ -31,7 +31,7 @@ pub struct BodyTooLarge {
 /// the upstream connection sees as the body's error, so it heads hyper's error chain there.
 #[derive(Debug, thiserror::Error)]
 #[error("client request body failed ({})", kind.as_str())]
-pub struct ClientBodyError {
+pub(crate) struct ClientBodyError {
     pub kind: ClientErrorKind,
     #[source]
     source: BoxError,

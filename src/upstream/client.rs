@@ -14,7 +14,7 @@ use crate::base::config::BackendProtocol;
 
 /// hyper-util's pooled client, for what needs a task per connection: h2c backends and
 /// `Upgrade` requests. Other HTTP/1.1 requests go through [`crate::upstream`].
-pub type UpstreamClient = Client<HttpConnector, RequestBody>;
+pub(crate) type UpstreamClient = Client<HttpConnector, RequestBody>;
 
 pub(crate) fn upstream_client(
     connect_timeout: Duration,

@@ -17,8 +17,8 @@
 //!
 //! HTTP/2 backends (`h2c`) and `Upgrade` requests keep using hyper-util's client.
 
-pub mod body;
-pub mod client;
+pub(crate) mod body;
+pub(crate) mod client;
 
 use std::io;
 use std::net::SocketAddr;
@@ -40,7 +40,7 @@ use crate::upstream::body::RequestBody;
 /// Idle connections kept per backend; a connection released when the queue is full is closed.
 /// HAProxy keeps every reusable connection, nginx `keepalive N` per worker: this bounds the
 /// file descriptors one backend can hold without churning connections under heavy concurrency.
-pub const MAX_IDLE_PER_BACKEND: usize = 1024;
+pub(crate) const MAX_IDLE_PER_BACKEND: usize = 1024;
 
 /// The request half of one HTTP/1.1 connection to a backend; its I/O runs in a spawned task
 /// that ends when this is dropped or the backend closes.
@@ -53,7 +53,7 @@ pub struct UpstreamConn {
 
 /// Why a request got no response from the backend.
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     /// Nothing was sent: the request may go to another backend.
     #[error("connect: {0}")]
     Connect(#[source] io::Error),
@@ -101,7 +101,7 @@ impl UpstreamConn {
 /// returns the response head with the connection, which goes back to `idle` once the response
 /// body has ended. A reused connection the backend closed just as the request went out hands
 /// the request back unsent: it is then sent once more over a new connection.
-pub async fn request(
+pub(crate) async fn request(
     idle: &IdleConns,
     address: SocketAddr,
     connect_timeout: Duration,

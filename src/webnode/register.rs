@@ -77,7 +77,7 @@ impl Interceptor for Bearer {
 }
 
 /// A node announced to a registry and heartbeating in the background.
-pub struct Registration {
+pub(super) struct Registration {
     id: String,
     options: RegisterOptions,
     client: Client,
@@ -88,7 +88,7 @@ pub struct Registration {
 impl Registration {
     /// Starts reporting `id` at `listen`; returns at once (the first report runs in the
     /// background). Fails only on a URL that cannot be used.
-    pub async fn start(
+    pub(super) async fn start(
         options: RegisterOptions,
         id: &str,
         listen: SocketAddr,
@@ -127,7 +127,7 @@ impl Registration {
 
     /// Stops heartbeating, asks to be decommissioned, and (when the registry agreed) keeps the
     /// node serving for the grace, or until a second signal.
-    pub async fn leave(mut self) {
+    pub(super) async fn leave(mut self) {
         // Let a heartbeat already on the wire finish first: answered after the decommission,
         // it would register the node again.
         self.stop.cancel();

@@ -52,17 +52,17 @@ return 0
 
 /// A session id: 128 random bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SessionId(u128);
+pub(super) struct SessionId(u128);
 
 impl SessionId {
-    pub fn random() -> Result<Self, StoreError> {
+    pub(super) fn random() -> Result<Self, StoreError> {
         let mut bytes = [0u8; 16];
         getrandom::fill(&mut bytes).map_err(StoreError::Random)?;
         Ok(SessionId(u128::from_le_bytes(bytes)))
     }
 
     /// Exactly 32 lowercase hex digits, as [`SessionId`]s are written; anything else is `None`.
-    pub fn parse(text: &str) -> Option<Self> {
+    pub(super) fn parse(text: &str) -> Option<Self> {
         // from_str_radix alone would also take a leading '+' and upper case.
         let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
         if text.len() != 32 || !text.bytes().all(hex) {
@@ -84,7 +84,7 @@ impl fmt::Display for SessionId {
 
 /// What one `/session` visit found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Visit {
+pub(super) struct Visit {
     pub id: SessionId,
     /// Visits of this session so far, this one included.
     pub visits: u64,
@@ -94,7 +94,7 @@ pub struct Visit {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(super) enum StoreError {
     #[error("the session store (redis at {addr}) is unreachable: {source}")]
     Redis {
         addr: String,

@@ -30,7 +30,7 @@ const DEFAULT_BUCKETS: &[f64] = &[
 
 /// The process's series, their help text, and how to render them.
 #[derive(Debug)]
-pub struct Recorder {
+pub(crate) struct Recorder {
     /// Bucket upper bounds by histogram name; others get [`DEFAULT_BUCKETS`].
     buckets: &'static [(&'static str, &'static [f64])],
     inner: Mutex<Inner>,
@@ -77,11 +77,11 @@ enum Series {
 /// A series' label pairs, in the order the code registered them (which is the order a scrape
 /// shows them in).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Labels(Vec<(String, String)>);
+pub(crate) struct Labels(Vec<(String, String)>);
 
 impl Labels {
     /// The value of label `name`, if the series has it.
-    pub fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(key, _)| key == name)
@@ -94,7 +94,7 @@ impl Labels {
 /// under the lock that removes the series, so a request still in flight on an old snapshot
 /// cannot bring a removed series back; its handles keep working on series nobody renders.
 #[derive(Debug, Default)]
-pub struct Scope {
+pub(crate) struct Scope {
     closed: AtomicBool,
 }
 
@@ -139,7 +139,7 @@ impl HistogramFn for Buckets {
 impl Recorder {
     /// A recorder with no series; `buckets` gives the histograms that want their own bounds
     /// (each list sorted ascending).
-    pub const fn new(buckets: &'static [(&'static str, &'static [f64])]) -> Self {
+    pub(crate) const fn new(buckets: &'static [(&'static str, &'static [f64])]) -> Self {
         Self {
             buckets,
             inner: Mutex::new(Inner {
@@ -151,7 +151,7 @@ impl Recorder {
 
     /// A counter created on first use by something that may leave (see [`Scope`]); a closed
     /// scope gets a handle that counts nowhere.
-    pub fn counter_in(&self, scope: &Scope, key: &Key) -> Counter {
+    pub(crate) fn counter_in(&self, scope: &Scope, key: &Key) -> Counter {
         let mut inner = self.lock();
         if scope.closed.load(Ordering::Relaxed) {
             return Counter::noop();
@@ -166,7 +166,11 @@ impl Recorder {
     /// `scopes` so nothing registers under them again. Handles already held keep working and
     /// are simply no longer rendered; a later registration with the same labels starts a fresh
     /// series. Returns how many series were removed.
-    pub fn remove_series(&self, scopes: &[&Scope], matches: impl Fn(&Labels) -> bool) -> usize {
+    pub(crate) fn remove_series(
+        &self,
+        scopes: &[&Scope],
+        matches: impl Fn(&Labels) -> bool,
+    ) -> usize {
         let mut inner = self.lock();
         for scope in scopes {
             scope.closed.store(true, Ordering::Relaxed);
@@ -183,7 +187,7 @@ impl Recorder {
 
     /// The Prometheus text format (0.0.4): metrics by name, each with `# HELP` (when described)
     /// and `# TYPE`, then its series ordered by their labels.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let inner = self.lock();
         let mut out = String::with_capacity(inner.families.len() * 256);
         for (name, family) in &inner.families {
