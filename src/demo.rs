@@ -8,6 +8,7 @@ use anyhow::Context;
 use crate::base::config::Config;
 use crate::webnode::{self, WebNodeOptions};
 
+/// The demo's config: three web nodes behind one pool, over HTTP and HTTPS.
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 
 /// The demo's self-signed certificate, in a temporary directory removed when the demo ends.

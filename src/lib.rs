@@ -194,6 +194,7 @@ impl Running {
         self.control.listener_addr(listener)
     }
 
+    /// The admin API's bound address; `None` without `[admin]`.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin
     }

@@ -20,7 +20,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 /// Relative paths are relative to the working directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertPaths {
+    /// PEM certificate chain, leaf first.
     pub cert: PathBuf,
+    /// PEM private key of the chain's leaf.
     pub key: PathBuf,
 }
 

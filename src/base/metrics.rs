@@ -360,12 +360,16 @@ impl PoolMetrics {
 /// label before it is a strategy's concern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// The cookie's node served the request.
     Hit = 0,
+    /// No usable cookie: the fallback placed the user.
     New = 1,
+    /// The cookie's node is gone or did not serve: another node took the user.
     Rerouted = 2,
 }
 
 impl Outcome {
+    /// The `outcome` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Hit => "hit",

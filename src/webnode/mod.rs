@@ -70,7 +70,9 @@ const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
 /// [`spawn_with_sessions`], so code that builds these options stays as it is.
 #[derive(Debug, Clone)]
 pub struct WebNodeOptions {
+    /// The address to serve on; port 0 takes a free one.
     pub listen: SocketAddr,
+    /// The node's name, sent as `X-Served-By` and to the registry.
     pub id: String,
     /// Bearer token the control endpoints (`POST /admin/health`, `POST /admin/pause`) require.
     /// `None` turns them off: a node behind a balancer is reachable by every client, and
@@ -111,6 +113,7 @@ impl WebNode {
         self.local_addr
     }
 
+    /// The node's name, as given in [`WebNodeOptions::id`].
     pub fn id(&self) -> &str {
         &self.shared.id
     }

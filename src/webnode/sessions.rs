@@ -112,6 +112,7 @@ pub(super) enum StoreError {
 /// `--sessions`: where a node keeps its sessions.
 #[derive(Clone, Default)]
 pub enum SessionBackend {
+    /// In this process: lost on restart, not shared with other nodes.
     #[default]
     Memory,
     /// The client `redis://...` parsed into. The URL may hold a password, so it is only ever

@@ -19,20 +19,28 @@ pub const MAX_NAME_LEN: usize = 255;
 /// names the field it is about.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
+    /// `address` is not an IP:port.
     #[error(transparent)]
     Address(#[from] NotAnAddress),
+    /// `address` has port 0.
     #[error("port 0 is not a backend port")]
     PortZero,
+    /// `weight` outside 1..=[`MAX_WEIGHT`].
     #[error("must be between 1 and {MAX_WEIGHT} (got {0})")]
     Weight(i128),
+    /// `name` is empty.
     #[error("must not be empty")]
     EmptyName,
+    /// `name` is too long or holds a control character.
     #[error("must be at most {MAX_NAME_LEN} bytes without control characters")]
     Name,
+    /// `max_connections` outside 1..=[`MAX_BACKEND_CONNECTIONS`].
     #[error("must be between 1 and {MAX_BACKEND_CONNECTIONS} (got {0}); leave it out for no cap")]
     MaxConnections(i128),
+    /// Another backend of the pool has this name.
     #[error("duplicate backend `{0}`")]
     DuplicateName(String),
+    /// Another backend of the pool has this address.
     #[error("duplicate backend address {0}")]
     DuplicateAddress(SocketAddr),
 }
@@ -105,9 +113,13 @@ pub fn max_connections(value: Option<i128>) -> Result<Option<u32>, BackendError>
 /// One backend as a caller states it, before the rules.
 #[derive(Debug, Clone, Copy)]
 pub struct Fields<'a> {
+    /// `IP:port`, as written.
     pub address: &'a str,
+    /// 1..=[`MAX_WEIGHT`] (default 1).
     pub weight: Option<i128>,
+    /// The node's identity (default: the address as written).
     pub name: Option<&'a str>,
+    /// In-flight cap; absent takes the pool's `max_connections_per_backend`.
     pub max_connections: Option<i128>,
 }
 

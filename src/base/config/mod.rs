@@ -33,27 +33,43 @@ pub const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// How long a stop waits for in-flight requests before cutting them off (default 30s).
     pub shutdown_grace: Duration,
+    /// `[[listeners]]`, in file order.
     pub listeners: Vec<ListenerConfig>,
+    /// `[admin]`; `None` serves no admin API.
     pub admin: Option<AdminConfig>,
+    /// `[registry]`; `None` runs no registry.
     pub registry: Option<RegistryConfig>,
+    /// `[pools.NAME]`, by name.
     pub pools: BTreeMap<String, PoolConfig>,
+    /// `[[routes]]`, in file order; the first match wins.
     pub routes: Vec<RouteConfig>,
     /// Problems that do not stop fulcrum from running (an expired certificate): `check`
     /// prints them, `run` logs them.
     pub warnings: Vec<Diagnostic>,
 }
 
+/// `[[listeners]]`: one socket that accepts client traffic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
+    /// Unique among listeners; names the listener in logs, metrics and the admin API.
     pub name: String,
+    /// The address to accept on; port 0 takes a free one.
     pub bind: SocketAddr,
+    /// Time from accept to a complete request head (default 10s).
     pub header_read_timeout: Duration,
+    /// How long a keep-alive connection may sit without a request (default 60s).
     pub idle_timeout: Duration,
+    /// The largest request head accepted, 1 KiB to 1 MiB (default 65536).
     pub max_header_bytes: usize,
+    /// Client connections open at once; more wait in the accept queue (default 100000).
     pub max_connections: usize,
+    /// Peers whose `X-Forwarded-For` is believed (default none).
     pub trusted_proxies: Vec<IpNet>,
+    /// The largest request body; past it the answer is 413 (default unset: no limit).
     pub max_body_bytes: Option<u64>,
+    /// Adds an RFC 7239 `Forwarded` header toward backends (default false).
     pub forwarded: bool,
     /// TLS termination; `None` serves cleartext HTTP/1.1 and h2c.
     pub tls: Option<TlsConfig>,
@@ -73,23 +89,32 @@ pub struct TlsConfig {
 
 pub use crate::base::certs::CertPaths;
 
+/// `[[listeners.tls.sni]]`: a certificate for the names a client may ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SniCert {
     /// Lower-case DNS names; `*.example.com` matches exactly one extra label.
     pub names: Vec<String>,
+    /// The certificate and key served for those names.
     pub paths: CertPaths,
 }
 
+/// `[admin]`: the HTTP admin API.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
+    /// The admin API's address; beyond loopback it needs `token`.
     pub bind: SocketAddr,
+    /// Bearer token every admin call must carry; `None` on loopback only.
     pub token: Option<String>,
 }
 
+/// `[registry]`: the gRPC service web nodes register with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RegistryConfig {
+    /// The registry's address; beyond loopback it needs a token or a client CA.
     pub bind: SocketAddr,
+    /// The pool registered nodes join.
     pub pool: String,
+    /// How often nodes are told to heartbeat, answered in whole seconds (default 5s).
     pub heartbeat_interval: Duration,
     /// Every call must carry gRPC metadata `authorization: Bearer TOKEN`.
     pub token: Option<Secret>,
@@ -97,6 +122,7 @@ pub struct RegistryConfig {
     pub allowed_networks: Vec<IpNet>,
     /// Registered nodes the pool takes at most; a new one beyond is refused.
     pub max_nodes: usize,
+    /// `[registry.tls]`; `None` serves cleartext h2c.
     pub tls: Option<RegistryTls>,
 }
 
@@ -139,6 +165,7 @@ pub struct RegistryTls {
 /// `registry.max_nodes` when absent, and its ceiling: a registered node costs a health-check
 /// task and an idle-connection queue, so the bound is what one balancer can check.
 pub const DEFAULT_REGISTRY_MAX_NODES: usize = 1024;
+/// `registry.max_nodes` may not exceed this.
 pub const MAX_REGISTRY_MAX_NODES: usize = 100_000;
 
 /// `registry.allowed_networks` when absent: any address (the contract's default), less the
@@ -158,10 +185,12 @@ pub fn default_allowed_networks() -> Vec<IpNet> {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a credential read from the config or the environment.
     pub fn new(value: impl Into<String>) -> Self {
         Self(value.into())
     }
 
+    /// The credential itself, to compare or send; never to print.
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -231,9 +260,13 @@ keywords! {
     /// How a pool picks a backend (one file each under `model/balance/`).
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum Strategy {
+        /// Each backend in turn, as often as its weight says.
         RoundRobin = "round_robin",
+        /// The backend with the fewest requests in flight per unit of weight.
         LeastConnections = "least_connections",
+        /// A cookie keeps each user on one backend; `[pools.NAME.sticky]` configures it.
         StickyCookie = "sticky_cookie",
+        /// The client address picks the backend by weighted rendezvous hashing.
         IpHash = "ip_hash",
     }
 }
@@ -241,15 +274,21 @@ keywords! {
 /// `[pools.NAME.sticky]`: the cookie `sticky_cookie` sets and how it places new users.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StickyConfig {
+    /// The cookie's name (default `fulcrum_sticky`).
     pub cookie: String,
     /// Places users without a valid cookie: round robin or least connections.
     pub fallback: Strategy,
     /// HMAC key; `None` makes the node ids an unkeyed hash anyone can compute.
     pub secret: Option<String>,
+    /// `Max-Age`, and the expiry inside the value (default unset: a session cookie).
     pub max_age: Option<Duration>,
+    /// The cookie's `Path` (default `/`).
     pub path: String,
+    /// The cookie's `Domain` (default unset: the request's host only).
     pub domain: Option<String>,
+    /// Sets `HttpOnly` (default true).
     pub http_only: bool,
+    /// The cookie's `SameSite` (default `Lax`).
     pub same_site: SameSite,
     /// `None`: `Secure` exactly on TLS listeners.
     pub secure: Option<bool>,
@@ -281,8 +320,11 @@ keywords! {
     /// The cookie's `SameSite` attribute; the file may write it in any case.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum SameSite {
+        /// Sent on top-level navigations from other sites, not on their subrequests.
         Lax = "Lax",
+        /// Sent only on requests from the same site.
         Strict = "Strict",
+        /// Sent on every request; browsers require `Secure` with it.
         None = "None",
     }
 }
@@ -300,30 +342,44 @@ keywords! {
     }
 }
 
+/// `[pools.NAME]`: backends and how requests are spread over them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
+    /// How a backend is picked (default `round_robin`).
     pub strategy: Strategy,
+    /// How the pool talks to its backends (default `http1`).
     pub backend_protocol: BackendProtocol,
+    /// A node that comes back ramps from 10 % to full weight over this (default unset: at once).
     pub slow_start: Option<Duration>,
+    /// Time to open a connection to a backend (default 2s).
     pub connect_timeout: Duration,
+    /// Time from the end of the request body to the response head (default 30s).
     pub response_timeout: Duration,
+    /// Other nodes tried after a refused connection, at most 7 (default 2).
     pub retries: u32,
+    /// How long an idle keep-alive backend connection is kept (default 90s).
     pub idle_pool_timeout: Duration,
     /// The cap of backends that set none themselves; `None`: uncapped.
     pub max_connections_per_backend: Option<u32>,
     /// How long a request waits for room when every node it may use is at its cap; zero
     /// answers 503 at once.
     pub queue_timeout: Duration,
+    /// The file's backends, in file order.
     pub backends: Vec<BackendConfig>,
+    /// `[pools.NAME.health]`: the active checks.
     pub health: HealthConfig,
+    /// `[pools.NAME.sticky]`: read by `sticky_cookie`.
     pub sticky: StickyConfig,
 }
 
+/// One backend of a pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
     /// The node's identity: stable across address changes, used in metrics and sticky ids.
     pub name: String,
+    /// Where the node listens.
     pub address: SocketAddr,
+    /// Its share of new requests, 1..=[`MAX_WEIGHT`] (default 1).
     pub weight: u32,
     /// The most requests in flight to this node; `None` takes the pool's
     /// `max_connections_per_backend`.
@@ -337,37 +393,51 @@ impl PoolConfig {
     }
 }
 
+/// `[pools.NAME.health]`: how the checker decides a node is up.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthConfig {
+    /// Checked with `GET`; a 2xx passes unless a JSON `status` says otherwise (default `/healthz`).
     pub path: String,
+    /// Time between checks of one node, jittered ±10 % (default 5s).
     pub interval: Duration,
+    /// Time one check may take (default 1s, or the interval if shorter).
     pub timeout: Duration,
+    /// Consecutive failures that take a node out (default 3).
     pub fall: u32,
+    /// Consecutive passes that bring it back (default 3).
     pub rise: u32,
 }
 
+/// `[[routes]]`: which requests go to which pool.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     /// Lower-cased, without a port.
     pub host: Option<String>,
+    /// Matches paths starting with these bytes; `None` matches any path.
     pub path_prefix: Option<String>,
+    /// The pool matching requests go to.
     pub pool: String,
 }
 
 /// All the problems found in one config file.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
+    /// Every problem, in file order.
     pub diagnostics: Vec<Diagnostic>,
 }
 
 /// One problem, located in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
+    /// The config file, as given.
     pub file: PathBuf,
     /// 1-based; 0 when the problem has no place in the file (it could not be read).
     pub line: usize,
+    /// 1-based; 0 with `line`.
     pub column: usize,
+    /// The dotted key at fault (`pools.web.backends[0].weight`); empty for the whole file.
     pub key: String,
+    /// What is wrong, for the operator.
     pub message: String,
 }
 
