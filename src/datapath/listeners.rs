@@ -20,18 +20,26 @@ use crate::datapath::tls::TlsTerminator;
 /// Why a balancer (or a reload's new listener) could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The config did not validate; every problem is listed.
     #[error("invalid config:\n{0}")]
     Config(#[from] config::ConfigError),
+    /// A listener's socket could not be bound (address in use, no permission).
     #[error("cannot bind listener `{name}` to {addr}: {source}")]
     Bind {
+        /// The listener's `name`.
         name: String,
+        /// The address it was to bind.
         addr: SocketAddr,
+        /// What the bind returned.
         #[source]
         source: io::Error,
     },
+    /// A listener's certificates or key could not be loaded.
     #[error("listener `{name}`: {source}")]
     Tls {
+        /// The listener's `name`.
         name: String,
+        /// Why its TLS could not be set up.
         #[source]
         source: CertError,
     },

@@ -133,36 +133,57 @@ impl LoadArgs {
 /// Why a run could not start, or its report could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// `--url` did not parse as a URI.
     #[error("--url `{url}` is not a URL")]
     Url {
+        /// The `--url` given.
         url: String,
+        /// Why it did not parse.
         #[source]
         source: http::uri::InvalidUri,
     },
+    /// `--url` is relative or not `http://`.
     #[error("--url `{0}` must be an absolute http:// URL (https is not supported yet)")]
     NotHttp(String),
+    /// `--path` did not parse as a URI path.
     #[error("--path `{path}` is not a valid path")]
     Path {
+        /// The `--path` given.
         path: String,
+        /// Why it did not parse.
         #[source]
         source: http::uri::InvalidUri,
     },
+    /// `--rate` is not in (0, 1000000].
     #[error("--rate must be a number of requests per second above 0 and at most 1000000 (got {0})")]
     Rate(f64),
+    /// `--users 0`: nobody would send anything.
     #[error("--users must be at least 1")]
     NoUsers,
+    /// `--duration 0`: the run would end before it starts.
     #[error("--duration must be longer than 0")]
     NoDuration,
+    /// `--duration` overflows the run's clock.
     #[error("--duration {0:?} is longer than this clock can count")]
     LongDuration(Duration),
+    /// `--source-ips` cannot reach the target: users bind one IP version, the target is the other.
     #[error("--source-ips {ips} and the target {target} are different IP versions")]
-    SourceFamily { ips: SourceIps, target: IpAddr },
+    SourceFamily {
+        /// The `--source-ips` range.
+        ips: SourceIps,
+        /// The IP address in `--url`.
+        target: IpAddr,
+    },
+    /// The chart could not be written.
     #[error("writing the chart to {path}")]
     Chart {
+        /// The `--svg` file.
         path: PathBuf,
+        /// Why writing it failed.
         #[source]
         source: Box<dyn StdError + Send + Sync>,
     },
+    /// The report could not be serialized for `--json`.
     #[error("writing the report as JSON")]
     Json(#[from] serde_json::Error),
 }

@@ -17,16 +17,31 @@ pub struct SourceIps {
 /// Why a `--source-ips` range did not parse.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceIpsError {
+    /// One end of the range is not an IP address.
     #[error("`{text}` is not an IP address (expected e.g. 127.0.0.2-127.0.0.250)")]
     NotAnAddress {
+        /// The text that did not parse.
         text: String,
+        /// Why it did not parse.
         #[source]
         source: AddrParseError,
     },
+    /// One end is IPv4 and the other IPv6.
     #[error("`{first}-{last}` mixes IPv4 and IPv6")]
-    MixedFamilies { first: IpAddr, last: IpAddr },
+    MixedFamilies {
+        /// The range's first address.
+        first: IpAddr,
+        /// Its last address.
+        last: IpAddr,
+    },
+    /// The first address is above the last.
     #[error("`{first}-{last}` runs backwards: the first address comes after the last")]
-    Backwards { first: IpAddr, last: IpAddr },
+    Backwards {
+        /// The range's first address.
+        first: IpAddr,
+        /// Its last address.
+        last: IpAddr,
+    },
 }
 
 impl SourceIps {

@@ -28,7 +28,9 @@ pub(crate) trait Waiters: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Health {
+    /// Passing its checks: routable unless cooling off or draining.
     Up = 0,
+    /// Failing its checks: never picked.
     Down = 1,
     /// Arrived after start: needs `rise` passing checks before its first request.
     Pending = 2,
@@ -46,6 +48,8 @@ const SLOW_START_FLOOR_PERMILLE: u64 = 100;
 /// A backend's identity and the state that must survive pool swaps.
 #[derive(Debug)]
 pub struct Node {
+    /// The backend's `name` (default: its address): what metrics, cookies and the status page
+    /// know it by.
     pub name: Arc<str>,
     pub(in crate::model) health: AtomicU8,
     pub(in crate::model) in_flight: AtomicU32,
@@ -62,6 +66,7 @@ pub struct Node {
     pub(in crate::model) draining: AtomicBool,
     /// Requests this node failed (refused, reset, timed out), for the status page.
     pub(in crate::model) failures: AtomicU64,
+    /// Its per-backend Prometheus series.
     pub metrics: BackendMetrics,
     /// HTTP/1.1 connections waiting for the next request to this node.
     pub idle: IdleConns,
@@ -95,6 +100,7 @@ impl Node {
         }
     }
 
+    /// What the health checker last concluded.
     pub fn health(&self) -> Health {
         match self.health.load(Ordering::Relaxed) {
             0 => Health::Up,
@@ -131,10 +137,12 @@ impl Node {
         self.health() == Health::Up && !self.is_cooling()
     }
 
+    /// Being removed: takes no new users, still serves those it has.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// Stops new users; requests in flight and sticky users finish here.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
         // Requests waiting for it as a new user's node must look elsewhere.
@@ -229,6 +237,7 @@ impl Node {
         self.failures.load(Ordering::Relaxed)
     }
 
+    /// Counts a request this node failed, for the status page.
     pub fn failed(&self) {
         self.failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -248,8 +257,11 @@ impl Node {
 /// node's health and counters.
 #[derive(Debug)]
 pub struct Backend {
+    /// The node's identity and counters, shared by every snapshot that holds it.
     pub node: Arc<Node>,
+    /// Where the backend listens.
     pub address: SocketAddr,
+    /// Its share of the traffic relative to the others (default 1).
     pub weight: u32,
     /// The node's cap: its own `max_connections`, else the pool's `max_connections_per_backend`.
     pub max_connections: Option<u32>,
@@ -291,6 +303,7 @@ impl InFlight {
         }
     }
 
+    /// The node this request counts against.
     pub fn node(&self) -> &Arc<Node> {
         &self.node
     }

@@ -35,23 +35,32 @@ pub use caps::{Placement, Slot, Target, Unplaced, WaitQueue, Wanted};
 /// Per-pool settings the proxy path reads.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
+    /// How a request's node is chosen (default `round_robin`).
     pub strategy: Strategy,
+    /// How requests reach the backends (default `http1`).
     pub backend_protocol: BackendProtocol,
+    /// Longest wait for a backend to accept a connection (default 2 s).
     pub connect_timeout: Duration,
+    /// Longest wait from the end of the request body to the response head (default 30 s).
     pub response_timeout: Duration,
+    /// An upstream connection idle this long is closed (default 90 s).
     pub idle_pool_timeout: Duration,
     /// Extra attempts on other nodes for requests that never reached a backend.
     pub retries: u32,
+    /// Ramp-up window for a node that just came up; `None` (the default): full weight at once.
     pub slow_start: Option<Duration>,
     /// How long a request waits for room when every node it may use is full.
     pub queue_timeout: Duration,
+    /// How and how often its nodes are checked.
     pub health: HealthConfig,
 }
 
 /// Everything a request needs from a pool, published as one unit.
 #[derive(Debug)]
 pub struct PoolState {
+    /// The pool's settings at the time of this snapshot.
     pub settings: PoolSettings,
+    /// Its nodes, in snapshot order; picks return indices into this.
     pub backends: Box<[Backend]>,
     /// Set when the pool speaks h2c to its backends.
     pub h2c_client: Option<UpstreamClient>,
@@ -96,6 +105,7 @@ impl PoolState {
         }
     }
 
+    /// The sticky-cookie balancer, when that is the pool's strategy, to set and read its cookie.
     pub fn sticky(&self) -> Option<&Sticky> {
         match &self.balancer {
             Balancer::StickyCookie(sticky) => Some(sticky),
@@ -104,9 +114,12 @@ impl PoolState {
     }
 }
 
+/// A named pool: its current [`PoolState`], swapped whole on reload, and what outlives swaps.
 #[derive(Debug)]
 pub struct Pool {
+    /// The pool's name in the config (`[pools.NAME]`).
     pub name: Arc<str>,
+    /// Its per-pool Prometheus series.
     pub metrics: PoolMetrics,
     /// Recent state changes of its nodes, for the status page.
     pub journal: Journal,
@@ -122,10 +135,13 @@ const JOURNAL_LEN: usize = 50;
 /// A node's change of state, as the status page lists it.
 #[derive(Debug, Clone)]
 pub struct Event {
+    /// When it happened.
     pub at: SystemTime,
+    /// The node's name.
     pub backend: Arc<str>,
     /// `up`, `down`, `added`, `draining`, `removed`.
     pub what: &'static str,
+    /// Why, or what changed (empty when nothing to add).
     pub detail: String,
 }
 
@@ -135,6 +151,7 @@ pub struct Event {
 pub struct Journal(Mutex<VecDeque<Event>>);
 
 impl Journal {
+    /// Adds an event, dropping the oldest past [`JOURNAL_LEN`].
     pub fn record(&self, backend: &Arc<str>, what: &'static str, detail: impl Into<String>) {
         let mut events = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if events.len() == JOURNAL_LEN {

@@ -18,6 +18,8 @@ use sha2::{Digest, Sha256};
 use super::Pick;
 use crate::model::node::Backend;
 
+/// `ip_hash`: weighted rendezvous hashing of the client address, so a node's removal moves
+/// only its own clients.
 #[derive(Debug)]
 pub struct IpHash {
     /// One per backend, in snapshot order: the node's name hashed.
@@ -27,6 +29,7 @@ pub struct IpHash {
 }
 
 impl IpHash {
+    /// Hashes each backend's name once per snapshot.
     pub fn new(backends: &[Backend]) -> Self {
         Self {
             seeds: backends.iter().map(|b| node_seed(&b.node.name)).collect(),
@@ -34,6 +37,7 @@ impl IpHash {
         }
     }
 
+    /// The routable, untried node with the highest weighted score for `pick.client`, or `None`.
     pub fn pick(&self, backends: &[Backend], pick: &Pick<'_>) -> Option<usize> {
         let candidates = backends
             .iter()

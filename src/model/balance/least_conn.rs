@@ -13,6 +13,8 @@ use std::time::Duration;
 use super::round_robin::{scramble, smooth_cycle};
 use crate::model::node::{Backend, Node};
 
+/// `least_connections`: the lowest in-flight count for its weight; ties go round in weighted
+/// order, so an idle pool still spreads by weight.
 #[derive(Debug)]
 pub struct LeastConnections {
     /// Where each scan starts: one smooth weighted round-robin cycle of backend indices.
@@ -21,6 +23,7 @@ pub struct LeastConnections {
 }
 
 impl LeastConnections {
+    /// Builds the scan-start cycle from the backends' weights.
     pub fn new(backends: &[Backend]) -> Self {
         let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Self {

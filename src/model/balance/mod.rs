@@ -33,6 +33,8 @@ use crate::model::node::{Backend, Node};
 pub struct Pick<'a> {
     /// Indices already tried by this request (retries never repeat a node).
     pub tried: &'a [usize],
+    /// The pool's `slow_start`: a node that just came up gets a share of its weight that grows
+    /// over this window; `None` (the default): full weight at once.
     pub slow_start: Option<Duration>,
     /// `ip_hash`: the client's [`client_key`].
     pub client: u64,
@@ -65,15 +67,22 @@ pub enum CappedPick {
     Nowhere,
 }
 
+/// The pool's strategy, with the state it keeps between picks; rebuilt with every snapshot.
 #[derive(Debug)]
 pub enum Balancer {
+    /// `round_robin` (the default): smooth weighted rotation.
     RoundRobin(RoundRobin),
+    /// `least_connections`: the node with the fewest requests in flight for its weight.
     LeastConnections(LeastConnections),
+    /// `sticky_cookie`: the cookie's node, else the fallback strategy for new users.
     StickyCookie(Box<Sticky>),
+    /// `ip_hash`: the client address picks the node, the same one on every instance.
     IpHash(IpHash),
 }
 
 impl Balancer {
+    /// The balancer for `strategy` over this snapshot's `backends`; `sticky` is read only by
+    /// `sticky_cookie`.
     pub fn new(strategy: Strategy, sticky: &StickyConfig, backends: &[Backend]) -> Self {
         match strategy {
             Strategy::RoundRobin => Balancer::RoundRobin(RoundRobin::new(backends)),

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use crate::model::node::{Backend, Node};
 
+/// `round_robin`: a precomputed smooth weighted cycle, walked by one atomic cursor so picks
+/// never lock.
 #[derive(Debug)]
 pub struct RoundRobin {
     /// One full cycle of backend indices; each index appears `weight / gcd` times.
@@ -18,6 +20,7 @@ pub struct RoundRobin {
 }
 
 impl RoundRobin {
+    /// Builds the cycle from the backends' weights.
     pub fn new(backends: &[Backend]) -> Self {
         let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Self {

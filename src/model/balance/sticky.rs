@@ -26,6 +26,8 @@ use crate::model::node::Backend;
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// A node's opaque id in a cookie: derived from its name and the secret, so every instance and
+/// restart agrees on it.
 pub type NodeId = [u8; ID_LEN];
 
 const ID_LEN: usize = 8;
@@ -52,6 +54,7 @@ impl std::fmt::Debug for CookieCodec {
 }
 
 impl CookieCodec {
+    /// A codec keyed with `secret`; without one the key is empty and anyone can forge a cookie.
     #[expect(clippy::expect_used, reason = "HMAC takes keys of any length")]
     pub fn new(secret: Option<&str>) -> Self {
         let key = secret.unwrap_or_default().as_bytes();
@@ -120,11 +123,18 @@ pub enum CookieTarget {
     /// No cookie, or one that is forged, expired or garbled: a new user.
     Absent,
     /// A valid cookie for the node at this index of the snapshot.
-    Node { index: usize, expires: u32 },
+    Node {
+        /// The node's index in the snapshot's backends.
+        index: usize,
+        /// When the cookie expires, in unix seconds; 0 = no expiry.
+        expires: u32,
+    },
     /// A valid cookie for a node that is no longer in the pool.
     Gone,
 }
 
+/// `sticky_cookie`: keeps a user on the node its signed cookie names; new users go to the
+/// fallback strategy.
 #[derive(Debug)]
 pub struct Sticky {
     codec: CookieCodec,
@@ -139,6 +149,7 @@ pub struct Sticky {
 }
 
 impl Sticky {
+    /// Precomputes node ids and the cookie's attributes from the pool's `[sticky]` settings.
     pub fn new(config: &StickyConfig, backends: &[Backend]) -> Self {
         let codec = CookieCodec::new(config.secret.as_deref());
         let ids = backends
@@ -191,6 +202,7 @@ impl Sticky {
         }
     }
 
+    /// The cookie's node while it serves its existing users, else the fallback's pick.
     pub fn pick(&self, backends: &[Backend], pick: &Pick<'_>) -> Option<usize> {
         self.cookie_node(backends, pick)
             .or_else(|| self.fallback.pick(backends, pick))
@@ -217,6 +229,7 @@ impl Sticky {
         }
     }
 
+    /// How the request's cookie fared, for the sticky metrics.
     pub fn outcome(&self, target: CookieTarget, served: usize) -> Outcome {
         match target {
             CookieTarget::Absent => Outcome::New,

@@ -243,7 +243,9 @@ impl Drop for Slot {
 pub enum Target {
     /// Room on any routable node of `state` other than those in `tried`.
     Any {
+        /// The snapshot whose nodes it may use.
         state: Arc<PoolState>,
+        /// Indices it has already tried and must not repeat.
         tried: Box<[usize]>,
     },
     /// Room on this node, while it serves its existing users (a sticky user's node, an
@@ -322,6 +324,7 @@ impl Waiters for WaitQueue {
 }
 
 impl WaitQueue {
+    /// An empty queue, its length exported as `depth`.
     pub fn new(depth: Gauge) -> Self {
         depth.set(0.0);
         Self {
@@ -337,6 +340,7 @@ impl WaitQueue {
         self.len.load(Ordering::Relaxed)
     }
 
+    /// No request is waiting.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
