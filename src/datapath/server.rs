@@ -99,7 +99,6 @@ pub struct Lifecycle {
 /// Accepts connections on `listener` until shutdown, serving each with the service that
 /// `make_service` builds for its peer. With `tls`, each connection's task first runs the
 /// handshake (bounded by its timeout), so a slow or silent client never holds up the loop.
-#[expect(clippy::expect_used, reason = "semaphore is never closed")]
 pub(crate) fn spawn_accept_loop<M, S, B>(
     listener: TcpListener,
     name: Arc<str>,
@@ -123,21 +122,10 @@ pub(crate) fn spawn_accept_loop<M, S, B>(
     let shutdown = lifecycle.shutdown.clone();
     lifecycle.tracker.clone().spawn(async move {
         loop {
-            // At max_connections we stop accepting and let the kernel's backlog queue, rather
-            // than accept and drop.
-            let slot = tokio::select! {
-                slot = slots.clone().acquire_owned() => slot.expect("semaphore is never closed"),
-                () = shutdown.cancelled() => break,
-            };
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        accept_error(&name, e).await;
-                        continue;
-                    }
-                },
-                () = shutdown.cancelled() => break,
+            let Some((slot, stream, peer)) =
+                next_connection(&listener, &slots, &shutdown, &name).await
+            else {
+                break;
             };
             // Small responses must not wait on Nagle's algorithm.
             let _ = stream.set_nodelay(true);
@@ -170,6 +158,31 @@ pub(crate) fn spawn_accept_loop<M, S, B>(
         }
         debug!(listener = %name, "stopped accepting");
     });
+}
+
+/// The next client connection with its `max_connections` slot, or `None` once shutdown
+/// starts. At `max_connections` it stops accepting and lets the kernel's backlog queue, rather
+/// than accept and drop.
+#[expect(clippy::expect_used, reason = "semaphore is never closed")]
+async fn next_connection(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+    name: &str,
+) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    let slot = tokio::select! {
+        slot = slots.clone().acquire_owned() => slot.expect("semaphore is never closed"),
+        () = shutdown.cancelled() => return None,
+    };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => return Some((slot, stream, peer)),
+                Err(e) => accept_error(name, e).await,
+            },
+            () = shutdown.cancelled() => return None,
+        }
+    }
 }
 
 /// A TLS connection's task: the handshake (bounded by its timeout), then hyper with the
