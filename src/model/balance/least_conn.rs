@@ -7,10 +7,9 @@
 //! instead of herding onto one node. (Scoring `(in_flight + 1) / weight` instead, as the
 //! textbook does, hands a weight-2 node every request while the pool is idle.)
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use super::round_robin::{scramble, smooth_cycle};
+use super::round_robin::{WeightedCycle, takes_turn};
 use crate::model::node::{Backend, Node};
 
 /// `least_connections`: the lowest in-flight count for its weight; ties go round in weighted
@@ -18,17 +17,14 @@ use crate::model::node::{Backend, Node};
 #[derive(Debug)]
 pub struct LeastConnections {
     /// Where each scan starts: one smooth weighted round-robin cycle of backend indices.
-    starts: Box<[u32]>,
-    cursor: AtomicUsize,
+    starts: WeightedCycle,
 }
 
 impl LeastConnections {
     /// Builds the scan-start cycle from the backends' weights.
     pub fn new(backends: &[Backend]) -> Self {
-        let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Self {
-            starts: smooth_cycle(&weights).into_boxed_slice(),
-            cursor: AtomicUsize::new(0),
+            starts: WeightedCycle::new(backends),
         }
     }
 
@@ -41,17 +37,16 @@ impl LeastConnections {
         room: impl Fn(&Node) -> bool,
     ) -> Option<usize> {
         let len = backends.len();
-        if len == 0 || self.starts.is_empty() {
+        if len == 0 || self.starts.len() == 0 {
             return None;
         }
         // A node inside its slow-start window takes only its ramped share of the starts, so
         // idle ties do not hand it a full share before it is warm.
         let mut start = 0;
         for _ in 0..self.starts.len() {
-            let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
-            start = self.starts[turn % self.starts.len()] as usize;
-            let permille = backends[start].node.weight_permille(slow_start);
-            if permille >= 1000 || scramble(turn) % 1000 < permille {
+            let turn;
+            (turn, start) = self.starts.next();
+            if takes_turn(&backends[start].node, slow_start, turn) {
                 break;
             }
         }

@@ -14,18 +14,52 @@ use crate::model::node::{Backend, Node};
 /// never lock.
 #[derive(Debug)]
 pub struct RoundRobin {
-    /// One full cycle of backend indices; each index appears `weight / gcd` times.
+    cycle: WeightedCycle,
+}
+
+/// One full smooth weighted cycle of backend indices (each appears `weight / gcd` times) and
+/// the atomic cursor that walks it: round robin's order, and least connections' scan starts.
+#[derive(Debug)]
+pub(crate) struct WeightedCycle {
     cycle: Box<[u32]>,
     cursor: AtomicUsize,
+}
+
+impl WeightedCycle {
+    /// Builds the cycle from the backends' weights.
+    pub(crate) fn new(backends: &[Backend]) -> Self {
+        let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+        Self {
+            cycle: smooth_cycle(&weights).into_boxed_slice(),
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// Turns in one cycle.
+    pub(crate) fn len(&self) -> usize {
+        self.cycle.len()
+    }
+
+    /// Takes the next turn: its number and the backend index it names. Call only on a
+    /// non-empty cycle.
+    pub(crate) fn next(&self) -> (usize, usize) {
+        let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
+        (turn, self.cycle[turn % self.cycle.len()] as usize)
+    }
+}
+
+/// Whether `node` takes turn `turn`: always at full weight; inside its slow-start window only
+/// its ramped share of turns, scattered through the cycle.
+pub(crate) fn takes_turn(node: &Node, slow_start: Option<Duration>, turn: usize) -> bool {
+    let permille = node.weight_permille(slow_start);
+    permille >= 1000 || scramble(turn) % 1000 < permille
 }
 
 impl RoundRobin {
     /// Builds the cycle from the backends' weights.
     pub fn new(backends: &[Backend]) -> Self {
-        let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Self {
-            cycle: smooth_cycle(&weights).into_boxed_slice(),
-            cursor: AtomicUsize::new(0),
+            cycle: WeightedCycle::new(backends),
         }
     }
 
@@ -44,14 +78,12 @@ impl RoundRobin {
         // Skipping an unroutable (or full) node by taking the next turn hands its share to the
         // others in their relative order.
         for _ in 0..len {
-            let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
-            let index = self.cycle[turn % len] as usize;
+            let (turn, index) = self.cycle.next();
             let node = &backends[index].node;
             if !node.is_routable() || tried.contains(&index) || !room(node) {
                 continue;
             }
-            let permille = node.weight_permille(slow_start);
-            if permille < 1000 && scramble(turn) % 1000 >= permille {
+            if !takes_turn(node, slow_start, turn) {
                 declined.get_or_insert(index);
                 continue;
             }
@@ -70,7 +102,7 @@ impl RoundRobin {
 
 /// Spreads consecutive turn numbers over 0..u64::MAX (a Fibonacci hash), so a ramping node's
 /// accepted turns are scattered through the cycle without a random number generator.
-pub(crate) fn scramble(turn: usize) -> u64 {
+fn scramble(turn: usize) -> u64 {
     (turn as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20
 }
 
