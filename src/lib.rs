@@ -78,18 +78,108 @@ pub struct Running {
 /// Binds every listener of `config` (all or nothing), then serves them on the current runtime.
 /// A balancer started this way has no file to reload.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
-    start_with(config, None).await
+    start_with(config, None, &Workers::default()).await
 }
 
 /// Like [`start`], for the config read from `path`, which `SIGHUP` and `POST /api/reload`
 /// re-read.
 pub async fn start_file(path: &Path) -> Result<Running, StartError> {
+    start_file_on(path, &Workers::default()).await
+}
+
+/// Like [`start_file`], serving traffic on `workers` too: each listener gets one
+/// `SO_REUSEPORT` socket per worker, and the kernel spreads new connections among them. The
+/// control plane (health checks, reloads, the admin API, the registry) stays on the current
+/// runtime, which serves traffic as worker 0.
+pub async fn start_file_on(path: &Path, workers: &Workers) -> Result<Running, StartError> {
     let config = Config::load(path)?;
-    start_with(&config, Some(path.to_owned())).await
+    start_with(&config, Some(path.to_owned()), workers).await
+}
+
+/// Like [`start`], serving traffic on `workers` too (see [`start_file_on`]).
+pub async fn start_on(config: &Config, workers: &Workers) -> Result<Running, StartError> {
+    start_with(config, None, workers).await
+}
+
+/// Worker threads that serve traffic beside the thread that starts the balancer, each a
+/// single-threaded runtime: nginx's workers and HAProxy's threads, in tokio terms. A
+/// connection lives on the worker that accepted it, with its backend connections, timers
+/// and tasks; no request wakes another thread. Dropping this stops the threads (after the
+/// balancer's drain, since `run` drops it last).
+#[derive(Debug, Default)]
+pub struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    /// `total` workers in all: the calling thread (worker 0, whose runtime the caller builds)
+    /// and `total - 1` new threads named `fulcrum-worker-N`.
+    pub fn spawn(total: usize) -> std::io::Result<Self> {
+        let total = total.max(1);
+        base::workers::set_count(total);
+        base::workers::enter(0);
+        let mut workers = Self::default();
+        for index in 1..total {
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+            let thread = std::thread::Builder::new()
+                .name(format!("fulcrum-worker-{index}"))
+                .spawn(move || {
+                    base::workers::enter(index);
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    match runtime {
+                        Ok(runtime) => {
+                            let _ = handle_tx.send(Ok(runtime.handle().clone()));
+                            runtime.block_on(async {
+                                let _ = stopped.await;
+                            });
+                        }
+                        Err(e) => {
+                            let _ = handle_tx.send(Err(e));
+                        }
+                    }
+                })?;
+            let handle = handle_rx
+                .recv()
+                .map_err(|_| std::io::Error::other("a worker thread exited at start"))??;
+            workers.handles.push(handle);
+            workers.stops.push(stop);
+            workers.threads.push(thread);
+        }
+        Ok(workers)
+    }
+
+    /// Workers in all, the calling thread included.
+    pub fn count(&self) -> usize {
+        1 + self.handles.len()
+    }
+
+    /// One worker per core this process may run on: its CPU affinity and cgroup quota count,
+    /// so `taskset -c 0 fulcrum run` is one thread.
+    pub fn per_core() -> std::io::Result<Self> {
+        Self::spawn(std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stops.clear();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
 }
 
 #[expect(clippy::expect_used, reason = "a bound socket has an address")]
-async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, StartError> {
+async fn start_with(
+    config: &Config,
+    path: Option<PathBuf>,
+    workers: &Workers,
+) -> Result<Running, StartError> {
     crate::base::metrics::recorder();
     for warning in &config.warnings {
         warn!("{warning}");
@@ -98,7 +188,7 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
 
     let mut bound = Vec::new();
     for l in &config.listeners {
-        bound.push(bind_listener(l)?);
+        bound.push(bind_listener(l, workers.count())?);
     }
     let admin_listener = match &config.admin {
         Some(admin) => Some(bind("admin", admin.bind, 1024)?),
@@ -121,6 +211,7 @@ async fn start_with(config: &Config, path: Option<PathBuf>) -> Result<Running, S
         router.clone(),
         client_connections.clone(),
         lifecycle.clone(),
+        workers.handles.clone(),
     ));
     control.serve(bound);
     control.set_services(

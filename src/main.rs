@@ -32,9 +32,8 @@ struct Cli {
 enum Command {
     /// Run the balancer (the default).
     Run {
-        /// Worker threads (default: one per CPU). 1 runs everything on a single-threaded
-        /// runtime, which spends less CPU per request than a one-worker pool (no cross-thread
-        /// scheduling): the per-core figure scripts/bench-tls.sh compares.
+        /// Worker threads (default: one per core this process may run on, so `taskset -c 0`
+        /// means one). Each is a single-threaded runtime with its own listening sockets.
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
         threads: Option<u16>,
     },
@@ -108,9 +107,14 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command.unwrap_or(Command::Run { threads: None }) {
         Command::Check => return check(&cli.config),
-        Command::Run { threads } => {
-            balancer_runtime(threads).and_then(|rt| rt.block_on(run(&cli.config)))
-        }
+        Command::Run { threads } => balancer_runtime().and_then(|rt| {
+            let workers = match threads {
+                Some(n) => fulcrum::Workers::spawn(usize::from(n)),
+                None => fulcrum::Workers::per_core(),
+            }
+            .context("starting the worker threads")?;
+            rt.block_on(run(&cli.config, &workers))
+        }),
         Command::Demo => runtime().and_then(|rt| rt.block_on(fulcrum::demo::run())),
         Command::Webnode {
             listen,
@@ -157,20 +161,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--threads 1`: one current-thread runtime. Measured with wrk (64 connections, one pinned
-/// core, nginx origin): about 20 % less CPU per request than a multi-thread runtime with one
-/// worker, whose scheduler pays for work stealing and cross-thread wakeups it cannot use.
-fn balancer_runtime(threads: Option<u16>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(usize::from(n));
-            builder
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    builder
+/// Worker 0's runtime, which also runs the control plane. Single-threaded like every worker:
+/// measured with wrk (64 connections, one pinned core, nginx origin), a current-thread
+/// runtime spends about 20 % less CPU per request than a multi-thread one with one worker,
+/// whose scheduler pays for work stealing and cross-thread wakeups it cannot use.
+fn balancer_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")
@@ -194,8 +190,8 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn run(path: &Path) -> anyhow::Result<()> {
-    let running = fulcrum::start_file(path).await?;
+async fn run(path: &Path, workers: &fulcrum::Workers) -> anyhow::Result<()> {
+    let running = fulcrum::start_file_on(path, workers).await?;
     let control = running.control().clone();
     // SIGHUP re-reads the config; a bad file is logged and counted inside `reload`.
     tokio::spawn(async move {

@@ -9,3 +9,4 @@ pub(crate) mod error;
 pub(crate) mod health_report;
 pub(crate) mod metrics;
 pub mod proto;
+pub(crate) mod workers;

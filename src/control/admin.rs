@@ -76,7 +76,7 @@ pub(crate) fn spawn(
         status_rates: RateSampler::default(),
     });
     server::spawn_accept_loop(
-        tcp,
+        vec![server::AcceptSocket::Here(tcp)],
         Arc::from("admin"),
         server::SERVICE_LIMITS,
         None,

@@ -52,6 +52,8 @@ pub struct Control {
     services: std::sync::OnceLock<Vec<(&'static str, SocketAddr)>>,
     client_connections: Arc<AtomicU64>,
     lifecycle: Lifecycle,
+    /// The worker threads besides the current one: each listener has a socket on each.
+    workers: Vec<tokio::runtime::Handle>,
     reloads_ok: Counter,
     reloads_error: Counter,
 }
@@ -189,6 +191,7 @@ impl Control {
         router: Arc<ArcSwap<Router>>,
         client_connections: Arc<AtomicU64>,
         lifecycle: Lifecycle,
+        workers: Vec<tokio::runtime::Handle>,
     ) -> Self {
         let shutdown = lifecycle.shutdown.clone();
         let mut checkers = HashMap::new();
@@ -210,6 +213,7 @@ impl Control {
             services: std::sync::OnceLock::new(),
             client_connections,
             lifecycle,
+            workers,
             reloads_ok: counter!(CONFIG_RELOADS_TOTAL, "result" => "ok"),
             reloads_error: counter!(CONFIG_RELOADS_TOTAL, "result" => "error"),
         }
@@ -277,8 +281,9 @@ impl Control {
         let mut changes = ListenerChanges::default();
         for listener in &config.listeners {
             let Some(current) = live.iter().find(|l| same_listener(&l.config, listener)) else {
-                let bound = crate::datapath::listeners::bind_listener(listener)
-                    .map_err(ReloadError::Listener)?;
+                let bound =
+                    crate::datapath::listeners::bind_listener(listener, 1 + self.workers.len())
+                        .map_err(ReloadError::Listener)?;
                 changes.added.push(bound);
                 continue;
             };
@@ -330,6 +335,7 @@ impl Control {
                 &self.router,
                 &self.client_connections,
                 lifecycle,
+                &self.workers,
             );
             live.push(LiveListener {
                 config,

@@ -137,7 +137,7 @@ impl Registry {
             ..server::SERVICE_LIMITS
         };
         server::spawn_accept_loop(
-            listener,
+            vec![server::AcceptSocket::Here(listener)],
             Arc::from("registry"),
             limits,
             tls,

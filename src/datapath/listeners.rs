@@ -14,7 +14,7 @@ use tracing::info;
 use crate::base::certs::CertError;
 use crate::base::config::{self, ListenerConfig};
 use crate::datapath::proxy::{self, ConnInfo, ListenerInfo, Router};
-use crate::datapath::server::{self, ConnLimits, Lifecycle};
+use crate::datapath::server::{self, AcceptSocket, ConnLimits, Lifecycle};
 use crate::datapath::tls::TlsTerminator;
 
 /// Why a balancer (or a reload's new listener) could not start.
@@ -51,11 +51,16 @@ pub(crate) struct BoundListener {
     pub config: ListenerConfig,
     pub tls: Option<Arc<TlsTerminator>>,
     pub tcp: TcpListener,
+    /// One more socket on the same address for each further worker thread.
+    pub more: Vec<std::net::TcpListener>,
 }
 
-/// Loads a listener's certificates and binds its socket; nothing serves yet, so a later
-/// failure (at start or in a reload) can drop it without effect.
-pub(crate) fn bind_listener(l: &ListenerConfig) -> Result<BoundListener, StartError> {
+/// Loads a listener's certificates and binds its sockets, one per worker; nothing serves yet,
+/// so a later failure (at start or in a reload) can drop it without effect.
+pub(crate) fn bind_listener(
+    l: &ListenerConfig,
+    workers: usize,
+) -> Result<BoundListener, StartError> {
     let tls = match &l.tls {
         Some(tls) => Some(Arc::new(TlsTerminator::new(&l.name, tls).map_err(
             |source| StartError::Tls {
@@ -68,29 +73,45 @@ pub(crate) fn bind_listener(l: &ListenerConfig) -> Result<BoundListener, StartEr
     let backlog = u32::try_from(l.max_connections)
         .unwrap_or(u32::MAX)
         .min(65_535);
+    let bind_error = |source| StartError::Bind {
+        name: l.name.clone(),
+        addr: l.bind,
+        source,
+    };
+    let tcp = server::listen(l.bind, backlog, workers > 1).map_err(bind_error)?;
+    // Port 0 was settled by the first bind: the others join that port.
+    let addr = tcp.local_addr().map_err(bind_error)?;
+    let more = (1..workers)
+        .map(|_| server::listen_more(addr, backlog))
+        .collect::<Result<_, _>>()
+        .map_err(bind_error)?;
     Ok(BoundListener {
         config: l.clone(),
         tls,
-        tcp: bind(&l.name, l.bind, backlog)?,
+        tcp,
+        more,
     })
 }
 
-/// Serves a bound listener until `lifecycle.shutdown` is cancelled. Returns its address.
+/// Serves a bound listener until `lifecycle.shutdown` is cancelled: its first socket on the
+/// current runtime, each further one on its worker in `workers`. Returns its address.
 #[expect(clippy::expect_used, reason = "a bound socket has an address")]
 pub(crate) fn serve(
     bound: BoundListener,
     router: &Arc<ArcSwap<Router>>,
     client_connections: &Arc<AtomicU64>,
     lifecycle: Lifecycle,
+    workers: &[tokio::runtime::Handle],
 ) -> SocketAddr {
     let BoundListener {
         config: l,
         tls,
         tcp,
+        more,
     } = bound;
     let addr = tcp.local_addr().expect("a bound socket has an address");
     let proto = if tls.is_some() { "https" } else { "http" };
-    info!(listener = %l.name, %addr, proto, "listening");
+    info!(listener = %l.name, %addr, proto, workers = 1 + more.len(), "listening");
     let info = Arc::new(ListenerInfo {
         name: Arc::from(l.name.as_str()),
         proto,
@@ -105,8 +126,14 @@ pub(crate) fn serve(
         max_header_bytes: l.max_header_bytes,
         max_connections: l.max_connections,
     };
+    let mut sockets = vec![AcceptSocket::Here(tcp)];
+    sockets.extend(
+        more.into_iter()
+            .zip(workers)
+            .map(|(socket, worker)| AcceptSocket::On(socket, worker.clone())),
+    );
     server::spawn_accept_loop(
-        tcp,
+        sockets,
         info.name.clone(),
         limits,
         tls,
@@ -128,7 +155,7 @@ pub(crate) fn serve(
 }
 
 pub(crate) fn bind(name: &str, addr: SocketAddr, backlog: u32) -> Result<TcpListener, StartError> {
-    server::listen(addr, backlog).map_err(|source| StartError::Bind {
+    server::listen(addr, backlog, false).map_err(|source| StartError::Bind {
         name: name.to_owned(),
         addr,
         source,

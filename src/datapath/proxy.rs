@@ -579,7 +579,7 @@ fn switch_protocols(
     let backend_upgrade = hyper::upgrade::on(&mut response);
     let (mut head, _) = response.into_parts();
     let protocol = head.headers.get(header::UPGRADE).cloned();
-    let (Some(client_upgrade), Some(protocol)) = (client_upgrade, protocol) else {
+    let (Some(_asked), Some(protocol)) = (client_upgrade, protocol) else {
         // A 101 nobody asked for (or without saying to what) cannot be relayed.
         return Err(ProxyError::UnexpectedUpgrade { node });
     };
@@ -588,8 +588,7 @@ fn switch_protocols(
     node.metrics
         .responses
         .record(StatusCode::SWITCHING_PROTOCOLS.as_u16());
-    conn.conn
-        .spawn_tunnel(client_upgrade, backend_upgrade, in_flight);
+    conn.conn.spawn_tunnel(backend_upgrade, in_flight);
     Ok(Response::from_parts(head, ProxyBody::empty()))
 }
 

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use http_body::Body;
@@ -33,6 +35,10 @@ use tracing::{debug, error, warn};
 use crate::base::error::BoxError;
 use crate::base::metrics::{ClientErrorKind, ClientErrors, DOWNSTREAM_CONNECTIONS};
 use crate::datapath::tls::TlsTerminator;
+
+mod h1;
+
+use h1::{Rewind, TunnelIo, Wakeable};
 
 /// Limits applied to every connection of one listener.
 #[derive(Debug, Clone)]
@@ -96,11 +102,22 @@ pub struct Lifecycle {
     pub tracker: TaskTracker,
 }
 
-/// Accepts connections on `listener` until shutdown, serving each with the service that
-/// `make_service` builds for its peer. With `tls`, each connection's task first runs the
-/// handshake (bounded by its timeout), so a slow or silent client never holds up the loop.
+/// A listening socket of one listener, and the worker thread that accepts on it.
+#[derive(Debug)]
+pub(crate) enum AcceptSocket {
+    /// Registered with the current runtime.
+    Here(TcpListener),
+    /// A worker's own `SO_REUSEPORT` socket, registered on that worker's runtime.
+    On(std::net::TcpListener, tokio::runtime::Handle),
+}
+
+/// Accepts connections on each of `sockets` until shutdown, serving each with the service
+/// that `make_service` builds for its peer. The sockets of one listener share its
+/// `max_connections` and counters; each accept loop and its connections run on the socket's
+/// worker. With `tls`, each connection's task first runs the handshake (bounded by its
+/// timeout), so a slow or silent client never holds up the loop.
 pub(crate) fn spawn_accept_loop<M, S, B>(
-    listener: TcpListener,
+    sockets: Vec<AcceptSocket>,
     name: Arc<str>,
     limits: ConnLimits,
     tls: Option<Arc<TlsTerminator>>,
@@ -108,56 +125,118 @@ pub(crate) fn spawn_accept_loop<M, S, B>(
     open_connections: Arc<AtomicU64>,
     lifecycle: Lifecycle,
 ) where
-    M: Fn(SocketAddr, ConnHandle) -> S + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+    M: Fn(SocketAddr, ConnHandle) -> S + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Unpin
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let builders = Arc::new(Builders::new(&limits));
-    let connections = metrics::gauge!(DOWNSTREAM_CONNECTIONS, "listener" => name.to_string());
-    let client_errors = Arc::new(ClientErrors::new(&name));
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let shutdown = lifecycle.shutdown.clone();
-    lifecycle.tracker.clone().spawn(async move {
-        loop {
-            let Some((slot, stream, peer)) =
-                next_connection(&listener, &slots, &shutdown, &name).await
-            else {
-                break;
-            };
-            // Small responses must not wait on Nagle's algorithm.
-            let _ = stream.set_nodelay(true);
-            let conn = ConnHandle::new(
-                slot,
-                connections.clone(),
-                open_connections.clone(),
-                &limits,
-                client_errors.clone(),
-                lifecycle.clone(),
-            );
-            let service = make_service(peer, conn.clone());
-            let builders = builders.clone();
-            let io = CountingIo {
-                inner: stream,
-                activity: conn.inner.activity.clone(),
-            };
-            // Two kinds of task rather than one that can be either: a task's size is that of
-            // its largest state, and a cleartext connection should not carry room for a TLS one
-            // for as long as it stays open.
-            let Some(tls) = tls.clone() else {
-                lifecycle.tracker.spawn(async move {
-                    serve_connection(io, &builders.auto, service, &conn).await;
-                });
-                continue;
-            };
-            lifecycle
-                .tracker
-                .spawn(serve_tls(tls, io, peer, builders, service, conn));
-        }
-        debug!(listener = %name, "stopped accepting");
+    let shared = Arc::new(AcceptShared {
+        builders: Builders::new(&limits),
+        connections: metrics::gauge!(DOWNSTREAM_CONNECTIONS, "listener" => name.to_string()),
+        client_errors: Arc::new(ClientErrors::new(&name)),
+        slots: Arc::new(Semaphore::new(limits.max_connections)),
+        limits,
+        tls,
+        make_service,
+        open_connections,
+        lifecycle,
+        name,
     });
+    for socket in sockets {
+        let shared = shared.clone();
+        match socket {
+            AcceptSocket::Here(listener) => {
+                let tracker = shared.lifecycle.tracker.clone();
+                tracker.spawn(accept_loop(listener, shared));
+            }
+            AcceptSocket::On(listener, worker) => {
+                // Registered with the worker's reactor, and spawned there: the loop and every
+                // connection it accepts stay on that thread.
+                let _on_worker = worker.enter();
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(listener) => listener,
+                    Err(e) => {
+                        error!(listener = %shared.name, error = %e, "a worker cannot accept on its socket");
+                        continue;
+                    }
+                };
+                let tracker = shared.lifecycle.tracker.clone();
+                tracker.spawn(accept_loop(listener, shared));
+            }
+        }
+    }
+}
+
+/// What the accept loops of one listener share.
+struct AcceptShared<M> {
+    builders: Builders,
+    connections: Gauge,
+    client_errors: Arc<ClientErrors>,
+    slots: Arc<Semaphore>,
+    limits: ConnLimits,
+    tls: Option<Arc<TlsTerminator>>,
+    make_service: M,
+    open_connections: Arc<AtomicU64>,
+    lifecycle: Lifecycle,
+    name: Arc<str>,
+}
+
+async fn accept_loop<M, S, B>(listener: TcpListener, shared: Arc<AcceptShared<M>>)
+where
+    M: Fn(SocketAddr, ConnHandle) -> S + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Unpin
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let lifecycle = &shared.lifecycle;
+    loop {
+        let Some((slot, stream, peer)) =
+            next_connection(&listener, &shared.slots, &lifecycle.shutdown, &shared.name).await
+        else {
+            break;
+        };
+        // Small responses must not wait on Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
+        let conn = ConnHandle::new(
+            slot,
+            shared.connections.clone(),
+            shared.open_connections.clone(),
+            &shared.limits,
+            shared.client_errors.clone(),
+            lifecycle.clone(),
+        );
+        let service = (shared.make_service)(peer, conn.clone());
+        let io = CountingIo {
+            inner: stream,
+            activity: conn.inner.activity.clone(),
+        };
+        let shared = shared.clone();
+        // Two kinds of task rather than one that can be either: a task's size is that of
+        // its largest state, and a cleartext connection should not carry room for a TLS one
+        // for as long as it stays open.
+        let Some(tls) = shared.tls.clone() else {
+            lifecycle.tracker.spawn(async move {
+                serve_sniffed(io, &shared.builders, service, &conn).await;
+            });
+            continue;
+        };
+        lifecycle.tracker.spawn(async move {
+            serve_tls(tls, io, peer, &shared.builders, service, conn).await;
+        });
+    }
+    debug!(listener = %shared.name, "stopped accepting");
 }
 
 /// The next client connection with its `max_connections` slot, or `None` once shutdown
@@ -191,11 +270,15 @@ async fn serve_tls<S, B>(
     tls: Arc<TlsTerminator>,
     io: CountingIo<TcpStream>,
     peer: SocketAddr,
-    builders: Arc<Builders>,
+    builders: &Builders,
     service: S,
     conn: ConnHandle,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Unpin
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
@@ -206,14 +289,76 @@ async fn serve_tls<S, B>(
         stream = tls.handshake(io, peer) => stream,
         () = conn.inner.lifecycle.shutdown.cancelled() => None,
     };
-    if let Some(stream) = stream {
-        let builder = match crate::datapath::tls::alpn(&stream) {
-            Some(b"h2") => &builders.h2,
-            Some(b"http/1.1") => &builders.h1,
-            // No ALPN: HTTP/1.1, or HTTP/2 with prior knowledge.
-            _ => &builders.auto,
-        };
-        serve_connection(stream, builder, service, &conn).await;
+    let Some(stream) = stream else { return };
+    match crate::datapath::tls::alpn(&stream) {
+        Some(b"h2") => serve_connection(stream, &builders.h2, service, &conn).await,
+        Some(b"http/1.1") => {
+            let reads_before = reads(&conn.inner.activity);
+            h1::serve(
+                stream,
+                Bytes::new(),
+                reads_before,
+                &builders.http1,
+                service,
+                &conn,
+            )
+            .await;
+        }
+        // No ALPN: HTTP/1.1, or HTTP/2 with prior knowledge.
+        _ => serve_sniffed(stream, builders, service, &conn).await,
+    }
+}
+
+/// The HTTP/2 connection preface, which a client speaking HTTP/2 with prior knowledge sends
+/// first; anything else is HTTP/1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves a connection whose protocol its first bytes tell: HTTP/2 with prior knowledge, or
+/// HTTP/1.1. Reads only as far as they differ from the HTTP/2 preface, within the first
+/// head's deadline.
+async fn serve_sniffed<I, S, B>(mut io: I, builders: &Builders, service: S, conn: &ConnHandle)
+where
+    I: Wakeable,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Unpin
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    use tokio::io::AsyncReadExt;
+    let shared = &conn.inner;
+    let reads_before = reads(&shared.activity);
+    let mut seen = [0u8; H2_PREFACE.len()];
+    let mut len = 0;
+    let sniff = async {
+        while len < seen.len() && seen[..len] == H2_PREFACE[..len] {
+            match io.read(&mut seen[len..]).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => len += n,
+            }
+        }
+        true
+    };
+    let sniffed = tokio::select! {
+        sniffed = sniff => sniffed,
+        () = tokio::time::sleep(shared.header_read_timeout) => {
+            first_head_missed(shared, reads_before);
+            false
+        }
+        () = shared.lifecycle.shutdown.cancelled() => false,
+    };
+    if !sniffed {
+        return;
+    }
+    let prefix = Bytes::copy_from_slice(&seen[..len]);
+    if seen[..len] == *H2_PREFACE {
+        serve_connection(Rewind::new(io, prefix), &builders.h2, service, conn).await;
+    } else {
+        h1::serve(io, prefix, reads_before, &builders.http1, service, conn).await;
     }
 }
 
@@ -236,8 +381,7 @@ async fn accept_error(listener: &str, e: io::Error) {
 /// hyper connection builders: both protocols (cleartext, or TLS without ALPN), and one each for
 /// the protocol ALPN settled.
 struct Builders {
-    auto: auto::Builder<TokioExecutor>,
-    h1: auto::Builder<TokioExecutor>,
+    http1: hyper::server::conn::http1::Builder,
     h2: auto::Builder<TokioExecutor>,
 }
 
@@ -264,10 +408,14 @@ impl Builders {
             .keep_alive_timeout(H2_PING_TIMEOUT)
             .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
             .max_local_error_reset_streams(H2_MAX_ERROR_RESETS);
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes.max(8192));
         Self {
-            h1: builder.clone().http1_only(),
-            h2: builder.clone().http2_only(),
-            auto: builder,
+            http1,
+            h2: builder.http2_only(),
         }
     }
 }
@@ -293,6 +441,17 @@ struct ConnShared {
     header_read_timeout: Duration,
     /// Set when hyper hands over the connection's first request.
     dispatched: AtomicBool,
+    /// HTTP/1.1: requests handed over so far, and those whose response is not yet written.
+    requests: AtomicU64,
+    in_flight: AtomicUsize,
+    /// HTTP/1.1: a request or response said the connection closes after it.
+    close_after: AtomicBool,
+    /// HTTP/1.1: the last request handed over had a body.
+    body_pending: AtomicBool,
+    /// Set with `tunnel` when a `101` is on its way to the client.
+    switching: AtomicBool,
+    /// Where the client's socket goes once the `101` is written (see [`ConnHandle::spawn_tunnel`]).
+    tunnel: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<TunnelIo>>>,
     /// Requests uploading a body under their own stall timer (see [`ConnHandle::hold_open`]).
     uploads: AtomicUsize,
     client_errors: Arc<ClientErrors>,
@@ -319,6 +478,12 @@ impl ConnHandle {
                 idle_timeout: limits.idle_timeout,
                 header_read_timeout: limits.header_read_timeout,
                 dispatched: AtomicBool::new(false),
+                requests: AtomicU64::new(0),
+                in_flight: AtomicUsize::new(0),
+                close_after: AtomicBool::new(false),
+                body_pending: AtomicBool::new(false),
+                switching: AtomicBool::new(false),
+                tunnel: std::sync::Mutex::new(None),
                 uploads: AtomicUsize::new(0),
                 client_errors,
                 lifecycle,
@@ -354,23 +519,27 @@ impl ConnHandle {
     /// Once both sides have switched protocols, copies bytes between the client and the
     /// backend until either closes, the connection idles for `idle_timeout`, or shutdown
     /// cuts it off. `guard` (the request's in-flight count) lives as long as the tunnel.
-    pub(crate) fn spawn_tunnel<G: Send + 'static>(
-        &self,
-        client: OnUpgrade,
-        backend: OnUpgrade,
-        guard: G,
-    ) {
+    pub(crate) fn spawn_tunnel<G: Send + 'static>(&self, backend: OnUpgrade, guard: G) {
+        let (client_tx, client) = tokio::sync::oneshot::channel();
+        if let Ok(mut slot) = self.inner.tunnel.lock() {
+            *slot = Some(client_tx);
+        }
+        self.inner.switching.store(true, Ordering::Release);
         let conn = self.clone();
         self.inner.lifecycle.tracker.spawn(async move {
             let _guard = guard;
-            let (client, backend) = match tokio::try_join!(client, backend) {
-                Ok(both) => both,
-                Err(e) => {
-                    debug!(error = %e, "upgrade did not complete");
+            let (mut client, backend) = match tokio::join!(client, backend) {
+                (Ok(client), Ok(backend)) => (client, backend),
+                (Err(_), _) => {
+                    debug!("the client connection ended before its upgrade");
+                    return;
+                }
+                (_, Err(e)) => {
+                    debug!(error = %e, "backend upgrade did not complete");
                     return;
                 }
             };
-            let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+            let mut backend = TokioIo::new(backend);
             let shared = &conn.inner;
             tokio::select! {
                 result = tokio::io::copy_bidirectional(&mut client, &mut backend) => match result {
@@ -404,6 +573,16 @@ impl std::fmt::Debug for ConnHandle {
         f.debug_struct("ConnHandle")
             .field("idle_timeout", &self.inner.idle_timeout)
             .finish_non_exhaustive()
+    }
+}
+
+impl ConnShared {
+    /// The tunnel waiting for this connection's socket, once a `101` has been written.
+    fn take_tunnel(&self) -> Option<tokio::sync::oneshot::Sender<TunnelIo>> {
+        if !self.switching.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        self.tunnel.lock().ok()?.take()
     }
 }
 
@@ -710,6 +889,27 @@ impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
     }
 }
 
+impl Wakeable for CountingIo<TcpStream> {
+    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_read_ready(cx)
+    }
+}
+
+impl Wakeable for tokio_rustls::server::TlsStream<CountingIo<TcpStream>> {
+    /// Decrypted bytes rustls already holds count as a wake-up: the socket may have nothing
+    /// more to say about them.
+    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (io, tls) = self.get_mut();
+        match tls.process_new_packets() {
+            Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {
+                io.inner.poll_read_ready(cx)
+            }
+            // Plaintext waiting, a close_notify or a TLS error: the next read says which.
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+}
+
 /// Waits for the connection and tunnel tasks for at most `grace`, then cuts off the rest;
 /// returns how many were still running when it ran out.
 pub(crate) async fn drain(lifecycle: &Lifecycle, grace: Duration) -> usize {
@@ -732,13 +932,37 @@ pub(crate) async fn drain(lifecycle: &Lifecycle, grace: Duration) -> usize {
 /// Binds a listening socket with room for a burst of connections: tokio's default backlog of
 /// 1024 overflows when a thousand clients connect at once, and each overflowed SYN costs its
 /// client a one-second retransmit. The kernel caps the value at `net.core.somaxconn`.
-pub(crate) fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+///
+/// With `reuse_port`, further sockets can join the address (see [`listen_more`]): one per
+/// worker thread, among which the kernel spreads new connections. Linux only lets sockets of
+/// the same user join a group.
+pub(crate) fn listen(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
     socket.listen(backlog)
+}
+
+/// Another socket on the address of a `listen(…, reuse_port = true)` socket, for a worker
+/// thread to register on its own runtime.
+pub(crate) fn listen_more(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket.into())
 }

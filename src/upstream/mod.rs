@@ -15,6 +15,11 @@
 //! to one compare-and-swap each and allocates nothing per request; a `SegQueue` would grow
 //! without a bound of its own and allocate a new block every 31 returns as its indices move on.
 //!
+//! Each worker thread keeps its own queue per node: a connection's I/O task runs on the
+//! thread that opened it, so a request on another thread would wake that one for every read
+//! and write. Per-thread queues keep a request, its connection and its socket on one core,
+//! as nginx workers' `keepalive` caches do.
+//!
 //! HTTP/2 backends (`h2c`) and `Upgrade` requests keep using hyper-util's client.
 
 pub(crate) mod body;
@@ -35,6 +40,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::base::clock::now_ms;
+use crate::base::workers;
 use crate::upstream::body::RequestBody;
 
 /// Idle connections kept per backend; a connection released when the queue is full is closed.
@@ -127,10 +133,11 @@ pub(crate) async fn request(
     }
 }
 
-/// A backend's idle connections, oldest first.
+/// A backend's idle connections, oldest first, one queue per worker thread.
 pub struct IdleConns {
-    /// Allocated by the first [`IdleConns::put`], with room for `limit` connections.
-    queue: OnceLock<ArrayQueue<UpstreamConn>>,
+    /// One slot per worker; each queue allocated by its worker's first [`IdleConns::put`],
+    /// with room for `limit` connections.
+    queues: OnceLock<Box<[OnceLock<ArrayQueue<UpstreamConn>>]>>,
     /// The node's cap, at most [`MAX_IDLE_PER_BACKEND`].
     limit: AtomicUsize,
 }
@@ -147,7 +154,7 @@ impl std::fmt::Debug for IdleConns {
 impl Default for IdleConns {
     fn default() -> Self {
         Self {
-            queue: OnceLock::new(),
+            queues: OnceLock::new(),
             limit: AtomicUsize::new(MAX_IDLE_PER_BACKEND),
         }
     }
@@ -163,21 +170,34 @@ impl IdleConns {
             (cap as usize).clamp(1, MAX_IDLE_PER_BACKEND)
         });
         self.limit.store(limit, Ordering::Relaxed);
-        if let Some(queue) = self.queue.get() {
+        for queue in self.allocated() {
             while queue.len() > limit && queue.pop().is_some() {}
         }
     }
 
-    /// Room for this many idle connections, allocated or not.
+    /// Room for this many idle connections per worker, allocated or not.
     pub fn capacity(&self) -> usize {
-        self.queue
-            .get()
+        self.allocated()
+            .next()
             .map_or_else(|| self.limit.load(Ordering::Relaxed), ArrayQueue::capacity)
     }
 
-    /// The queue has been allocated (a connection went idle at least once).
+    /// Some worker's queue has been allocated (a connection went idle at least once).
     pub fn is_allocated(&self) -> bool {
-        self.queue.get().is_some()
+        self.allocated().next().is_some()
+    }
+
+    fn allocated(&self) -> impl Iterator<Item = &ArrayQueue<UpstreamConn>> {
+        self.queues
+            .get()
+            .into_iter()
+            .flatten()
+            .filter_map(OnceLock::get)
+    }
+
+    /// This worker's queue, if allocated.
+    fn mine(&self) -> Option<&ArrayQueue<UpstreamConn>> {
+        self.queues.get()?.get(workers::index())?.get()
     }
 
     /// An open connection to `address`, idle for less than `idle_timeout` and ready for a
@@ -186,7 +206,7 @@ impl IdleConns {
     fn take(&self, address: SocketAddr, idle_timeout: Duration) -> Option<UpstreamConn> {
         let now = now_ms();
         let idle_timeout = idle_timeout.as_millis() as u64;
-        let queue = self.queue.get()?;
+        let queue = self.mine()?;
         while let Some(conn) = queue.pop() {
             if conn.address == address && conn.sender.is_ready() && conn.fresh(now, idle_timeout) {
                 return Some(conn);
@@ -201,9 +221,16 @@ impl IdleConns {
             return;
         }
         conn.idle_since_ms = now_ms();
-        let queue = self
-            .queue
-            .get_or_init(|| ArrayQueue::new(self.limit.load(Ordering::Relaxed)));
+        let slots = self.queues.get_or_init(|| {
+            (0..workers::count())
+                .map(|_| OnceLock::new())
+                .collect::<Vec<_>>()
+                .into_boxed_slice()
+        });
+        let Some(slot) = slots.get(workers::index()) else {
+            return;
+        };
+        let queue = slot.get_or_init(|| ArrayQueue::new(self.limit.load(Ordering::Relaxed)));
         // A full queue hands the connection back: dropping it closes it.
         drop(queue.push(conn));
     }
@@ -212,20 +239,19 @@ impl IdleConns {
     pub fn expire(&self, idle_timeout: Duration) {
         let now = now_ms();
         let idle_timeout = idle_timeout.as_millis() as u64;
-        let Some(queue) = self.queue.get() else {
-            return;
-        };
-        for _ in 0..queue.len() {
-            let Some(conn) = queue.pop() else { break };
-            if conn.fresh(now, idle_timeout) && !conn.sender.is_closed() {
-                // Requests may have refilled the queue meanwhile: then this one closes.
-                drop(queue.push(conn));
+        for queue in self.allocated() {
+            for _ in 0..queue.len() {
+                let Some(conn) = queue.pop() else { break };
+                if conn.fresh(now, idle_timeout) && !conn.sender.is_closed() {
+                    // Requests may have refilled the queue meanwhile: then this one closes.
+                    drop(queue.push(conn));
+                }
             }
         }
     }
 
     pub fn len(&self) -> usize {
-        self.queue.get().map_or(0, ArrayQueue::len)
+        self.allocated().map(ArrayQueue::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -158,7 +158,7 @@ pub async fn spawn_with_sessions(
             format!("web node id {:?} is not a valid header value", opts.id),
         )
     })?;
-    let listener = crate::datapath::server::listen(opts.listen, 4096)?;
+    let listener = crate::datapath::server::listen(opts.listen, 4096, false)?;
     let local_addr = listener.local_addr()?;
     let started = Instant::now();
     let cancel = CancellationToken::new();

@@ -1,0 +1,406 @@
+//! HTTP/1.1 client connections that hold hyper's buffers only while a request is in flight.
+//!
+//! hyper's HTTP/1.1 server connection keeps an 8 KiB write buffer from its creation and an
+//! 8 KiB read buffer from its first read for as long as it lives, and has no setting to let
+//! them go: ~16 KiB for every idle keep-alive client, ~160 GiB for ten million. HAProxy and
+//! nginx lend buffers only while bytes move. This module gets there with hyper's public API
+//! instead of a parser of fulcrum's own: once a response has ended and nothing else is in
+//! flight, the hyper connection is ended at that request boundary
+//! ([`graceful_shutdown`](hyper::server::conn::http1::Connection::graceful_shutdown) on an
+//! idle connection writes nothing), `into_parts` hands back the socket and any bytes hyper
+//! read ahead, and the connection *hibernates*: its task holds the socket and a keep-alive
+//! timer, nothing else, until the client sends again. Then a fresh hyper connection serves
+//! the next request, reading the handed-back bytes first.
+//!
+//! Upgrades (WebSocket) end hyper's part the same way: the socket and its read-ahead bytes go
+//! to the tunnel task through the connection's tunnel slot, since hyper's own
+//! upgrade hand-over only exists on the connection type that shuts the socket down when done.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::Service;
+use hyper_util::rt::TokioIo;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tracing::debug;
+
+use super::{ConnHandle, ConnShared, Quiet, ended_with_error, first_head_missed, idle, reads};
+use crate::base::error::BoxError;
+
+/// A client socket fulcrum can wait on without reading from it.
+pub(crate) trait Wakeable: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Ready once the client may have sent something (or closed).
+    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+/// A client connection handed to an upgrade's tunnel: the socket, and first the bytes the
+/// client sent after its upgrade request.
+pub(crate) type TunnelIo = Rewind<Box<dyn TunnelStream>>;
+
+/// What a tunnel needs of a client socket.
+pub(crate) trait TunnelStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> TunnelStream for T {}
+
+pin_project! {
+    /// A stream that yields `prefix` before reading from `inner`: bytes read ahead by a hyper
+    /// connection that has ended, or by the protocol sniff.
+    pub(crate) struct Rewind<I> {
+        prefix: Bytes,
+        #[pin]
+        inner: I,
+    }
+}
+
+impl<I> Rewind<I> {
+    pub(crate) fn new(inner: I, prefix: Bytes) -> Self {
+        Self { prefix, inner }
+    }
+
+    fn into_parts(self) -> (I, Bytes) {
+        (self.inner, self.prefix)
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for Rewind<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// How one hyper connection (one awake spell) ended.
+enum Spell<I> {
+    /// Nothing in flight: the socket and hyper's read-ahead bytes, to hibernate or go on.
+    Rested(I, Bytes),
+    /// The connection is over (closed, failed, drained, timed out or tunnelled).
+    Over,
+}
+
+/// Serves HTTP/1.1 on `io` (whose first bytes are `prefix`) until the client leaves, hibernating
+/// between requests.
+pub(crate) async fn serve<I, S, B>(
+    mut io: I,
+    mut prefix: Bytes,
+    reads_at_start: u64,
+    builder: &http1::Builder,
+    service: S,
+    conn: &ConnHandle,
+) where
+    I: Wakeable,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = std::convert::Infallible>
+        + Clone
+        + Unpin
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let shared = &conn.inner;
+    let mut first = Some(reads_at_start);
+    loop {
+        match awake(io, prefix, builder, service.clone(), shared, first).await {
+            Spell::Rested(rested, read_ahead) => (io, prefix) = (rested, read_ahead),
+            Spell::Over => return,
+        }
+        first = None;
+        // A pipelined request, or part of the next head: serve it at once.
+        if prefix.is_empty() && !hibernate(&mut io, shared).await {
+            return;
+        }
+    }
+}
+
+/// One hyper connection, boxed so that a hibernating task does not carry its state.
+async fn awake<I, S, B>(
+    io: I,
+    prefix: Bytes,
+    builder: &http1::Builder,
+    service: S,
+    shared: &Arc<ConnShared>,
+    first: Option<u64>,
+) -> Spell<I>
+where
+    I: Wakeable,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = std::convert::Infallible>
+        + Unpin
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let tracked = Tracked {
+        inner: service,
+        shared: shared.clone(),
+    };
+    let mut conn =
+        Box::new(builder.serve_connection(TokioIo::new(Rewind::new(io, prefix)), tracked));
+    let dispatched_before = shared.requests.load(Ordering::Relaxed);
+    // hyper reads the first head without a timer of its own until it has begun: the first
+    // request gets a deadline from accept (or the end of the TLS handshake).
+    let reads_before = first.unwrap_or_else(|| reads(&shared.activity));
+    let first_head = tokio::time::sleep(shared.header_read_timeout);
+    tokio::pin!(first_head);
+    let mut awaiting_first_head = first.is_some();
+    let idle = idle(shared);
+    tokio::pin!(idle);
+    let shutdown = Quiet::new(shared.lifecycle.shutdown.cancelled());
+    tokio::pin!(shutdown);
+    let cut_off = Quiet::new(shared.lifecycle.cut_off.cancelled());
+    tokio::pin!(cut_off);
+    let mut ending = false;
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            biased;
+            result = poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+                if let Err(e) = result {
+                    ended_with_error(shared, &e, reads_before);
+                    return Spell::Over;
+                }
+                let parts = conn.into_parts();
+                let (io, unread) = parts.io.into_inner().into_parts();
+                let read_ahead = join(unread, parts.read_buf);
+                if let Some(tunnel) = shared.take_tunnel() {
+                    let client: Box<dyn TunnelStream> = Box::new(io);
+                    let _ = tunnel.send(Rewind::new(client, read_ahead));
+                    return Spell::Over;
+                }
+                if ending && !draining {
+                    return Spell::Rested(io, read_ahead);
+                }
+                // The client closed, asked to close, or shutdown drained the connection.
+                let mut io = io;
+                let _ = io.shutdown().await;
+                return Spell::Over;
+            }
+            () = rested(shared, dispatched_before), if !ending => {
+                ending = true;
+                Pin::new(&mut *conn).graceful_shutdown();
+            }
+            () = shutdown.as_mut(), if !draining => {
+                draining = true;
+                ending = true;
+                Pin::new(&mut *conn).graceful_shutdown();
+            }
+            () = first_head.as_mut(), if awaiting_first_head => {
+                awaiting_first_head = false;
+                if first_head_missed(shared, reads_before) {
+                    return Spell::Over;
+                }
+            }
+            () = &mut idle => {
+                debug!("closing idle client connection");
+                return Spell::Over;
+            }
+            () = cut_off.as_mut() => return Spell::Over,
+        }
+    }
+}
+
+/// Ready once this spell has served a request without a body and nothing is in flight: after
+/// a request with a body the connection stays awake until the next one without (hyper may not
+/// have read all of that body, and then it closes the connection itself). Checked on every
+/// wake-up of the connection's task: a response ends inside hyper's poll, just before.
+async fn rested(shared: &ConnShared, dispatched_before: u64) {
+    poll_fn(|_| {
+        let served = shared.requests.load(Ordering::Relaxed) != dispatched_before;
+        let closing = shared.close_after.load(Ordering::Relaxed)
+            || shared.body_pending.load(Ordering::Relaxed);
+        if served && !closing && shared.in_flight.load(Ordering::Relaxed) == 0 {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+}
+
+/// Waits, holding only the socket, until the client sends again. `false`: the connection is to
+/// close (quiet past `header_read_timeout`, the bound between keep-alive requests, or past
+/// `idle_timeout`; shutdown; a socket error).
+async fn hibernate<I: Wakeable>(io: &mut I, shared: &ConnShared) -> bool {
+    tokio::select! {
+        woke = poll_fn(|cx| io.poll_wake(cx)) => woke.is_ok(),
+        () = tokio::time::sleep(shared.header_read_timeout.min(shared.idle_timeout)) => false,
+        () = shared.lifecycle.shutdown.cancelled() => false,
+        () = shared.lifecycle.cut_off.cancelled() => false,
+    }
+}
+
+fn join(first: Bytes, then: Bytes) -> Bytes {
+    match (first.is_empty(), then.is_empty()) {
+        (true, _) => then,
+        (_, true) => first,
+        _ => {
+            let mut both = BytesMut::with_capacity(first.len() + then.len());
+            both.extend_from_slice(&first);
+            both.extend_from_slice(&then);
+            both.freeze()
+        }
+    }
+}
+
+/// The service with the connection's request count and in-flight count kept: a request is in
+/// flight from the call until hyper drops its response body.
+struct Tracked<S> {
+    inner: S,
+    shared: Arc<ConnShared>,
+}
+
+/// Decrements the connection's in-flight count when the response (or the call) is gone.
+struct InFlightGuard(Arc<ConnShared>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<S, B> Service<Request<Incoming>> for Tracked<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = std::convert::Infallible>,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+{
+    type Response = Response<TrackedBody<B>>;
+    type Error = std::convert::Infallible;
+    // Boxed: hyper's `poll_without_shutdown` wants an `Unpin` future (hyper boxes it anyway).
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.shared.dispatched.store(true, Ordering::Relaxed);
+        self.shared.requests.fetch_add(1, Ordering::Relaxed);
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        if !keeps_alive(req.version(), req.headers()) {
+            self.shared.close_after.store(true, Ordering::Relaxed);
+        }
+        // Whether hyper has read all of a request body is not visible from here; only a
+        // bodiless request leaves the connection at a boundary once its response ends.
+        self.shared
+            .body_pending
+            .store(!req.body().is_end_stream(), Ordering::Relaxed);
+        let guard = InFlightGuard(self.shared.clone());
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            let response = response.await?;
+            if has_close(response.headers()) {
+                guard.0.close_after.store(true, Ordering::Relaxed);
+            }
+            Ok(response.map(|body| TrackedBody {
+                body,
+                _guard: guard,
+            }))
+        })
+    }
+}
+
+/// Whether hyper keeps the connection open after this request: HTTP/1.1 unless it says
+/// `close`, HTTP/1.0 only with `keep-alive`.
+fn keeps_alive(version: http::Version, headers: &http::HeaderMap) -> bool {
+    let says = |token: &str| {
+        headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    match version {
+        http::Version::HTTP_11 => !says("close"),
+        http::Version::HTTP_10 => says("keep-alive"),
+        _ => false,
+    }
+}
+
+fn has_close(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+}
+
+pin_project! {
+    /// A response body that holds its request's in-flight share until hyper drops it.
+    pub(crate) struct TrackedBody<B> {
+        #[pin]
+        body: B,
+        _guard: InFlightGuard,
+    }
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
