@@ -291,7 +291,7 @@ async fn serve_tls<S, B>(
     };
     let Some(stream) = stream else { return };
     match crate::datapath::tls::alpn(&stream) {
-        Some(b"h2") => serve_connection(stream, &builders.h2, service, &conn).await,
+        Some(b"h2") => Box::pin(serve_connection(stream, &builders.h2, service, &conn)).await,
         Some(b"http/1.1") => {
             let reads_before = reads(&conn.inner.activity);
             h1::serve(
@@ -329,12 +329,32 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    use tokio::io::AsyncReadExt;
     let shared = &conn.inner;
     let reads_before = reads(&shared.activity);
+    // Boxed, like each protocol's serving below: a task is as large as its largest state, and
+    // a hibernating HTTP/1.1 connection should carry none of these.
+    let Some(prefix) = Box::pin(sniff(&mut io, shared, reads_before)).await else {
+        return;
+    };
+    if prefix == H2_PREFACE {
+        let io = Rewind::new(io, prefix);
+        Box::pin(serve_connection(io, &builders.h2, service, conn)).await;
+    } else {
+        h1::serve(io, prefix, reads_before, &builders.http1, service, conn).await;
+    }
+}
+
+/// The first bytes of a connection, read as far as they match the HTTP/2 preface (all of it,
+/// or up to the first byte that differs); `None` when the connection is to close first.
+async fn sniff<I: AsyncRead + Unpin>(
+    io: &mut I,
+    shared: &ConnShared,
+    reads_before: u64,
+) -> Option<Bytes> {
+    use tokio::io::AsyncReadExt;
     let mut seen = [0u8; H2_PREFACE.len()];
     let mut len = 0;
-    let sniff = async {
+    let read = async {
         while len < seen.len() && seen[..len] == H2_PREFACE[..len] {
             match io.read(&mut seen[len..]).await {
                 Ok(0) | Err(_) => return false,
@@ -344,22 +364,14 @@ where
         true
     };
     let sniffed = tokio::select! {
-        sniffed = sniff => sniffed,
+        sniffed = read => sniffed,
         () = tokio::time::sleep(shared.header_read_timeout) => {
             first_head_missed(shared, reads_before);
             false
         }
         () = shared.lifecycle.shutdown.cancelled() => false,
     };
-    if !sniffed {
-        return;
-    }
-    let prefix = Bytes::copy_from_slice(&seen[..len]);
-    if seen[..len] == *H2_PREFACE {
-        serve_connection(Rewind::new(io, prefix), &builders.h2, service, conn).await;
-    } else {
-        h1::serve(io, prefix, reads_before, &builders.http1, service, conn).await;
-    }
+    sniffed.then(|| Bytes::copy_from_slice(&seen[..len]))
 }
 
 /// Resource exhaustion (EMFILE, ENFILE, ENOBUFS) must not end the accept loop: back off so the

@@ -150,7 +150,8 @@ pub(crate) async fn serve<I, S, B>(
     let shared = &conn.inner;
     let mut first = Some(reads_at_start);
     loop {
-        match awake(io, prefix, builder, service.clone(), shared, first).await {
+        // Boxed: the hibernating task holds none of a spell's state.
+        match Box::pin(awake(io, prefix, builder, service.clone(), shared, first)).await {
             Spell::Rested(rested, read_ahead) => (io, prefix) = (rested, read_ahead),
             Spell::Over => return,
         }
@@ -281,17 +282,17 @@ async fn hibernate<I: Wakeable>(io: &mut I, shared: &ConnShared) -> bool {
     }
 }
 
+/// The bytes read but not yet served, in an allocation of their own: hyper's read-ahead is a
+/// view into its whole read buffer, which would otherwise stay allocated, even when the view
+/// is empty, for as long as the connection sleeps.
 fn join(first: Bytes, then: Bytes) -> Bytes {
-    match (first.is_empty(), then.is_empty()) {
-        (true, _) => then,
-        (_, true) => first,
-        _ => {
-            let mut both = BytesMut::with_capacity(first.len() + then.len());
-            both.extend_from_slice(&first);
-            both.extend_from_slice(&then);
-            both.freeze()
-        }
+    if first.is_empty() && then.is_empty() {
+        return Bytes::new();
     }
+    let mut both = BytesMut::with_capacity(first.len() + then.len());
+    both.extend_from_slice(&first);
+    both.extend_from_slice(&then);
+    both.freeze()
 }
 
 /// The service with the connection's request count and in-flight count kept: a request is in
