@@ -1,4 +1,5 @@
 //! `fulcrum_tls_certificate_expiry_timestamp_seconds{listener,name}`: every certificate a TLS
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
 //! listener serves shows its `notAfter` under its first DNS name (else its subject CN), and a
 //! reload that rotates certificates or removes the listener takes the old series out at once.
 
