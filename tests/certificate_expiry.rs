@@ -43,7 +43,13 @@ fn cert_until(
 /// Unix seconds of 1 January `year`, 00:00 UTC.
 fn new_year(year: i32) -> f64 {
     let days: i64 = (1970..year)
-        .map(|y| if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) { 366 } else { 365 })
+        .map(|y| {
+            if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) {
+                366
+            } else {
+                365
+            }
+        })
         .sum();
     (days * 86_400) as f64
 }
@@ -82,7 +88,12 @@ async fn expiry_gauges_follow_loaded_certificates_through_rotation_and_listener_
     let (old_cert, old_key) = cert_until(&dir, "old", &["old.expiry.test", "b.test"], None, 2031);
     let (cn_cert, cn_key) = cert_until(&dir, "cn", &[], Some("cn-only.expiry.test"), 2033);
     let (anon_cert, anon_key) = cert_until(&dir, "anon", &[], None, 2034);
-    let base = single_pool("expiry_gauge", "round_robin", &nodes_as_backends(&nodes), "");
+    let base = single_pool(
+        "expiry_gauge",
+        "round_robin",
+        &nodes_as_backends(&nodes),
+        "",
+    );
     let sni = |names: &str, cert: &std::path::Path, key: &std::path::Path| {
         format!(
             "\n[[listeners.tls.sni]]\nnames = [{names}]\ncert = \"{}\"\nkey = \"{}\"\n",

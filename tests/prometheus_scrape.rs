@@ -28,7 +28,9 @@ const WITHOUT_SERIES_HERE: &[&str] = &[
 ];
 
 fn deploy(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(file)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(file)
 }
 
 /// `s` as a URL query value.
@@ -78,8 +80,14 @@ impl Prometheus {
         let addr = free_port().await;
         let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
         let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .stdout(Stdio::null())
             .stderr(log)
@@ -168,7 +176,11 @@ fn measured(query: &str) -> &str {
             b'(' | b'{' | b'[' if !quoted => depth += 1,
             b')' | b'}' | b']' if !quoted => depth -= 1,
             b'=' | b'!' | b'<' | b'>' if !quoted && depth == 0 => {
-                let op = if bytes.get(i + 1) == Some(&b'=') { 2 } else { 1 };
+                let op = if bytes.get(i + 1) == Some(&b'=') {
+                    2
+                } else {
+                    1
+                };
                 if op == 2 || matches!(bytes[i], b'<' | b'>') {
                     cut = Some(i);
                 }
@@ -210,7 +222,10 @@ fn dashboard_exprs() -> Vec<(String, String)> {
                 .replace("$__rate_interval", "1m")
                 .replace("$pool", POOL)
                 .replace("$backend", ".*");
-            assert!(!expr.contains('$'), "{title}: unsubstituted variable in {expr}");
+            assert!(
+                !expr.contains('$'),
+                "{title}: unsubstituted variable in {expr}"
+            );
             exprs.push((title.clone(), expr));
         }
     }
@@ -254,12 +269,18 @@ async fn prometheus_answers_every_panel_and_rule_and_fires_backend_down_when_a_n
 
     let scraped = eventually(|| async {
         !prometheus
-            .query(&format!("rate(fulcrum_requests_total{{pool=\"{POOL}\",code=\"503\"}}[1m]) > 0"))
+            .query(&format!(
+                "rate(fulcrum_requests_total{{pool=\"{POOL}\",code=\"503\"}}[1m]) > 0"
+            ))
             .await
             .is_empty()
     })
     .await;
-    assert!(scraped, "Prometheus never scraped fulcrum's traffic:\n{}", prometheus.log());
+    assert!(
+        scraped,
+        "Prometheus never scraped fulcrum's traffic:\n{}",
+        prometheus.log()
+    );
 
     // Every panel answers with data (recording rules need an evaluation or two first).
     let mut silent = Vec::new();
@@ -280,7 +301,11 @@ async fn prometheus_answers_every_panel_and_rule_and_fires_backend_down_when_a_n
             .all(|r| r["health"] == "ok" && r["lastEvaluation"] != "0001-01-01T00:00:00Z")
     })
     .await;
-    assert!(evaluated, "a rule is unhealthy: {:#?}", prometheus.rules().await);
+    assert!(
+        evaluated,
+        "a rule is unhealthy: {:#?}",
+        prometheus.rules().await
+    );
     for rule in &rules {
         let name = rule["name"].as_str().unwrap();
         let query = rule["query"].as_str().unwrap();
@@ -321,7 +346,10 @@ async fn prometheus_answers_every_panel_and_rule_and_fires_backend_down_when_a_n
     })
     .await;
     let alerts = prometheus.api("alerts").await.unwrap_or_default();
-    assert!(fired, "FulcrumBackendDown did not fire for {dead_name}: {alerts:#}");
+    assert!(
+        fired,
+        "FulcrumBackendDown did not fire for {dead_name}: {alerts:#}"
+    );
     assert!(
         !alerts["alerts"]
             .as_array()

@@ -237,10 +237,7 @@ fn inspect_leaf(
                 .find_map(|cn| cn.as_str().ok().map(str::to_owned))
         })
         .unwrap_or_else(|| "unnamed".to_owned());
-    let expiry = Expiry {
-        name,
-        not_after,
-    };
+    let expiry = Expiry { name, not_after };
     Ok((dns_names, warnings, expiry))
 }
 

@@ -146,7 +146,9 @@ pub(crate) fn set_certificate_expiry<'a>(
     }
     recorder().remove_series_of(TLS_CERTIFICATE_EXPIRY, |labels| {
         labels.get("listener") == Some(listener)
-            && labels.get("name").is_none_or(|name| !earliest.contains_key(name))
+            && labels
+                .get("name")
+                .is_none_or(|name| !earliest.contains_key(name))
     });
     for (name, not_after) in earliest {
         // Unix seconds stay exact in an f64 for the next 285 million years.
