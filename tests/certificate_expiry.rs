@@ -150,3 +150,31 @@ async fn expiry_gauges_follow_loaded_certificates_through_rotation_and_listener_
     );
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_registry_certificate_shows_under_listener_registry() {
+    let dir = CertDir::new("expiry-registry");
+    let nodes = webnodes(1).await;
+    let (cert, key) = cert_until(&dir, "registry", &["registry.expiry.test"], None, 2035);
+    let toml = support::registry::registry_config(
+        "expiry_registry",
+        &nodes_as_backends(&nodes),
+        "1s",
+        &format!(
+            "[registry.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let running = balancer(&toml).await;
+    let text = scrape(&running).await;
+    assert_eq!(
+        series(
+            &text,
+            &format!("{METRIC}{{listener=\"registry\",name=\"registry.expiry.test\"}}")
+        ),
+        Some(new_year(2035)),
+        "{text}"
+    );
+    running.shutdown().await;
+}
