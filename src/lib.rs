@@ -272,7 +272,11 @@ fn registry_tls(
         return Ok(None);
     };
     TlsTerminator::grpc("registry", &tls.certs, tls.client_ca.as_deref())
-        .map(|terminator| Some(Arc::new(terminator)))
+        .map(|terminator| {
+            // The registry's certificate does not reload: its expiry is set once, here.
+            terminator.export_expiry();
+            Some(Arc::new(terminator))
+        })
         .map_err(|source| StartError::Tls {
             name: "registry".to_owned(),
             source,

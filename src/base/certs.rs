@@ -103,6 +103,19 @@ pub(crate) struct LoadedCert {
     /// Expired or not yet valid: clients will refuse it, but fulcrum serves it (a reload or a
     /// restart with a fresh file fixes it without a config change).
     pub warnings: Vec<String>,
+    /// What the expiry gauge calls the leaf, and when it expires.
+    pub expiry: Expiry,
+}
+
+/// A leaf's `notAfter`, under the name `fulcrum_tls_certificate_expiry_timestamp_seconds`
+/// gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Expiry {
+    /// The first DNS name of the subjectAltName, else the subject's common name, else
+    /// `unnamed`.
+    pub name: String,
+    /// `notAfter`, Unix seconds.
+    pub not_after: i64,
 }
 
 impl LoadedCert {
@@ -136,7 +149,7 @@ pub(crate) fn load_cert(paths: &CertPaths) -> Result<LoadedCert, CertError> {
             path: paths.cert.clone(),
         });
     };
-    let (dns_names, warnings) = inspect_leaf(&paths.cert, leaf)?;
+    let (dns_names, warnings, expiry) = inspect_leaf(&paths.cert, leaf)?;
 
     let key_pem = std::fs::read(&paths.key).map_err(|source| CertError::ReadKey {
         path: paths.key.clone(),
@@ -171,14 +184,15 @@ pub(crate) fn load_cert(paths: &CertPaths) -> Result<LoadedCert, CertError> {
         certified: Arc::new(certified),
         dns_names,
         warnings,
+        expiry,
     })
 }
 
-/// The leaf's DNS names and validity warnings.
+/// The leaf's DNS names, validity warnings and expiry.
 fn inspect_leaf(
     path: &Path,
     leaf: &CertificateDer<'_>,
-) -> Result<(Vec<String>, Vec<String>), CertError> {
+) -> Result<(Vec<String>, Vec<String>, Expiry), CertError> {
     let bad = |reason: String| CertError::BadCertificate {
         path: path.to_owned(),
         reason,
@@ -214,7 +228,17 @@ fn inspect_leaf(
             utc(not_before)
         ));
     }
-    Ok((dns_names, warnings))
+    let name = dns_names
+        .first()
+        .cloned()
+        .or_else(|| {
+            cert.subject()
+                .iter_common_name()
+                .find_map(|cn| cn.as_str().ok().map(str::to_owned))
+        })
+        .unwrap_or_else(|| "unnamed".to_owned());
+    let expiry = Expiry { name, not_after };
+    Ok((dns_names, warnings, expiry))
 }
 
 /// `2030-01-01T00:00:00Z` for a Unix time (certificates may predate 1970 in theory: clamp).

@@ -32,6 +32,7 @@ pub(crate) const CONFIG_RELOADS_TOTAL: &str = "fulcrum_config_reloads_total";
 pub(crate) const REGISTRY_EVENTS_TOTAL: &str = "fulcrum_registry_events_total";
 pub(crate) const CLIENT_ERRORS_TOTAL: &str = "fulcrum_client_errors_total";
 pub(crate) const POOL_QUEUE_DEPTH: &str = "fulcrum_pool_queue_depth";
+pub(crate) const TLS_CERTIFICATE_EXPIRY: &str = "fulcrum_tls_certificate_expiry_timestamp_seconds";
 
 /// The `backend` label of answers fulcrum gives itself, and the `pool` label when no route matched.
 pub(crate) const NONE: &str = "none";
@@ -116,6 +117,11 @@ fn describe() {
         TLS_HANDSHAKES_TOTAL,
         "TLS handshakes on client connections, by listener and result (ok, error, timeout)."
     );
+    describe_gauge!(
+        TLS_CERTIFICATE_EXPIRY,
+        Unit::Seconds,
+        "When each certificate a listener serves expires (its notAfter, Unix seconds), by listener and name (the first DNS name, else the subject CN)."
+    );
     describe_counter!(
         CONFIG_RELOADS_TOTAL,
         "Config reloads (SIGHUP or POST /api/reload), by result: ok, or error (the running config stays)."
@@ -124,6 +130,38 @@ fn describe() {
         REGISTRY_EVENTS_TOTAL,
         "Registry events, by event: register (a node joined), heartbeat (a known node reported active), expired (removed after 3 missed heartbeats), decommission (a node asked to leave), refused (no valid token, an address not allowed, or max_nodes reached)."
     );
+}
+
+/// Publishes the `notAfter` of every certificate `listener` serves now (`certs`: name, Unix
+/// seconds) and takes the listener's series of certificates it no longer serves out of the
+/// scrape. Two certificates with one name show the earlier expiry: the one to renew first.
+pub(crate) fn set_certificate_expiry<'a>(
+    listener: &str,
+    certs: impl IntoIterator<Item = (&'a str, i64)>,
+) {
+    let mut earliest: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+    for (name, not_after) in certs {
+        let at = earliest.entry(name).or_insert(not_after);
+        *at = (*at).min(not_after);
+    }
+    recorder().remove_series_of(TLS_CERTIFICATE_EXPIRY, |labels| {
+        labels.get("listener") == Some(listener)
+            && labels
+                .get("name")
+                .is_none_or(|name| !earliest.contains_key(name))
+    });
+    for (name, not_after) in earliest {
+        // Unix seconds stay exact in an f64 for the next 285 million years.
+        gauge!(TLS_CERTIFICATE_EXPIRY, "listener" => listener.to_owned(), "name" => name.to_owned())
+            .set(not_after as f64);
+    }
+}
+
+/// Takes every certificate expiry series of `listener` out of the scrape: a reload removed it.
+pub(crate) fn remove_certificate_expiry(listener: &str) {
+    recorder().remove_series_of(TLS_CERTIFICATE_EXPIRY, |labels| {
+        labels.get("listener") == Some(listener)
+    });
 }
 
 /// Why a request failed upstream: the `kind` label of `fulcrum_proxy_errors_total`.

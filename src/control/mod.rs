@@ -307,13 +307,16 @@ impl Control {
     /// listeners stopped (their connections finish gracefully), new ones served.
     fn switch_listeners(&self, changes: ListenerChanges) {
         for (terminator, certs) in changes.kept {
-            terminator.resolver().replace(certs);
+            terminator.replace_certs(certs);
         }
         self.live_listeners().retain(|l| {
             let keep = !changes.removed.contains(&l.config.name);
             if !keep {
                 info!(listener = %l.config.name, addr = %l.addr, "listener removed; its connections finish gracefully");
                 l.stop.cancel();
+                if l.tls.is_some() {
+                    crate::base::metrics::remove_certificate_expiry(&l.config.name);
+                }
             }
             keep
         });

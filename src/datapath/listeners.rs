@@ -112,6 +112,9 @@ pub(crate) fn serve(
     let addr = tcp.local_addr().expect("a bound socket has an address");
     let proto = if tls.is_some() { "https" } else { "http" };
     info!(listener = %l.name, %addr, proto, workers = 1 + more.len(), "listening");
+    if let Some(tls) = &tls {
+        tls.export_expiry();
+    }
     let info = Arc::new(ListenerInfo {
         name: Arc::from(l.name.as_str()),
         proto,

@@ -24,9 +24,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
-use crate::base::certs::{CertError, client_verifier, load_cert, provider};
+use crate::base::certs::{CertError, Expiry, client_verifier, load_cert, provider};
 use crate::base::config::TlsConfig;
-use crate::base::metrics::TLS_HANDSHAKES_TOTAL;
+use crate::base::metrics::{TLS_HANDSHAKES_TOTAL, set_certificate_expiry};
 
 /// ALPN protocols offered, in order of preference.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -40,18 +40,24 @@ pub(crate) struct CertSet {
     exact: HashMap<String, Arc<CertifiedKey>>,
     /// `*.example.com` is stored as `example.com`.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
+    /// Every certificate of the set (the default first), for the expiry gauge.
+    expiries: Vec<Expiry>,
 }
 
 impl CertSet {
     /// Loads every certificate of `config`, or fails on the first that cannot be used.
     pub(crate) fn load(config: &TlsConfig) -> Result<Self, CertError> {
+        let default = load_cert(&config.default)?;
         let mut set = CertSet {
-            default: load_cert(&config.default)?.certified,
+            default: default.certified,
             exact: HashMap::new(),
             wildcard: HashMap::new(),
+            expiries: vec![default.expiry],
         };
         for sni in &config.sni {
-            let certified = load_cert(&sni.paths)?.certified;
+            let loaded = load_cert(&sni.paths)?;
+            set.expiries.push(loaded.expiry);
+            let certified = loaded.certified;
             for name in &sni.names {
                 let (map, key) = match name.strip_prefix("*.") {
                     Some(suffix) => (&mut set.wildcard, suffix),
@@ -206,9 +212,26 @@ impl TlsTerminator {
         })
     }
 
-    /// The resolver a certificate reload publishes into.
-    pub(crate) fn resolver(&self) -> &Arc<CertResolver> {
-        &self.resolver
+    /// Serves `certs` from the next handshake on (a reload's), established connections keep
+    /// theirs, and publishes their expiry.
+    pub(crate) fn replace_certs(&self, certs: CertSet) {
+        self.resolver.replace(certs);
+        self.export_expiry();
+    }
+
+    /// Sets `fulcrum_tls_certificate_expiry_timestamp_seconds` of this listener to the
+    /// certificates it serves now. Called when the listener starts serving and by
+    /// [`Self::replace_certs`], not when it is built: a listener a failed reload bound and
+    /// dropped never exports anything.
+    pub(crate) fn export_expiry(&self) {
+        let certs = self.resolver.certs.load();
+        set_certificate_expiry(
+            &self.listener,
+            certs
+                .expiries
+                .iter()
+                .map(|e| (e.name.as_str(), e.not_after)),
+        );
     }
 
     /// Runs the server side of a handshake within the listener's timeout. `None` means the
@@ -267,6 +290,7 @@ mod tests {
             default: default.clone(),
             exact: HashMap::from([("a.example".to_owned(), exact.clone())]),
             wildcard: HashMap::from([("a.example".to_owned(), wild.clone())]),
+            expiries: Vec::new(),
         };
         let is = |name: Option<&str>, want: &Arc<CertifiedKey>| {
             assert!(Arc::ptr_eq(set.pick(name), want), "{name:?}");
@@ -285,6 +309,10 @@ mod tests {
             certified: key(),
             dns_names: vec!["a.example".into(), "*.b.example".into()],
             warnings: Vec::new(),
+            expiry: Expiry {
+                name: "a.example".into(),
+                not_after: 0,
+            },
         };
         assert!(loaded.covers("a.example"));
         assert!(loaded.covers("x.b.example"));

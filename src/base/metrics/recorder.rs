@@ -185,6 +185,22 @@ impl Recorder {
         removed
     }
 
+    /// Takes the series of metric `name` whose labels `matches` out of the scrape: for series
+    /// that belong to no [`Scope`] (a listener's certificates, set and replaced as a whole).
+    pub(crate) fn remove_series_of(&self, name: &str, matches: impl Fn(&Labels) -> bool) -> usize {
+        let mut inner = self.lock();
+        let Some(family) = inner.families.get_mut(name) else {
+            return 0;
+        };
+        let before = family.series.len();
+        family.series.retain(|labels, _| !matches(labels));
+        let removed = before - family.series.len();
+        if family.series.is_empty() {
+            inner.families.remove(name);
+        }
+        removed
+    }
+
     /// The Prometheus text format (0.0.4): metrics by name, each with `# HELP` (when described)
     /// and `# TYPE`, then its series ordered by their labels.
     pub(crate) fn render(&self) -> String {
