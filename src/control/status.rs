@@ -404,13 +404,14 @@ const HEAD: &str = r#"<!doctype html>
 <title>fulcrum status</title>
 <style>
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.2em; color: #222; background: #fafafa; }
-h1 { margin: 0 0 .2em; } h2 { margin: 1.4em 0 .4em; } h3 { margin: .2em 0; display: inline; font-size: 1.05em; }
+h1 { margin: 0 0 .2em; } h2 { margin: 1.4em 0 .4em; } h3 { margin: .2em 0; display: inline; font-size: 1.05em; overflow-wrap: anywhere; }
 small { color: #666; font-weight: normal; } .meta { color: #666; margin: 0; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; min-width: 60%; background: white; }
 th, td { padding: .3em .7em; border-bottom: 1px solid #ddd; text-align: left; white-space: nowrap; }
 td:nth-child(n+3) { font-variant-numeric: tabular-nums; }
 .events td:last-child { white-space: normal; }
+tr.node td:first-child, tr.event td:nth-child(2) { max-width: 16em; overflow: hidden; text-overflow: ellipsis; }
 .state, .check { padding: .1em .5em; border-radius: .8em; color: white; background: #868e96; font-size: .9em; }
 .up, .pass { background: #2b8a3e; } .down, .fail { background: #c92a2a; } .pending, .added, .moved { background: #1971c2; }
 .draining, .removed { background: #e67700; } .cooling { background: #9c36b5; }
