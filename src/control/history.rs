@@ -225,7 +225,7 @@ pub(crate) struct Inner {
     /// The sampler's ticks so far.
     tick: u64,
     /// By pool name, then node name.
-    pub nodes: HashMap<Arc<str>, HashMap<Arc<str>, NodeHistory>>,
+    nodes: HashMap<Arc<str>, HashMap<Arc<str>, NodeHistory>>,
 }
 
 impl Inner {
@@ -444,6 +444,75 @@ mod tests {
         assert!((failures - 9.0 / 9.5).abs() < 1e-9, "{failures}");
         let fresh = history();
         assert_eq!(fresh.recent_rates(now, (1, 1), window, min), None);
+    }
+
+    fn router(backends: &[&str]) -> Router {
+        let backends: Vec<String> = backends
+            .iter()
+            .enumerate()
+            .map(|(i, name)| format!("{{ name = \"{name}\", address = \"127.0.0.1:{}\" }}", 9 + i))
+            .collect();
+        let toml = format!(
+            "[[listeners]]\nname = \"http\"\nbind = \"127.0.0.1:0\"\n[pools.sampled]\nbackends = [{}]\n",
+            backends.join(", ")
+        );
+        let config =
+            crate::base::config::Config::parse(std::path::Path::new("t.toml"), &toml).unwrap();
+        Router::new(&config)
+    }
+
+    #[tokio::test]
+    async fn the_sampler_reads_the_nodes_counters_and_forgets_nodes_that_left() {
+        let history = History::default();
+        let router = router(&["a", "b"]);
+        let pool = router.pools()[0].clone();
+        let node = |name: &str| {
+            pool.snapshot()
+                .backends
+                .iter()
+                .find(|b| &*b.node.name == name)
+                .map(|b| b.node.clone())
+                .unwrap()
+        };
+        let (a, b) = (node("a"), node("b"));
+        let start = Instant::now();
+        history.sample(&router, start);
+        // 30 requests to `a` that end at once, the way the request path counts them.
+        for _ in 0..30 {
+            drop(crate::model::pool::InFlight::start(
+                a.clone(),
+                Instant::now(),
+            ));
+        }
+        a.failed();
+        history.sample(&router, start + Duration::from_secs(2));
+        history.checked(&pool.name, &b, Duration::from_millis(3), Some("status 503"));
+        {
+            let inner = history.lock();
+            let points = inner.node("sampled", &a).unwrap().points();
+            assert_eq!(points.len(), 1);
+            assert_eq!((points[0].requests, points[0].failures), (15.0, 0.5));
+            // Each took well under the first bucket's 100 µs.
+            assert!(points[0].p99.unwrap() <= 0.0001, "{points:?}");
+            let b_history = inner.node("sampled", &b).unwrap();
+            assert_eq!(b_history.points()[0].requests, 0.0);
+            assert_eq!(b_history.points()[0].p99, None);
+            let check = b_history.check.as_ref().unwrap();
+            assert!(!check.passed && check.reason == "status 503");
+        }
+        // `b` leaves the pool: its history goes at the next tick; `a` keeps its own.
+        let without_b = router_config_without_b();
+        pool.replace(&without_b.pools["sampled"]);
+        history.sample(&router, start + Duration::from_secs(3));
+        let inner = history.lock();
+        assert!(inner.node("sampled", &b).is_none());
+        assert_eq!(inner.nodes["sampled"].len(), 1);
+        assert_eq!(inner.node("sampled", &a).unwrap().samples.len(), 3);
+    }
+
+    fn router_config_without_b() -> crate::base::config::Config {
+        let toml = "[[listeners]]\nname = \"http\"\nbind = \"127.0.0.1:0\"\n[pools.sampled]\nbackends = [{ name = \"a\", address = \"127.0.0.1:9\" }]\n";
+        crate::base::config::Config::parse(std::path::Path::new("t.toml"), toml).unwrap()
     }
 
     #[test]
