@@ -2,11 +2,11 @@
 //! check.
 //!
 //! A sampler task ticks once per second and reads what the request path already keeps (the
-//! node's request and failure counters, its in-flight count, the buckets of its
-//! `fulcrum_request_duration_seconds` histogram): the request path does no extra work and takes
-//! no lock for it. Each node keeps [`SAMPLES`] samples in a ring allocated once (about 10 KB a
-//! node), so memory is bounded by the number of nodes; a node that leaves its pool loses its
-//! history at the next tick, and a node re-added under the same name starts a fresh one.
+//! node's request and failure counters, the buckets of its `fulcrum_request_duration_seconds`
+//! histogram): the request path does no extra work and takes no lock for it. Each node keeps
+//! [`SAMPLES`] samples in a ring allocated once (56 bytes a sample, under 17 KB a node), so
+//! memory is bounded by the number of nodes; a node that leaves its pool loses its history at
+//! the next tick, and a node re-added under the same name starts a fresh one.
 //!
 //! Everything here is behind one mutex, taken once a second by the sampler, once per check by
 //! the health checker and once per render by the status page: control-plane traffic only.
@@ -415,6 +415,8 @@ mod tests {
         }
         assert_eq!(node.samples.len(), SAMPLES);
         assert_eq!(node.samples.slots.capacity(), SAMPLES);
+        // What the module's memory figure rests on.
+        assert!(size_of::<Sample>() <= 56, "{}", size_of::<Sample>());
         let kept: Vec<u64> = node.samples.iter().map(|s| s.requests / 10).collect();
         assert_eq!(kept, (700..1000).collect::<Vec<_>>());
         assert_eq!(node.samples.iter().last().unwrap().requests, 9990);
