@@ -12,10 +12,10 @@ use std::sync::{Arc, Once, OnceLock};
 
 use metrics::{
     Counter, Gauge, Histogram, Key, Label, Unit, counter, describe_counter, describe_gauge,
-    describe_histogram, gauge, histogram,
+    describe_histogram, gauge,
 };
 
-pub(crate) use recorder::{Recorder, Scope};
+pub(crate) use recorder::{HistogramReader, Recorder, Scope};
 
 pub(crate) const REQUESTS_TOTAL: &str = "fulcrum_requests_total";
 pub(crate) const REQUEST_DURATION: &str = "fulcrum_request_duration_seconds";
@@ -288,6 +288,8 @@ impl ResponseCounters {
 pub struct BackendMetrics {
     pub responses: ResponseCounters,
     pub duration: Histogram,
+    /// Reads `duration`'s buckets: the status page's p99 per node.
+    pub(crate) latency: HistogramReader,
     pub in_flight: Gauge,
     pub up: Gauge,
     pub checks_passed: Counter,
@@ -302,10 +304,18 @@ pub struct BackendMetrics {
 impl BackendMetrics {
     pub fn new(pool: &Arc<str>, backend: &Arc<str>) -> Self {
         let labels = [("pool", pool.to_string()), ("backend", backend.to_string())];
+        let (duration, latency) = recorder().histogram_with_reader(&Key::from_parts(
+            REQUEST_DURATION,
+            labels
+                .iter()
+                .map(|(k, v)| Label::new(*k, v.clone()))
+                .collect::<Vec<_>>(),
+        ));
         let error = |kind: ErrorKind| counter!(PROXY_ERRORS_TOTAL, "pool" => pool.to_string(), "backend" => backend.to_string(), "kind" => kind.as_str());
         Self {
             responses: ResponseCounters::new(pool.clone(), backend.clone()),
-            duration: histogram!(REQUEST_DURATION, &labels),
+            duration,
+            latency,
             in_flight: gauge!(BACKEND_IN_FLIGHT, &labels),
             up: gauge!(BACKEND_UP, &labels),
             checks_passed: counter!(HEALTH_CHECKS_TOTAL, "pool" => pool.to_string(), "backend" => backend.to_string(), "result" => "pass"),

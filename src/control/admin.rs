@@ -26,7 +26,6 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::base::health_report::{CpuMeter, HealthReport};
-use crate::control::status::RateSampler;
 use crate::control::{BackendSpec, ChangeError, Control, PoolView, ReloadError, Removal};
 use crate::datapath::body::ProxyBody;
 use crate::datapath::proxy::local_response;
@@ -48,7 +47,6 @@ pub(crate) struct AdminState {
     pub token: Option<String>,
     /// The admin listener's bound address: the only origin allowed to send mutations.
     pub bind: SocketAddr,
-    pub status_rates: RateSampler,
 }
 
 /// Serves the admin API on `tcp` (bound, not yet serving) until shutdown; returns its address.
@@ -73,7 +71,6 @@ pub(crate) fn spawn(
         control: control.clone(),
         token,
         bind: addr,
-        status_rates: RateSampler::default(),
     });
     server::spawn_accept_loop(
         vec![server::AcceptSocket::Here(tcp)],
@@ -111,7 +108,7 @@ pub(crate) async fn handle(req: Request<Incoming>, state: &AdminState) -> Respon
             )
         }
         "/status" => {
-            let html = crate::control::status::render(&state.control.router(), &state.status_rates);
+            let html = crate::control::status::render(&state.control);
             with_type(
                 Response::new(ProxyBody::local(html)),
                 "text/html; charset=utf-8",

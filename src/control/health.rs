@@ -32,6 +32,7 @@ use tracing::{info, warn};
 
 use crate::base::config::HealthConfig;
 use crate::base::error::root_cause;
+use crate::control::history::History;
 use crate::model::pool::{Backend, Health, Node, Pool};
 
 /// Health answers larger than this are judged by status alone.
@@ -133,8 +134,9 @@ pub(crate) fn next_start(started: Instant, ended: Instant, interval: Duration) -
 type CheckClient = Client<HttpConnector, Empty<Bytes>>;
 
 /// Starts checking every node of `pool` until `shutdown`. A node that joins the pool gets its
-/// task as soon as the pool changes; a node's task ends when it leaves the pool.
-pub(crate) fn spawn_checker(pool: Arc<Pool>, shutdown: CancellationToken) {
+/// task as soon as the pool changes; a node's task ends when it leaves the pool. Each check's
+/// result goes to `history` for the status page.
+pub(crate) fn spawn_checker(pool: Arc<Pool>, history: Arc<History>, shutdown: CancellationToken) {
     tokio::spawn(async move {
         let mut tasks: HashMap<Arc<str>, CancellationToken> = HashMap::new();
         loop {
@@ -154,7 +156,12 @@ pub(crate) fn spawn_checker(pool: Arc<Pool>, shutdown: CancellationToken) {
                 if !tasks.contains_key(&backend.node.name) {
                     let token = shutdown.child_token();
                     tasks.insert(backend.node.name.clone(), token.clone());
-                    tokio::spawn(check_node(pool.clone(), backend.node.name.clone(), token));
+                    tokio::spawn(check_node(
+                        pool.clone(),
+                        backend.node.name.clone(),
+                        history.clone(),
+                        token,
+                    ));
                 }
             }
             // Changes wake it; the timer, at the current interval, is only a safety net.
@@ -167,7 +174,12 @@ pub(crate) fn spawn_checker(pool: Arc<Pool>, shutdown: CancellationToken) {
     });
 }
 
-async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
+async fn check_node(
+    pool: Arc<Pool>,
+    name: Arc<str>,
+    history: Arc<History>,
+    stop: CancellationToken,
+) {
     let mut plan = CheckPlan::new(pool.snapshot().settings.health.clone());
     loop {
         let mut changed = pin!(pool.changed.notified());
@@ -211,6 +223,11 @@ async fn check_node(pool: Arc<Pool>, name: Arc<str>, stop: CancellationToken) {
             plan.next = Instant::now();
             continue;
         }
+        let reason = match &verdict {
+            Verdict::Pass => None,
+            Verdict::Fail(reason) => Some(reason.as_str()),
+        };
+        history.checked(&pool.name, &backend.node, started.elapsed(), reason);
         plan.record(&pool, backend, &verdict);
         plan.done(started);
     }

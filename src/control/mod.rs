@@ -8,6 +8,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod health;
+pub(crate) mod history;
 pub(crate) mod registry;
 pub(crate) mod status;
 
@@ -56,6 +57,8 @@ pub struct Control {
     workers: Vec<tokio::runtime::Handle>,
     reloads_ok: Counter,
     reloads_error: Counter,
+    /// The status page's last five minutes and last checks, fed by a sampler and the checkers.
+    history: Arc<history::History>,
 }
 
 #[derive(Debug)]
@@ -194,10 +197,12 @@ impl Control {
         workers: Vec<tokio::runtime::Handle>,
     ) -> Self {
         let shutdown = lifecycle.shutdown.clone();
+        let history = Arc::new(history::History::default());
+        history::spawn_sampler(history.clone(), router.clone(), shutdown.child_token());
         let mut checkers = HashMap::new();
         for pool in router.load().pools() {
             let stop = shutdown.child_token();
-            health::spawn_checker(pool.clone(), stop.clone());
+            health::spawn_checker(pool.clone(), history.clone(), stop.clone());
             checkers.insert(pool.name.to_string(), stop);
         }
         Self {
@@ -216,6 +221,7 @@ impl Control {
             workers,
             reloads_ok: counter!(CONFIG_RELOADS_TOTAL, "result" => "ok"),
             reloads_error: counter!(CONFIG_RELOADS_TOTAL, "result" => "error"),
+            history,
         }
     }
 
@@ -349,6 +355,19 @@ impl Control {
         }
     }
 
+    /// The traffic listeners serving now: name, address, and whether they speak TLS.
+    pub(crate) fn listeners(&self) -> Vec<(String, SocketAddr, bool)> {
+        self.live_listeners()
+            .iter()
+            .map(|l| (l.config.name.clone(), l.addr, l.tls.is_some()))
+            .collect()
+    }
+
+    /// What the status page remembers: the last five minutes and each node's last check.
+    pub(crate) fn history(&self) -> &history::History {
+        &self.history
+    }
+
     /// The address the listener `name` serves on now.
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
         self.live_listeners()
@@ -438,7 +457,7 @@ impl Control {
                 None => {
                     let pool = Arc::new(Pool::arriving(name, pool_config));
                     let stop = self.shutdown.child_token();
-                    health::spawn_checker(pool.clone(), stop.clone());
+                    health::spawn_checker(pool.clone(), self.history.clone(), stop.clone());
                     state.checkers.insert(name.clone(), stop);
                     pool
                 }

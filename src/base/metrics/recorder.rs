@@ -136,6 +136,27 @@ impl HistogramFn for Buckets {
     }
 }
 
+/// A read-only view of one histogram's buckets, for the status page's p99: the counts the
+/// request path already keeps, read by the control plane with no lock and no lookup.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HistogramReader(Option<Arc<Buckets>>);
+
+impl HistogramReader {
+    /// The buckets' upper bounds, ascending (empty for a histogram that records nowhere).
+    pub(crate) fn bounds(&self) -> &'static [f64] {
+        self.0.as_ref().map_or(&[], |buckets| buckets.bounds)
+    }
+
+    /// The per-bucket counts (not cumulative) into `counts`, one per bound and then the count
+    /// above every bound.
+    pub(crate) fn read_into(&self, counts: &mut Vec<u64>) {
+        counts.clear();
+        if let Some(buckets) = &self.0 {
+            counts.extend(buckets.counts.iter().map(|c| c.load(Ordering::Relaxed)));
+        }
+    }
+}
+
 impl Recorder {
     /// A recorder with no series; `buckets` gives the histograms that want their own bounds
     /// (each list sorted ascending).
@@ -160,6 +181,33 @@ impl Recorder {
             Some(Series::Counter(value)) => Counter::from_arc(value),
             _ => Counter::noop(),
         }
+    }
+
+    /// A histogram handle for the request path and a reader of the same buckets.
+    pub(crate) fn histogram_with_reader(&self, key: &Key) -> (Histogram, HistogramReader) {
+        match self.register(Kind::Histogram, key) {
+            Some(Series::Histogram(buckets)) => (
+                Histogram::from_arc(buckets.clone()),
+                HistogramReader(Some(buckets)),
+            ),
+            _ => (Histogram::noop(), HistogramReader::default()),
+        }
+    }
+
+    /// The value of the gauge `name` whose labels `matches`, if one is registered. Takes the
+    /// registry's lock: for the control plane, never the request path.
+    pub(crate) fn gauge_value(&self, name: &str, matches: impl Fn(&Labels) -> bool) -> Option<f64> {
+        let inner = self.lock();
+        let family = inner.families.get(name)?;
+        family
+            .series
+            .iter()
+            .find_map(|(labels, series)| match series {
+                Series::Gauge(bits) if matches(labels) => {
+                    Some(f64::from_bits(bits.load(Ordering::Relaxed)))
+                }
+                _ => None,
+            })
     }
 
     /// Takes every series whose labels `matches` out of the scrape, at once, and closes
