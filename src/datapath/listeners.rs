@@ -14,6 +14,7 @@ use tracing::info;
 use crate::base::certs::CertError;
 use crate::base::config::{self, ListenerConfig};
 use crate::datapath::proxy::{self, ConnInfo, ListenerInfo, Router};
+use crate::datapath::proxy_protocol::ProxyProtocol;
 use crate::datapath::server::{self, ConnLimits, Lifecycle};
 use crate::datapath::tls::TlsTerminator;
 
@@ -90,7 +91,7 @@ pub(crate) fn serve(
     } = bound;
     let addr = tcp.local_addr().expect("a bound socket has an address");
     let proto = if tls.is_some() { "https" } else { "http" };
-    info!(listener = %l.name, %addr, proto, "listening");
+    info!(listener = %l.name, %addr, proto, proxy_protocol = l.proxy_protocol, "listening");
     let info = Arc::new(ListenerInfo {
         name: Arc::from(l.name.as_str()),
         proto,
@@ -104,6 +105,9 @@ pub(crate) fn serve(
         idle_timeout: l.idle_timeout,
         max_header_bytes: l.max_header_bytes,
         max_connections: l.max_connections,
+        proxy_protocol: l
+            .proxy_protocol
+            .then(|| Arc::new(ProxyProtocol::new(&l.name, &l.trusted_proxies))),
     };
     server::spawn_accept_loop(
         tcp,

@@ -32,6 +32,7 @@ use tracing::{debug, error, warn};
 
 use crate::base::error::BoxError;
 use crate::base::metrics::{ClientErrorKind, ClientErrors, DOWNSTREAM_CONNECTIONS};
+use crate::datapath::proxy_protocol::{ProxyProtocol, Rewind};
 use crate::datapath::tls::TlsTerminator;
 
 /// Limits applied to every connection of one listener.
@@ -47,6 +48,9 @@ pub(crate) struct ConnLimits {
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    /// On a `proxy_protocol` listener, whom it takes PROXY headers from; each connection's
+    /// client is the one its header names.
+    pub proxy_protocol: Option<Arc<ProxyProtocol>>,
 }
 
 /// The limits of fulcrum's own service listeners (admin API, registry): their callers are few
@@ -56,6 +60,7 @@ pub(crate) const SERVICE_LIMITS: ConnLimits = ConnLimits {
     idle_timeout: Duration::from_secs(60),
     max_header_bytes: 16 * 1024,
     max_connections: 1024,
+    proxy_protocol: None,
 };
 
 /// HTTP/2 flow control: a stream may have 1 MiB unread in flight (a fast upload is not held
@@ -97,8 +102,9 @@ pub struct Lifecycle {
 }
 
 /// Accepts connections on `listener` until shutdown, serving each with the service that
-/// `make_service` builds for its peer. With `tls`, each connection's task first runs the
-/// handshake (bounded by its timeout), so a slow or silent client never holds up the loop.
+/// `make_service` builds for its client. Each connection's task first reads its PROXY header
+/// (on a `proxy_protocol` listener) and runs the TLS handshake (with `tls`), each bounded by
+/// its timeout, so a slow or silent client never holds up the loop.
 pub(crate) fn spawn_accept_loop<M, S, B>(
     listener: TcpListener,
     name: Arc<str>,
@@ -108,13 +114,14 @@ pub(crate) fn spawn_accept_loop<M, S, B>(
     open_connections: Arc<AtomicU64>,
     lifecycle: Lifecycle,
 ) where
-    M: Fn(SocketAddr, ConnHandle) -> S + Send + 'static,
+    M: Fn(SocketAddr, ConnHandle) -> S + Send + Sync + 'static,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let make_service = Arc::new(make_service);
     let builders = Arc::new(Builders::new(&limits));
     let connections = metrics::gauge!(DOWNSTREAM_CONNECTIONS, "listener" => name.to_string());
     let client_errors = Arc::new(ClientErrors::new(&name));
@@ -137,24 +144,28 @@ pub(crate) fn spawn_accept_loop<M, S, B>(
                 client_errors.clone(),
                 lifecycle.clone(),
             );
-            let service = make_service(peer, conn.clone());
-            let builders = builders.clone();
-            let io = CountingIo {
-                inner: stream,
-                activity: conn.inner.activity.clone(),
+            let accepted = Accepted {
+                stream,
+                peer,
+                proxy_protocol: limits.proxy_protocol.clone(),
             };
+            let (builders, make_service) = (builders.clone(), make_service.clone());
             // Two kinds of task rather than one that can be either: a task's size is that of
             // its largest state, and a cleartext connection should not carry room for a TLS one
             // for as long as it stays open.
             let Some(tls) = tls.clone() else {
                 lifecycle.tracker.spawn(async move {
+                    let Some((io, client)) = accepted.client(&conn).await else {
+                        return;
+                    };
+                    let service = make_service(client, conn.clone());
                     serve_connection(io, &builders.auto, service, &conn).await;
                 });
                 continue;
             };
             lifecycle
                 .tracker
-                .spawn(serve_tls(tls, io, peer, builders, service, conn));
+                .spawn(serve_tls(tls, accepted, builders, make_service, conn));
         }
         debug!(listener = %name, "stopped accepting");
     });
@@ -185,25 +196,62 @@ async fn next_connection(
     }
 }
 
-/// A TLS connection's task: the handshake (bounded by its timeout), then hyper with the
-/// protocol ALPN settled.
-async fn serve_tls<S, B>(
-    tls: Arc<TlsTerminator>,
-    io: CountingIo<TcpStream>,
+/// A connection as the accept loop hands it to the connection's task.
+struct Accepted {
+    stream: TcpStream,
     peer: SocketAddr,
+    proxy_protocol: Option<Arc<ProxyProtocol>>,
+}
+
+impl Accepted {
+    /// The connection's client and its stream: the peer, or on a `proxy_protocol` listener the
+    /// client its PROXY header names. `None`: refused (counted), or shutdown began first.
+    /// The header's own bytes are not the client's activity; what follows it is.
+    async fn client(
+        self,
+        conn: &ConnHandle,
+    ) -> Option<(CountingIo<Rewind<TcpStream>>, SocketAddr)> {
+        let shared = &conn.inner;
+        let (stream, client) = match self.proxy_protocol {
+            None => (Rewind::new(self.stream), self.peer),
+            Some(rule) => tokio::select! {
+                read = rule.accept(self.stream, self.peer, shared.header_read_timeout) => read?,
+                () = shared.lifecycle.shutdown.cancelled() => return None,
+            },
+        };
+        let activity = shared.activity.clone();
+        Some((
+            CountingIo {
+                inner: stream,
+                activity,
+            },
+            client,
+        ))
+    }
+}
+
+/// A TLS connection's task: the PROXY header if the listener wants one, the handshake
+/// (bounded by its timeout), then hyper with the protocol ALPN settled.
+async fn serve_tls<M, S, B>(
+    tls: Arc<TlsTerminator>,
+    accepted: Accepted,
     builders: Arc<Builders>,
-    service: S,
+    make_service: Arc<M>,
     conn: ConnHandle,
 ) where
+    M: Fn(SocketAddr, ConnHandle) -> S,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let Some((io, client)) = accepted.client(&conn).await else {
+        return;
+    };
     // A connection that arrives as shutdown starts is not worth a handshake.
     let stream = tokio::select! {
-        stream = tls.handshake(io, peer) => stream,
+        stream = tls.handshake(io, client) => stream,
         () = conn.inner.lifecycle.shutdown.cancelled() => None,
     };
     if let Some(stream) = stream {
@@ -213,6 +261,7 @@ async fn serve_tls<S, B>(
             // No ALPN: HTTP/1.1, or HTTP/2 with prior knowledge.
             _ => &builders.auto,
         };
+        let service = make_service(client, conn.clone());
         serve_connection(stream, builder, service, &conn).await;
     }
 }
