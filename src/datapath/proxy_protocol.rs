@@ -5,8 +5,8 @@
 //!
 //! Parsing is the `ppp` crate's: it is small (one dependency, `thiserror`), parses both
 //! versions from a byte slice without I/O, and tells "need more bytes" apart from "never
-//! valid", which is what reading a header that arrives in several segments needs. The I/O
-//! around it is ours: the header is read into a buffer that grows only as far as the header
+//! valid", which is what reading a header that arrives in several segments needs (except for
+//! one cut in its v1 parser, worked around in [`parse`]). The I/O around it is ours: the header is read into a buffer that grows only as far as the header
 //! needs ([`V1_MAX_HEADER`], [`V2_MAX_HEADER`]), and whatever the same reads brought past it
 //! (the request, or the TLS ClientHello) is handed back in front of the stream by [`Rewind`].
 //!
@@ -194,6 +194,12 @@ enum Parsed {
 }
 
 fn parse(buf: &[u8]) -> Parsed {
+    // ppp takes a v1 line cut right after the space before its last field for a broken one
+    // (an empty port), so a v1 header is parsed only once its line is complete (or can no
+    // longer be).
+    if buf.starts_with(V1_PREFIX) && !buf.contains(&b'\n') && buf.len() < V1_MAX_HEADER {
+        return Parsed::NeedMore(buf.len() + 1);
+    }
     match HeaderResult::parse(buf) {
         HeaderResult::V2(Ok(header)) => Parsed::Header {
             len: header.len(),
