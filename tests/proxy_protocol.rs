@@ -32,22 +32,35 @@ const REQUEST: &[u8] = b"GET /echo HTTP/1.1\r\nHost: shop.example\r\nConnection:
 
 /// The listener lines that turn PROXY protocol on, trusting [`PROXY`] only.
 fn proxied(extra: &str) -> String {
-    format!("name = \"http\"\nproxy_protocol = true\ntrusted_proxies = [\"{PROXY}/32\"]\n{extra}")
+    format!("proxy_protocol = true\ntrusted_proxies = [\"{PROXY}/32\"]\n{extra}")
 }
 
-/// A balancer over `nodes` whose `http` listener takes PROXY headers from [`PROXY`].
+/// A balancer over `nodes` whose listener, named like the pool (metrics are per process, so
+/// each test counts on a listener of its own), takes PROXY headers from [`PROXY`].
 async fn balancer_behind_l4(
     pool: &str,
     strategy: &str,
     nodes: &[fulcrum::webnode::WebNode],
     extra: &str,
 ) -> Running {
-    let toml = single_pool(pool, strategy, &nodes_as_backends(nodes), "")
-        .replace("name = \"http\"\n", &proxied(extra));
+    let toml = single_pool(pool, strategy, &nodes_as_backends(nodes), "").replace(
+        "name = \"http\"\n",
+        &format!("name = \"{pool}\"\n{}", proxied(extra)),
+    );
     balancer(&toml).await
 }
 
-fn v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+/// The destination a header names: fulcrum ignores it, but it is of the source's family.
+fn dst_for(src: SocketAddr) -> SocketAddr {
+    if src.is_ipv4() {
+        sock("127.0.0.1:80")
+    } else {
+        sock("[::1]:80")
+    }
+}
+
+fn v1(src: SocketAddr) -> Vec<u8> {
+    let dst = dst_for(src);
     let family = if src.is_ipv4() { "TCP4" } else { "TCP6" };
     let (s, d) = (src.ip(), dst.ip());
     format!("PROXY {family} {s} {d} {} {}\r\n", src.port(), dst.port()).into_bytes()
@@ -56,7 +69,8 @@ fn v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 
 /// A v2 header: `command` 0 is LOCAL, 1 is PROXY; `tlvs` go after the addresses.
-fn v2(command: u8, src: SocketAddr, dst: SocketAddr, tlvs: &[u8]) -> Vec<u8> {
+fn v2(command: u8, src: SocketAddr, tlvs: &[u8]) -> Vec<u8> {
+    let dst = dst_for(src);
     let mut addresses = Vec::new();
     let family = match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
@@ -151,18 +165,18 @@ fn forwarded_for(body: &[u8]) -> String {
 }
 
 /// The client `header` carries, as the node behind the `http` listener saw it.
-async fn seen_client(running: &Running, header: &[u8]) -> String {
-    let mut stream = connect_from(PROXY, running.addr("http").unwrap()).await;
+async fn seen_client(running: &Running, listener: &str, header: &[u8]) -> String {
+    let mut stream = connect_from(PROXY, running.addr(listener).unwrap()).await;
     stream.write_all(header).await.unwrap();
     echo_over(stream, None).await.1
 }
 
-/// `fulcrum_proxy_protocol_refused_total` of listener `http` for each reason.
-async fn refusals(running: &Running) -> [f64; 4] {
+/// `fulcrum_proxy_protocol_refused_total` of `listener` for each reason.
+async fn refusals(running: &Running, listener: &str) -> [f64; 4] {
     let scrape = scrape(running).await;
     ["untrusted", "missing", "malformed", "timeout"].map(|reason| {
         let name = format!(
-            "fulcrum_proxy_protocol_refused_total{{listener=\"http\",reason=\"{reason}\"}}"
+            "fulcrum_proxy_protocol_refused_total{{listener=\"{listener}\",reason=\"{reason}\"}}"
         );
         series(&scrape, &name).unwrap_or_else(|| panic!("no {name} in:\n{scrape}"))
     })
@@ -172,25 +186,23 @@ async fn refusals(running: &Running) -> [f64; 4] {
 async fn a_v1_header_names_the_client_the_backend_sees_over_tcp4_and_tcp6() {
     let nodes = webnodes(1).await;
     let running = balancer_behind_l4("pp_v1", "round_robin", &nodes, "").await;
-    let dst = running.addr("http").unwrap();
 
-    let tcp4 = v1(sock("203.0.113.7:50000"), dst);
-    assert_eq!(seen_client(&running, &tcp4).await, "203.0.113.7");
-    let tcp6 = v1(sock("[2001:db8::7]:50000"), sock("[2001:db8::1]:80"));
-    assert_eq!(seen_client(&running, &tcp6).await, "2001:db8::7");
+    let tcp4 = v1(sock("203.0.113.7:50000"));
+    assert_eq!(seen_client(&running, "pp_v1", &tcp4).await, "203.0.113.7");
+    let tcp6 = v1(sock("[2001:db8::7]:50000"));
+    assert_eq!(seen_client(&running, "pp_v1", &tcp6).await, "2001:db8::7");
     assert_eq!(
-        seen_client(&running, b"PROXY UNKNOWN\r\n").await,
+        seen_client(&running, "pp_v1", b"PROXY UNKNOWN\r\n").await,
         PROXY.to_string(),
         "UNKNOWN keeps the peer's address"
     );
-    assert_eq!(refusals(&running).await, [0.0; 4]);
+    assert_eq!(refusals(&running, "pp_v1").await, [0.0; 4]);
 }
 
 #[tokio::test]
 async fn a_v2_header_names_the_client_its_tlvs_are_skipped_and_local_keeps_the_peer() {
     let nodes = webnodes(1).await;
     let running = balancer_behind_l4("pp_v2", "round_robin", &nodes, "").await;
-    let dst = running.addr("http").unwrap();
     // A NOOP TLV and a unique id, as an L4 tier may add.
     let tlvs = [
         &[0x04, 0, 2, 0, 0][..],
@@ -198,29 +210,24 @@ async fn a_v2_header_names_the_client_its_tlvs_are_skipped_and_local_keeps_the_p
     ]
     .concat();
 
-    let ipv4 = v2(1, sock("198.51.100.20:41000"), dst, &tlvs);
-    assert_eq!(seen_client(&running, &ipv4).await, "198.51.100.20");
-    let ipv6 = v2(
-        1,
-        sock("[2001:db8::20]:41000"),
-        sock("[2001:db8::1]:443"),
-        &tlvs,
-    );
-    assert_eq!(seen_client(&running, &ipv6).await, "2001:db8::20");
-    let local = v2(0, sock("198.51.100.20:41000"), dst, &[]);
+    let ipv4 = v2(1, sock("198.51.100.20:41000"), &tlvs);
+    assert_eq!(seen_client(&running, "pp_v2", &ipv4).await, "198.51.100.20");
+    let ipv6 = v2(1, sock("[2001:db8::20]:41000"), &tlvs);
+    assert_eq!(seen_client(&running, "pp_v2", &ipv6).await, "2001:db8::20");
+    let local = v2(0, sock("198.51.100.20:41000"), &[]);
     assert_eq!(
-        seen_client(&running, &local).await,
+        seen_client(&running, "pp_v2", &local).await,
         PROXY.to_string(),
         "LOCAL (the L4 tier's own connection) keeps the peer's address"
     );
-    assert_eq!(refusals(&running).await, [0.0; 4]);
+    assert_eq!(refusals(&running, "pp_v2").await, [0.0; 4]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ip_hash_places_each_client_by_the_address_its_header_carries_not_by_its_xff() {
     let nodes = webnodes(3).await;
     let running = balancer_behind_l4("pp_hash", "ip_hash", &nodes, "").await;
-    let addr = running.addr("http").unwrap();
+    let addr = running.addr("pp_hash").unwrap();
     let clients: Vec<SocketAddr> = (1..=30u16)
         .map(|i| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, i as u8)), 40_000 + i))
         .chain((1..=30u16).map(|i| {
@@ -234,18 +241,9 @@ async fn ip_hash_places_each_client_by_the_address_its_header_carries_not_by_its
     let mut homes = std::collections::HashSet::new();
     for (i, client) in clients.iter().enumerate() {
         let header = if i % 2 == 0 {
-            v1(*client, addr)
+            v1(*client)
         } else {
-            v2(
-                1,
-                *client,
-                if client.is_ipv4() {
-                    addr
-                } else {
-                    sock("[::1]:80")
-                },
-                &[],
-            )
+            v2(1, *client, &[])
         };
         let mut stream = connect_from(PROXY, addr).await;
         stream.write_all(&header).await.unwrap();
@@ -278,14 +276,14 @@ async fn ip_hash_places_each_client_by_the_address_its_header_carries_not_by_its
 async fn a_header_split_across_segments_and_a_request_in_the_headers_segment_are_both_served() {
     let nodes = webnodes(1).await;
     let running = balancer_behind_l4("pp_split", "round_robin", &nodes, "").await;
-    let addr = running.addr("http").unwrap();
+    let addr = running.addr("pp_split").unwrap();
 
-    let header = v1(sock("203.0.113.8:50000"), addr);
+    let header = v1(sock("203.0.113.8:50000"));
     let mut stream = connect_from(PROXY, addr).await;
     write_in_pieces(&mut stream, &[&header[..6], &header[6..20], &header[20..]]).await;
     assert_eq!(echo_over(stream, None).await.1, "203.0.113.8");
 
-    let header = v2(1, sock("203.0.113.9:50000"), addr, &[0x04, 0, 1, 0]);
+    let header = v2(1, sock("203.0.113.9:50000"), &[0x04, 0, 1, 0]);
     let mut stream = connect_from(PROXY, addr).await;
     write_in_pieces(&mut stream, &[&header[..5], &header[5..15], &header[15..]]).await;
     assert_eq!(echo_over(stream, None).await.1, "203.0.113.9");
@@ -293,8 +291,8 @@ async fn a_header_split_across_segments_and_a_request_in_the_headers_segment_are
     // The header, the request and its end in one write: what the reader took past the header
     // reaches the request parser.
     for header in [
-        v1(sock("203.0.113.10:50000"), addr),
-        v2(1, sock("203.0.113.10:50000"), addr, &[]),
+        v1(sock("203.0.113.10:50000")),
+        v2(1, sock("203.0.113.10:50000"), &[]),
     ] {
         let mut stream = connect_from(PROXY, addr).await;
         stream
@@ -307,7 +305,7 @@ async fn a_header_split_across_segments_and_a_request_in_the_headers_segment_are
         let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
         assert_eq!(forwarded_for(body.as_bytes()), "203.0.113.10", "{response}");
     }
-    assert_eq!(refusals(&running).await, [0.0; 4]);
+    assert_eq!(refusals(&running, "pp_split").await, [0.0; 4]);
 }
 
 #[tokio::test]
@@ -320,12 +318,12 @@ async fn connections_without_a_valid_header_are_closed_unanswered_and_counted_by
         "header_read_timeout = \"300ms\"\n",
     )
     .await;
-    let addr = running.addr("http").unwrap();
+    let addr = running.addr("pp_bad").unwrap();
 
     // A TCP health check of the L4 tier: connects and leaves without a byte. Not a refusal.
     drop(connect_from(PROXY, addr).await);
 
-    let mut oversized = v2(1, sock("203.0.113.1:1"), addr, &[]);
+    let mut oversized = v2(1, sock("203.0.113.1:1"), &[]);
     oversized[14..16].copy_from_slice(&60_000u16.to_be_bytes());
     let cases: [(&str, Vec<u8>, usize); 6] = [
         ("missing: a plain request", REQUEST.to_vec(), 1),
@@ -368,7 +366,7 @@ async fn connections_without_a_valid_header_are_closed_unanswered_and_counted_by
             String::from_utf8_lossy(&answer)
         );
         expected[reason] += 1.0;
-        assert_eq!(refusals(&running).await, expected, "{what}");
+        assert_eq!(refusals(&running, "pp_bad").await, expected, "{what}");
     }
 
     // The header cut short by the peer is as broken as a bad one.
@@ -378,7 +376,7 @@ async fn connections_without_a_valid_header_are_closed_unanswered_and_counted_by
     assert!(until_closed(&mut stream).await.unwrap().is_empty());
     expected[2] += 1.0;
     wait_until("the cut-short header is counted", || async {
-        refusals(&running).await == expected
+        refusals(&running, "pp_bad").await == expected
     })
     .await;
 }
@@ -387,9 +385,9 @@ async fn connections_without_a_valid_header_are_closed_unanswered_and_counted_by
 async fn a_valid_header_from_a_peer_outside_trusted_proxies_is_closed_unanswered_and_counted() {
     let nodes = webnodes(1).await;
     let running = balancer_behind_l4("pp_stranger", "round_robin", &nodes, "").await;
-    let addr = running.addr("http").unwrap();
+    let addr = running.addr("pp_stranger").unwrap();
 
-    let header = v2(1, sock("203.0.113.7:50000"), addr, &[]);
+    let header = v2(1, sock("203.0.113.7:50000"), &[]);
     let mut stream = connect_from(STRANGER, addr).await;
     // The write may meet the close already; what matters is what comes back.
     let _ = stream.write_all(&[&header[..], REQUEST].concat()).await;
@@ -399,7 +397,10 @@ async fn a_valid_header_from_a_peer_outside_trusted_proxies_is_closed_unanswered
         "answered {:?}",
         String::from_utf8_lossy(&answer)
     );
-    assert_eq!(refusals(&running).await, [1.0, 0.0, 0.0, 0.0]);
+    assert_eq!(
+        refusals(&running, "pp_stranger").await,
+        [1.0, 0.0, 0.0, 0.0]
+    );
 }
 
 #[tokio::test]
@@ -409,7 +410,7 @@ async fn a_tls_listener_reads_the_header_before_the_handshake() {
     let nodes = webnodes(1).await;
     let (name, addr) = (nodes[0].id(), nodes[0].local_addr());
     let toml = tls::tls_listener(
-        "http",
+        "pp_tls",
         &cert.cert,
         &cert.key,
         &proxied("").replace("name = \"http\"\n", ""),
@@ -417,17 +418,12 @@ async fn a_tls_listener_reads_the_header_before_the_handshake() {
         "[admin]\nbind = \"127.0.0.1:0\"\n[pools.pp_tls]\nbackends = [{{ name = \"{name}\", address = \"{addr}\" }}]\n"
     );
     let running = balancer(&toml).await;
-    let listener = running.addr("http").unwrap();
+    let listener = running.addr("pp_tls").unwrap();
 
     let mut tcp = connect_from(PROXY, listener).await;
-    tcp.write_all(&v2(
-        1,
-        sock("[2001:db8::44]:50000"),
-        sock("[2001:db8::1]:443"),
-        &[],
-    ))
-    .await
-    .unwrap();
+    tcp.write_all(&v2(1, sock("[2001:db8::44]:50000"), &[]))
+        .await
+        .unwrap();
     let server = ServerName::try_from("shop.example").unwrap();
     let stream = tls::connect_over(tcp, server, &[b"http/1.1"]).await;
     assert_eq!(echo_over(stream, None).await.1, "2001:db8::44");
@@ -450,7 +446,7 @@ async fn a_tls_listener_reads_the_header_before_the_handshake() {
         result.is_err(),
         "a handshake without a PROXY header must not complete"
     );
-    assert_eq!(refusals(&running).await, [0.0, 1.0, 0.0, 0.0]);
+    assert_eq!(refusals(&running, "pp_tls").await, [0.0, 1.0, 0.0, 0.0]);
 }
 
 #[tokio::test]
@@ -459,7 +455,7 @@ async fn behind_haproxy_with_send_proxy_v2_the_backend_sees_the_real_client() {
     let running = balancer_behind_l4("pp_haproxy", "round_robin", &nodes, "").await;
     let Some(haproxy) = Haproxy::start(
         "send-proxy-v2",
-        running.addr("http").unwrap(),
+        running.addr("pp_haproxy").unwrap(),
         "send-proxy-v2",
     ) else {
         return;
@@ -477,7 +473,7 @@ async fn behind_haproxy_with_send_proxy_v2_the_backend_sees_the_real_client() {
         );
     }
     // HAProxy's own health checks (a v2 LOCAL header, then a close) are not refusals.
-    assert_eq!(refusals(&running).await, [0.0; 4]);
+    assert_eq!(refusals(&running, "pp_haproxy").await, [0.0; 4]);
 }
 
 /// `fulcrum check` on a listener that would refuse everyone.
