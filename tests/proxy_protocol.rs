@@ -379,6 +379,8 @@ async fn connections_without_a_valid_header_are_closed_unanswered_and_counted_by
         refusals(&running, "pp_bad").await == expected
     })
     .await;
+    // The refusal series carry HELP and TYPE like every other.
+    promtool_check(&scrape(&running).await);
 }
 
 #[tokio::test]
@@ -502,5 +504,33 @@ fn check_refuses_proxy_protocol_without_trusted_proxies_naming_file_line_and_key
     assert!(
         stderr.contains(&expected),
         "expected {expected:?} in:\n{stderr}"
+    );
+}
+
+/// `promtool check metrics` on a scrape (see `metric_series.rs`, whose scrapes have no
+/// `proxy_protocol` listener); `FULCRUM_SKIP_PROMTOOL=1` skips it where promtool is missing.
+fn promtool_check(text: &str) {
+    use std::process::{Command, Stdio};
+    if !tool_available(
+        "promtool",
+        "FULCRUM_SKIP_PROMTOOL",
+        "Debian/Ubuntu: `apt-get install prometheus`",
+    ) {
+        return;
+    }
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- scrape ---\n{text}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
     );
 }
