@@ -3,17 +3,19 @@
 //! bounds, the client address it carries, and the refusals, counted in
 //! `fulcrum_proxy_protocol_refused_total{listener,reason}`.
 //!
-//! Parsing is the `ppp` crate's: it is small (one dependency, `thiserror`), parses both
-//! versions from a byte slice without I/O, and tells "need more bytes" apart from "never
-//! valid", which is what reading a header that arrives in several segments needs (except for
-//! one cut in its v1 parser, worked around in [`parse`]). The I/O around it is ours: the header is read into a buffer that grows only as far as the header
-//! needs ([`V1_MAX_HEADER`], [`V2_MAX_HEADER`]), and whatever the same reads brought past it
-//! (the request, or the TLS ClientHello) is handed back in front of the stream by [`Rewind`].
+//! Parsing is the `ppp` crate's: it is small (its one dependency is `thiserror` 1), parses
+//! both versions from a byte slice without I/O or panics, and tells "need more bytes" apart
+//! from "never valid", which is what a header arriving in several segments needs (but for one
+//! cut in its v1 parser, worked around in [`parse`]). The I/O around it is ours: the header is
+//! read into a buffer that grows only as far as the header needs ([`V1_MAX_HEADER`],
+//! [`V2_MAX_HEADER`]), and whatever the same reads brought past it (the request, or the TLS
+//! ClientHello) is handed back in front of the stream by [`Rewind`].
 //!
 //! The header is read in the connection's own task (never the accept loop), bounded by the
-//! listener's `header_read_timeout` from accept. A refused connection is closed without a
-//! byte written: an L4 tier that stopped sending headers must not find its clients answered
-//! as if the hop were the client.
+//! listener's `header_read_timeout` from accept. A connection without a client address it can
+//! vouch for is closed without a byte written, rather than served as if the L4 hop were the
+//! client (which would put every client behind it on one `ip_hash` node and one
+//! `X-Forwarded-For`).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
