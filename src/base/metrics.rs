@@ -33,6 +33,7 @@ pub(crate) const REGISTRY_EVENTS_TOTAL: &str = "fulcrum_registry_events_total";
 pub(crate) const CLIENT_ERRORS_TOTAL: &str = "fulcrum_client_errors_total";
 pub(crate) const POOL_QUEUE_DEPTH: &str = "fulcrum_pool_queue_depth";
 pub(crate) const TLS_CERTIFICATE_EXPIRY: &str = "fulcrum_tls_certificate_expiry_timestamp_seconds";
+pub(crate) const PROXY_PROTOCOL_REFUSED_TOTAL: &str = "fulcrum_proxy_protocol_refused_total";
 
 /// The `backend` label of answers fulcrum gives itself, and the `pool` label when no route matched.
 pub(crate) const NONE: &str = "none";
@@ -112,6 +113,10 @@ fn describe() {
     describe_counter!(
         CLIENT_ERRORS_TOTAL,
         "Requests that failed by the client's doing, by listener and kind (malformed, too_large, aborted, timeout); never counted against a backend."
+    );
+    describe_counter!(
+        PROXY_PROTOCOL_REFUSED_TOTAL,
+        "Connections a proxy_protocol listener closed unanswered, by listener and reason (untrusted: the peer is not in trusted_proxies; missing: no PROXY header; malformed: an invalid, oversized or cut-short header; timeout: no complete header within header_read_timeout)."
     );
     describe_counter!(
         TLS_HANDSHAKES_TOTAL,

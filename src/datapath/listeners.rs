@@ -14,6 +14,7 @@ use tracing::info;
 use crate::base::certs::CertError;
 use crate::base::config::{self, ListenerConfig};
 use crate::datapath::proxy::{self, ConnInfo, ListenerInfo, Router};
+use crate::datapath::proxy_protocol::ProxyProtocol;
 use crate::datapath::server::{self, AcceptSocket, ConnLimits, Lifecycle};
 use crate::datapath::tls::TlsTerminator;
 
@@ -111,7 +112,8 @@ pub(crate) fn serve(
     } = bound;
     let addr = tcp.local_addr().expect("a bound socket has an address");
     let proto = if tls.is_some() { "https" } else { "http" };
-    info!(listener = %l.name, %addr, proto, workers = 1 + more.len(), "listening");
+    info!(listener = %l.name, %addr, proto, workers = 1 + more.len(),
+        proxy_protocol = l.proxy_protocol, "listening");
     if let Some(tls) = &tls {
         tls.export_expiry();
     }
@@ -128,6 +130,9 @@ pub(crate) fn serve(
         idle_timeout: l.idle_timeout,
         max_header_bytes: l.max_header_bytes,
         max_connections: l.max_connections,
+        proxy_protocol: l
+            .proxy_protocol
+            .then(|| Arc::new(ProxyProtocol::new(&l.name, &l.trusted_proxies))),
     };
     let mut sockets = vec![AcceptSocket::Here(tcp)];
     sockets.extend(

@@ -34,11 +34,12 @@ use tracing::{debug, error, warn};
 
 use crate::base::error::BoxError;
 use crate::base::metrics::{ClientErrorKind, ClientErrors, DOWNSTREAM_CONNECTIONS};
+use crate::datapath::proxy_protocol::{ProxyProtocol, Rewind};
 use crate::datapath::tls::TlsTerminator;
 
 mod h1;
 
-use h1::{Rewind, TunnelIo, Wakeable};
+use h1::{TunnelIo, Wakeable};
 
 /// Limits applied to every connection of one listener.
 #[derive(Debug, Clone)]
@@ -53,6 +54,9 @@ pub(crate) struct ConnLimits {
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    /// On a `proxy_protocol` listener, whom it takes PROXY headers from; each connection's
+    /// header is read in its own task, before anything else.
+    pub proxy_protocol: Option<Arc<ProxyProtocol>>,
 }
 
 /// The limits of fulcrum's own service listeners (admin API, registry): their callers are few
@@ -62,6 +66,7 @@ pub(crate) const SERVICE_LIMITS: ConnLimits = ConnLimits {
     idle_timeout: Duration::from_secs(60),
     max_header_bytes: 16 * 1024,
     max_connections: 1024,
+    proxy_protocol: None,
 };
 
 /// HTTP/2 flow control: a stream may have 1 MiB unread in flight (a fast upload is not held
@@ -112,10 +117,11 @@ pub(crate) enum AcceptSocket {
 }
 
 /// Accepts connections on each of `sockets` until shutdown, serving each with the service
-/// that `make_service` builds for its peer. The sockets of one listener share its
+/// that `make_service` builds for its client. The sockets of one listener share its
 /// `max_connections` and counters; each accept loop and its connections run on the socket's
-/// worker. With `tls`, each connection's task first runs the handshake (bounded by its
-/// timeout), so a slow or silent client never holds up the loop.
+/// worker. Each connection's task first reads its PROXY header (on a `proxy_protocol`
+/// listener) and runs the TLS handshake (with `tls`), each bounded by its timeout, so a slow
+/// or silent client never holds up the loop.
 pub(crate) fn spawn_accept_loop<M, S, B>(
     sockets: Vec<AcceptSocket>,
     name: Arc<str>,
@@ -217,10 +223,10 @@ where
             shared.client_errors.clone(),
             lifecycle.clone(),
         );
-        let service = (shared.make_service)(peer, conn.clone());
-        let io = CountingIo {
-            inner: stream,
-            activity: conn.inner.activity.clone(),
+        let accepted = Accepted {
+            stream,
+            peer,
+            proxy_protocol: shared.limits.proxy_protocol.clone(),
         };
         let shared = shared.clone();
         // Two kinds of task rather than one that can be either: a task's size is that of
@@ -228,12 +234,20 @@ where
         // for as long as it stays open.
         let Some(tls) = shared.tls.clone() else {
             lifecycle.tracker.spawn(async move {
+                let Some((io, client)) = accepted.client(&conn).await else {
+                    return;
+                };
+                let service = (shared.make_service)(client, conn.clone());
                 serve_sniffed(io, &shared.builders, service, &conn).await;
             });
             continue;
         };
         lifecycle.tracker.spawn(async move {
-            serve_tls(tls, io, peer, &shared.builders, service, conn).await;
+            let Some((io, client)) = accepted.client(&conn).await else {
+                return;
+            };
+            let service = (shared.make_service)(client, conn.clone());
+            serve_tls(tls, io, client, &shared.builders, service, conn).await;
         });
     }
     debug!(listener = %shared.name, "stopped accepting");
@@ -264,11 +278,46 @@ async fn next_connection(
     }
 }
 
+/// A connection as the accept loop hands it to the connection's task.
+struct Accepted {
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy_protocol: Option<Arc<ProxyProtocol>>,
+}
+
+/// A client's stream: bytes read past a PROXY header come first.
+type ClientIo = CountingIo<Rewind<TcpStream>>;
+
+impl Accepted {
+    /// The connection's client and its stream: the peer, or on a `proxy_protocol` listener the
+    /// client its PROXY header names. `None`: refused (counted), or shutdown began first.
+    /// The header's own bytes are not the client's activity; what follows it is.
+    async fn client(self, conn: &ConnHandle) -> Option<(ClientIo, SocketAddr)> {
+        let shared = &conn.inner;
+        let (stream, client) = match self.proxy_protocol {
+            None => (Rewind::new(self.stream), self.peer),
+            // Boxed: the header's buffer and reads are no part of the connection's task after.
+            Some(rule) => tokio::select! {
+                read = Box::pin(rule.accept(self.stream, self.peer, shared.header_read_timeout)) => read?,
+                () = shared.lifecycle.shutdown.cancelled() => return None,
+            },
+        };
+        let activity = shared.activity.clone();
+        Some((
+            CountingIo {
+                inner: stream,
+                activity,
+            },
+            client,
+        ))
+    }
+}
+
 /// A TLS connection's task: the handshake (bounded by its timeout), then hyper with the
 /// protocol ALPN settled.
 async fn serve_tls<S, B>(
     tls: Arc<TlsTerminator>,
-    io: CountingIo<TcpStream>,
+    io: ClientIo,
     peer: SocketAddr,
     builders: &Builders,
     service: S,
@@ -337,7 +386,7 @@ where
         return;
     };
     if prefix == H2_PREFACE {
-        let io = Rewind::new(io, prefix);
+        let io = Rewind::with_prefix(io, prefix);
         Box::pin(serve_connection(io, &builders.h2, service, conn)).await;
     } else {
         h1::serve(io, prefix, reads_before, &builders.http1, service, conn).await;
@@ -901,20 +950,20 @@ impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
     }
 }
 
-impl Wakeable for CountingIo<TcpStream> {
+impl Wakeable for ClientIo {
     fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.inner.poll_read_ready(cx)
+        self.inner.poll_wake(cx)
     }
 }
 
-impl Wakeable for tokio_rustls::server::TlsStream<CountingIo<TcpStream>> {
+impl Wakeable for tokio_rustls::server::TlsStream<ClientIo> {
     /// Decrypted bytes rustls already holds count as a wake-up: the socket may have nothing
     /// more to say about them.
     fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let (io, tls) = self.get_mut();
         match tls.process_new_packets() {
             Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {
-                io.inner.poll_read_ready(cx)
+                io.inner.poll_wake(cx)
             }
             // Plaintext waiting, a close_notify or a TLS error: the next read says which.
             _ => Poll::Ready(Ok(())),

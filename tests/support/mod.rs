@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod admin_api;
+pub mod haproxy;
 pub mod postgres;
 pub mod redis_server;
 pub mod registry;

@@ -164,6 +164,22 @@ impl ServerCertVerifier for AcceptAny {
 
 /// A TLS connection to `addr` sending `sni` (none when `None`) and offering `alpn`.
 pub async fn connect(addr: SocketAddr, sni: Option<&str>, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+    // rustls sends no SNI for an IP address.
+    let name = match sni {
+        Some(name) => ServerName::try_from(name.to_owned()).unwrap(),
+        None => ServerName::IpAddress(addr.ip().into()),
+    };
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    connect_over(tcp, name, alpn).await
+}
+
+/// The client side of a TLS handshake over an open connection (which may have carried
+/// something first, e.g. a PROXY protocol header), offering `alpn`.
+pub async fn connect_over(
+    tcp: TcpStream,
+    name: ServerName<'static>,
+    alpn: &[&[u8]],
+) -> TlsStream<TcpStream> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -172,12 +188,6 @@ pub async fn connect(addr: SocketAddr, sni: Option<&str>, alpn: &[&[u8]]) -> Tls
         .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    // rustls sends no SNI for an IP address.
-    let name = match sni {
-        Some(name) => ServerName::try_from(name.to_owned()).unwrap(),
-        None => ServerName::IpAddress(addr.ip().into()),
-    };
-    let tcp = TcpStream::connect(addr).await.unwrap();
     tokio::time::timeout(
         super::DEADLINE,
         TlsConnector::from(Arc::new(config)).connect(name, tcp),

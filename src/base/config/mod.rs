@@ -71,6 +71,9 @@ pub struct ListenerConfig {
     pub max_body_bytes: Option<u64>,
     /// Adds an RFC 7239 `Forwarded` header toward backends (default false).
     pub forwarded: bool,
+    /// Every connection must open with a PROXY protocol v1 or v2 header from a peer in
+    /// `trusted_proxies`, whose client address it then is (default false).
+    pub proxy_protocol: bool,
     /// TLS termination; `None` serves cleartext HTTP/1.1 and h2c.
     pub tls: Option<TlsConfig>,
 }

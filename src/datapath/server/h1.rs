@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -31,11 +31,12 @@ use hyper::server::conn::http1;
 use hyper::service::Service;
 use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
 use super::{ConnHandle, ConnShared, Quiet, ended_with_error, first_head_missed, idle, reads};
 use crate::base::error::BoxError;
+use crate::datapath::proxy_protocol::Rewind;
 
 /// A client socket fulcrum can wait on without reading from it.
 pub(crate) trait Wakeable: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -50,73 +51,6 @@ pub(crate) type TunnelIo = Rewind<Box<dyn TunnelStream>>;
 /// What a tunnel needs of a client socket.
 pub(crate) trait TunnelStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> TunnelStream for T {}
-
-pin_project! {
-    /// A stream that yields `prefix` before reading from `inner`: bytes read ahead by a hyper
-    /// connection that has ended, or by the protocol sniff.
-    pub(crate) struct Rewind<I> {
-        prefix: Bytes,
-        #[pin]
-        inner: I,
-    }
-}
-
-impl<I> Rewind<I> {
-    pub(crate) fn new(inner: I, prefix: Bytes) -> Self {
-        Self { prefix, inner }
-    }
-
-    fn into_parts(self) -> (I, Bytes) {
-        (self.inner, self.prefix)
-    }
-}
-
-impl<I: AsyncRead> AsyncRead for Rewind<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix[..n]);
-            this.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        this.inner.poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite> AsyncWrite for Rewind<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
-    }
-}
 
 /// How one hyper connection (one awake spell) ended.
 enum Spell<I> {
@@ -188,7 +122,7 @@ where
         shared: shared.clone(),
     };
     let mut conn =
-        Box::new(builder.serve_connection(TokioIo::new(Rewind::new(io, prefix)), tracked));
+        Box::new(builder.serve_connection(TokioIo::new(Rewind::with_prefix(io, prefix)), tracked));
     let dispatched_before = shared.requests.load(Ordering::Relaxed);
     // hyper reads the first head without a timer of its own until it has begun: the first
     // request gets a deadline from accept (or the end of the TLS handshake).
@@ -217,7 +151,7 @@ where
                 let read_ahead = join(unread, parts.read_buf);
                 if let Some(tunnel) = shared.take_tunnel() {
                     let client: Box<dyn TunnelStream> = Box::new(io);
-                    let _ = tunnel.send(Rewind::new(client, read_ahead));
+                    let _ = tunnel.send(Rewind::with_prefix(client, read_ahead));
                     return Spell::Over;
                 }
                 if ending && !draining {

@@ -1,5 +1,6 @@
 //! `[[listeners]]`: each listener's name and bind (unique among fulcrum's sockets), its
-//! connection limits, its trusted proxies and its TLS.
+//! connection limits, its trusted proxies (and whether they must send a PROXY protocol header)
+//! and its TLS.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -29,6 +30,7 @@ pub(super) struct RawListener {
     max_body_bytes: Option<Spanned<u64>>,
     #[serde(default)]
     forwarded: bool,
+    proxy_protocol: Option<Spanned<bool>>,
     tls: Option<Spanned<tls::RawTls>>,
     tls_handshake_timeout: Option<Spanned<String>>,
 }
@@ -93,6 +95,7 @@ impl Validator<'_> {
             .iter()
             .filter_map(|cidr| self.network(cidr, &key("trusted_proxies")))
             .collect();
+        let proxy_protocol = self.proxy_protocol(index, raw);
         Some(ListenerConfig {
             name,
             bind: bind?,
@@ -103,6 +106,7 @@ impl Validator<'_> {
             trusted_proxies,
             max_body_bytes: raw.max_body_bytes.as_ref().map(|v| *v.get_ref()),
             forwarded: raw.forwarded,
+            proxy_protocol,
             tls,
         })
     }
@@ -124,6 +128,23 @@ impl Validator<'_> {
             }
             (None, None) => None,
         }
+    }
+
+    /// `proxy_protocol = true` needs someone to trust: with no `trusted_proxies`, every
+    /// connection would be refused.
+    fn proxy_protocol(&mut self, index: usize, raw: &RawListener) -> bool {
+        let Some(on) = raw.proxy_protocol.as_ref().filter(|on| *on.get_ref()) else {
+            return false;
+        };
+        if raw.trusted_proxies.is_empty() {
+            self.error(
+                Some(on.span()),
+                format!("listeners[{index}].proxy_protocol"),
+                "needs `trusted_proxies` (the L4 proxies that send the header): \
+                 with none, every connection would be refused",
+            );
+        }
+        true
     }
 
     fn listener_limits(&mut self, index: usize, raw: &RawListener) -> Limits {
