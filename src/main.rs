@@ -313,6 +313,15 @@ fn summarise_registry(out: &mut String, registry: &RegistryConfig) {
         registry.heartbeat_interval,
         registry.max_nodes
     );
+    if let Some(store) = &registry.store {
+        // Redacted: `check` output lands in CI logs and terminals.
+        outln!(
+            out,
+            "  registry {:<12} shared through {store}, polled every {:?}",
+            "",
+            registry.store_poll_interval
+        );
+    }
 }
 
 fn summarise_pool(out: &mut String, name: &str, pool: &PoolConfig) {
