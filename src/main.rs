@@ -62,9 +62,11 @@ enum Command {
         )]
         sessions: fulcrum::webnode::SessionBackend,
         /// Announce this node to a balancer's registry (its gRPC `[registry] bind`), heartbeat,
-        /// and ask to be drained on SIGTERM / Ctrl-C.
-        #[arg(long, value_name = "URL")]
-        register: Option<String>,
+        /// and ask to be drained on SIGTERM / Ctrl-C. Several URLs, comma-separated (balancers
+        /// sharing one registry store): the node uses the first that answers and moves to the
+        /// next when it is away.
+        #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+        register: Vec<String>,
         /// With --register: the drain the balancer is asked for (sent in whole seconds).
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         drain_timeout: std::time::Duration,
@@ -129,8 +131,13 @@ fn main() -> ExitCode {
                 admin_token,
                 ..fulcrum::webnode::WebNodeOptions::new(listen, id)
             };
-            let register = register.map(|url| fulcrum::webnode::RegisterOptions {
-                url,
+            let urls: Vec<String> = register
+                .iter()
+                .map(|url| url.trim().to_owned())
+                .filter(|url| !url.is_empty())
+                .collect();
+            let register = (!urls.is_empty()).then(|| fulcrum::webnode::RegisterOptions {
+                urls,
                 token: registry_token.map(fulcrum::config::Secret::new),
                 ca: registry_ca,
                 identity: registry_cert.zip(registry_key),
