@@ -43,7 +43,6 @@ use crate::base::config::backend;
 use crate::base::config::{BackendConfig, RegistryConfig, StoreUrl};
 use crate::base::error::ErrorChain;
 use crate::base::metrics::REGISTRY_STORE_UP;
-use crate::control::registry::DEFAULT_DRAIN;
 use crate::control::{Control, RegisterError, Registration, Removal};
 
 /// The channel writes notify and every balancer listens on; the payload is the pool.
@@ -54,6 +53,9 @@ const QUERY_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Reconnection attempts start here and double up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The drain of a node another balancer decommissioned, unless its row leaves `DRAINING`
+/// sooner: the seed's default drain (the drain asked for is not in the table).
+const REMOTE_DRAIN: Duration = Duration::from_secs(30);
 /// How often a decommission looks whether its node has finished draining here.
 const DRAIN_POLL: Duration = Duration::from_millis(100);
 
@@ -474,7 +476,7 @@ impl Store {
             }
             if status.get(name).is_some_and(|s| s == "DRAINING") {
                 info!(pool, backend = %name, "decommissioned through another balancer; draining");
-                let _ = control.deregister(pool, name, DEFAULT_DRAIN).await;
+                let _ = control.deregister(pool, name, REMOTE_DRAIN).await;
                 state.remote_drains.insert(name.clone());
             } else {
                 info!(pool, backend = %name, status = status.get(name).map_or("absent", String::as_str),
