@@ -88,10 +88,7 @@ async fn a_node_registered_through_one_balancer_is_served_by_the_other_after_its
     );
     assert_eq!(
         row,
-        format!(
-            "127.0.0.1|{}|{pool}|ACTIVE",
-            nodes[0].local_addr().port()
-        )
+        format!("127.0.0.1|{}|{pool}|ACTIVE", nodes[0].local_addr().port())
     );
     // A heartbeat through A writes the node's own /healthz figure back.
     wait_until("the heartbeat carries activeConnections", || async {
@@ -145,7 +142,8 @@ async fn a_decommission_through_b_drains_the_node_on_a_and_ends_decommissioned()
     })
     .await;
     wait_until("the drain ends on both balancers", || async {
-        state_of(&a, pool, "leaving").await.is_none() && state_of(&b, pool, "leaving").await.is_none()
+        state_of(&a, pool, "leaving").await.is_none()
+            && state_of(&b, pool, "leaving").await.is_none()
     })
     .await;
     let ended = asked.elapsed();
@@ -154,7 +152,8 @@ async fn a_decommission_through_b_drains_the_node_on_a_and_ends_decommissioned()
         "the 2 s drain was honoured on A: {ended:?}"
     );
     wait_until("the row ends DECOMMISSIONED", || async {
-        pg.psql("SELECT node_status FROM server_nodes WHERE hostname = 'leaving'") == "DECOMMISSIONED"
+        pg.psql("SELECT node_status FROM server_nodes WHERE hostname = 'leaving'")
+            == "DECOMMISSIONED"
     })
     .await;
     let again = registry_b
@@ -318,14 +317,104 @@ async fn a_webnode_registers_through_the_next_url_when_the_first_is_away() {
     );
 
     let pid = process.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    wait_until("the node decommissioned through the live registry leaves", || async {
-        state_of(&running, pool, "multi").await.is_none()
-    })
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_until(
+        "the node decommissioned through the live registry leaves",
+        || async { state_of(&running, pool, "multi").await.is_none() },
+    )
     .await;
     let deadline = Instant::now() + DEADLINE;
     while process.0.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "the web node exits");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_fulcrum_did_not_write_are_left_alone() {
+    let Some(pg) = Postgres::start() else { return };
+    let nodes = webnodes(1).await;
+    let pool = "store_foreign";
+    let a = store_balancer(pool, "round_robin", &pg.url(), "5s").await;
+    store_ready(&a).await;
+    pg.psql(
+        "INSERT INTO server_nodes (hostname, ip_address, port, pool, last_heartbeat_at)
+         VALUES ('foreign', '10.9.9.9', 8080, 'another_pool', now() + interval '1 hour')",
+    );
+    let before = pg.psql("SELECT server_nodes::text FROM server_nodes WHERE hostname = 'foreign'");
+    let mut registry = registry_client(&a).await;
+    let taken = registry
+        .report_active(active("foreign", nodes[0].local_addr()))
+        .await
+        .unwrap_err();
+    assert_eq!(taken.code(), Code::AlreadyExists, "{taken:?}");
+    assert!(state_of(&a, pool, "foreign").await.is_none());
+    let refused = registry
+        .report_decommission(decommission("foreign", "0"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
+    // Through a few store reads: a row of another pool is never served, nor rewritten.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(state_of(&a, pool, "foreign").await.is_none());
+    assert_eq!(
+        pg.psql("SELECT server_nodes::text FROM server_nodes WHERE hostname = 'foreign'"),
+        before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_table_without_fulcrums_columns_is_reported_not_altered() {
+    let Some(pg) = Postgres::start() else { return };
+    let nodes = webnodes(1).await;
+    pg.psql(
+        "CREATE TABLE server_nodes (
+            node_id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+            hostname VARCHAR(255) UNIQUE NOT NULL,
+            ip_address INET NOT NULL,
+            node_status VARCHAR(50) DEFAULT 'ACTIVE',
+            active_connections_count INT DEFAULT 0,
+            last_heartbeat_at TIMESTAMP WITH TIME ZONE DEFAULT CURRENT_TIMESTAMP,
+            created_at TIMESTAMP WITH TIME ZONE DEFAULT CURRENT_TIMESTAMP
+        )",
+    );
+    let pool = "store_seed_only";
+    let a = store_balancer(pool, "round_robin", &pg.url(), "5s").await;
+    let mut registry = registry_client(&a).await;
+    let refused = registry
+        .report_active(active("web-1", nodes[0].local_addr()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(
+        pg.psql(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'server_nodes'"
+        ),
+        "7",
+        "the table is not altered"
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM server_nodes"), "0");
+    // The operator adds the two columns: the balancer, still retrying, takes the store.
+    pg.psql("ALTER TABLE server_nodes ADD COLUMN port INTEGER NOT NULL, ADD COLUMN pool VARCHAR(128) NOT NULL");
+    wait_until(
+        "a registration goes through once the columns exist",
+        || async {
+            registry
+                .clone()
+                .report_active(active("web-1", nodes[0].local_addr()))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    assert_eq!(
+        pg.psql("SELECT hostname, pool FROM server_nodes"),
+        format!("web-1|{pool}")
+    );
 }

@@ -13,7 +13,9 @@ use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_store_down_routing_carries_on_and_registrations_answer_unavailable() {
-    let Some(mut pg) = Postgres::start() else { return };
+    let Some(mut pg) = Postgres::start() else {
+        return;
+    };
     let nodes = webnodes(2).await;
     let pool = "store_outage";
     let a = store_balancer(pool, "round_robin", &pg.url(), "5s").await;
@@ -70,11 +72,13 @@ async fn with_the_store_down_routing_carries_on_and_registrations_answer_unavail
         state_of(&b, pool, "after").await.as_deref() == Some("up")
     })
     .await;
-    wait_until("B routes to it", || async { served_by(&b).await == "web-2" }).await;
+    wait_until("B routes to it", || async {
+        served_by(&b).await == "web-2"
+    })
+    .await;
     assert_eq!(
         state_of(&b, pool, "before").await.as_deref(),
         Some("up"),
         "the node known before the outage stays"
     );
 }
-

@@ -377,7 +377,9 @@ async fn check(client: &CheckClient, backend: &Backend, settings: &HealthConfig)
 /// The seed's `systemMetrics.activeConnections`, when the answer is its health schema.
 fn reported_connections(body: &[u8]) -> Option<u64> {
     let json = serde_json::from_slice::<serde_json::Value>(body).ok()?;
-    json.get("systemMetrics")?.get("activeConnections")?.as_u64()
+    json.get("systemMetrics")?
+        .get("activeConnections")?
+        .as_u64()
 }
 
 /// The pass rule of the contract, on an answer already received.

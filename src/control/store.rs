@@ -172,6 +172,8 @@ struct Shared {
     /// A notification arrived, or the connection came up: re-read now.
     wake: Notify,
     up: Gauge,
+    /// The balancer is shutting down: the task and pending `DECOMMISSIONED` writes stop.
+    stop: CancellationToken,
 }
 
 impl Store {
@@ -195,12 +197,18 @@ impl Store {
             conn: Mutex::new(None),
             wake: Notify::new(),
             up,
+            stop: CancellationToken::new(),
         }))
     }
 
     /// Starts the task that connects, listens and reconciles until `shutdown`.
     pub(crate) fn spawn(&self, shutdown: CancellationToken) {
-        tokio::spawn(self.clone().run(shutdown));
+        let stop = self.0.stop.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            stop.cancel();
+        });
+        tokio::spawn(self.clone().run(self.0.stop.clone()));
     }
 
     /// `ReportActive` through the store: registered here, then upserted.
@@ -303,8 +311,17 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let shared = &self.0;
         let window = shared.window.as_secs_f64();
-        let row = timed(client.query_one(SET_STATUS, &[&name as &(dyn ToSql + Sync), &shared.pool, &to, &from, &window]))
-            .await?;
+        let row = timed(client.query_one(
+            SET_STATUS,
+            &[
+                &name as &(dyn ToSql + Sync),
+                &shared.pool,
+                &to,
+                &from,
+                &window,
+            ],
+        ))
+        .await?;
         let changed: i64 = row.try_get(0).map_err(StoreError::Query)?;
         Ok(changed > 0)
     }
@@ -314,11 +331,21 @@ impl Store {
     /// `DECOMMISSIONED`, retrying while the store is away.
     async fn decommissioned(self, name: String, drain: Duration, absent: bool) {
         let shared = &self.0;
+        let pause = |wait: Duration| async move {
+            tokio::select! {
+                () = tokio::time::sleep(wait) => true,
+                () = shared.stop.cancelled() => false,
+            }
+        };
         if absent {
-            tokio::time::sleep(drain).await;
+            if !pause(drain).await {
+                return;
+            }
         } else {
             while is_draining(&shared.control, &shared.pool, &name) {
-                tokio::time::sleep(DRAIN_POLL).await;
+                if !pause(DRAIN_POLL).await {
+                    return;
+                }
             }
         }
         let mut backoff = FIRST_BACKOFF;
@@ -326,7 +353,10 @@ impl Store {
             let outcome = {
                 let conn = shared.conn.lock().await;
                 match ready(&conn) {
-                    Ok(client) => self.set_status(client, &name, "DECOMMISSIONED", "DRAINING").await,
+                    Ok(client) => {
+                        self.set_status(client, &name, "DECOMMISSIONED", "DRAINING")
+                            .await
+                    }
                     Err(e) => Err(e),
                 }
             };
@@ -337,7 +367,9 @@ impl Store {
                 }
                 Err(e) => {
                     debug!(pool = %shared.pool, backend = %name, error = %ErrorChain(&e), "cannot mark the node DECOMMISSIONED yet");
-                    tokio::time::sleep(backoff).await;
+                    if !pause(backoff).await {
+                        return;
+                    }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
@@ -407,11 +439,8 @@ impl Store {
     /// A connection with the schema in place and `LISTEN` on; `lost` is cancelled when it ends.
     async fn connect(&self, lost: CancellationToken) -> Result<Client, StoreError> {
         let shared = self.0.clone();
-        let mut config: tokio_postgres::Config = shared
-            .url
-            .expose()
-            .parse()
-            .map_err(StoreError::Query)?;
+        let mut config: tokio_postgres::Config =
+            shared.url.expose().parse().map_err(StoreError::Query)?;
         config
             .application_name("fulcrum")
             .connect_timeout(QUERY_TIMEOUT)
@@ -449,7 +478,8 @@ impl Store {
         let mut known: Vec<String> = registered.clone();
         known.extend(state.remote_drains.iter().cloned());
         let window = shared.window.as_secs_f64();
-        let rows = timed(client.query(READ, &[&pool as &(dyn ToSql + Sync), &window, &known])).await?;
+        let rows =
+            timed(client.query(READ, &[&pool as &(dyn ToSql + Sync), &window, &known])).await?;
         let mut live = Vec::new();
         let mut status = HashMap::new();
         for row in &rows {
@@ -548,15 +578,23 @@ async fn timed<T>(
 /// time (an advisory lock), as two `CREATE ... IF NOT EXISTS` racing can fail each other.
 async fn ensure_schema(client: &mut Client) -> Result<(), StoreError> {
     let tx = timed(client.transaction()).await?;
-    timed(tx.execute("SELECT pg_advisory_xact_lock(hashtext('fulcrum server_nodes'))", &[])).await?;
+    timed(tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('fulcrum server_nodes'))",
+        &[],
+    ))
+    .await?;
     let exists = |name: &'static str| {
         let tx = &tx;
         async move {
-            let row = timed(tx.query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&name])).await?;
+            let row =
+                timed(tx.query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&name])).await?;
             row.try_get::<_, bool>(0).map_err(StoreError::Query)
         }
     };
-    let (table, index) = (exists("server_nodes").await?, exists("idx_active_nodes").await?);
+    let (table, index) = (
+        exists("server_nodes").await?,
+        exists("idx_active_nodes").await?,
+    );
     if table {
         let row = timed(tx.query_one(
             "SELECT count(*) FROM information_schema.columns

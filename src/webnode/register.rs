@@ -192,7 +192,12 @@ impl Registration {
             graceful_drain_timeout_seconds: drain_secs.to_string(),
         };
         for (_, registry) in self.registries.in_turn() {
-            match registry.client.clone().report_decommission(request.clone()).await {
+            match registry
+                .client
+                .clone()
+                .report_decommission(request.clone())
+                .await
+            {
                 Ok(reply) if reply.get_ref().is_decommission_started => {
                     let grace = self.options.drain_grace.min(self.options.drain_timeout);
                     info!(id = %self.id, registry = %registry.url, drain_secs, ?grace, "decommission started; serving through the grace");

@@ -102,7 +102,10 @@ impl Validator<'_> {
             None
         };
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return fail(self, "the scheme must be postgres:// or postgresql://".to_owned());
+            return fail(
+                self,
+                "the scheme must be postgres:// or postgresql://".to_owned(),
+            );
         }
         let parsed = match url.parse::<tokio_postgres::Config>() {
             Ok(parsed) => parsed,
@@ -290,7 +293,10 @@ mod tests {
         );
         assert_eq!(registry.store_poll_interval, Duration::from_millis(250));
         assert!(!format!("{registry:?}").contains("s3cr3t"));
-        let defaults = parse("bind = \"127.0.0.1:9091\"\n").unwrap().registry.unwrap();
+        let defaults = parse("bind = \"127.0.0.1:9091\"\n")
+            .unwrap()
+            .registry
+            .unwrap();
         assert_eq!(defaults.store, None);
         assert_eq!(defaults.store_poll_interval, Duration::from_secs(1));
 
