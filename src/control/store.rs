@@ -514,6 +514,10 @@ impl Store {
                 let _ = control.deregister(pool, name, Duration::ZERO).await;
             }
         }
+        // Forget refusals of rows gone, so a row that comes back and is refused is logged again.
+        state
+            .refused
+            .retain(|name| live_names.contains(name.as_str()));
         // Rows whose drain ended elsewhere while still draining here: end it here too.
         for name in known.iter().filter(|n| !registered.contains(n)) {
             if !state.remote_drains.contains(name) && is_draining(control, pool, name) {
