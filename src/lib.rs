@@ -233,6 +233,7 @@ async fn start_with(
         info!(listener = "registry", %addr, pool = %registry_config.pool, tls = tls.is_some(),
             token_required = registry_config.token.is_some(),
             client_certificate_required = registry_config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+            store = %registry_config.store.as_ref().map_or_else(|| "none".to_owned(), |s| s.redacted()),
             "registry listening");
         control::registry::Registry::new(registry_config, control.clone()).spawn(
             tcp,

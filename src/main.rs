@@ -61,9 +61,11 @@ enum Command {
         )]
         sessions: fulcrum::webnode::SessionBackend,
         /// Announce this node to a balancer's registry (its gRPC `[registry] bind`), heartbeat,
-        /// and ask to be drained on SIGTERM / Ctrl-C.
-        #[arg(long, value_name = "URL")]
-        register: Option<String>,
+        /// and ask to be drained on SIGTERM / Ctrl-C. Several URLs, comma-separated (balancers
+        /// sharing one registry store): the node uses the first that answers and moves to the
+        /// next when it is away.
+        #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+        register: Vec<String>,
         /// With --register: the drain the balancer is asked for (sent in whole seconds).
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         drain_timeout: std::time::Duration,
@@ -133,8 +135,13 @@ fn main() -> ExitCode {
                 admin_token,
                 ..fulcrum::webnode::WebNodeOptions::new(listen, id)
             };
-            let register = register.map(|url| fulcrum::webnode::RegisterOptions {
-                url,
+            let urls: Vec<String> = register
+                .iter()
+                .map(|url| url.trim().to_owned())
+                .filter(|url| !url.is_empty())
+                .collect();
+            let register = (!urls.is_empty()).then(|| fulcrum::webnode::RegisterOptions {
+                urls,
                 token: registry_token.map(fulcrum::config::Secret::new),
                 ca: registry_ca,
                 identity: registry_cert.zip(registry_key),
@@ -309,6 +316,15 @@ fn summarise_registry(out: &mut String, registry: &RegistryConfig) {
         registry.heartbeat_interval,
         registry.max_nodes
     );
+    if let Some(store) = &registry.store {
+        // Redacted: `check` output lands in CI logs and terminals.
+        outln!(
+            out,
+            "  registry {:<12} shared through {store}, polled every {:?}",
+            "",
+            registry.store_poll_interval
+        );
+    }
 }
 
 fn summarise_pool(out: &mut String, name: &str, pool: &PoolConfig) {

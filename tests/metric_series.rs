@@ -326,6 +326,8 @@ async fn get_host(running: &Running, host: &str, cookie: Option<&str>) -> Reply 
 async fn a_scrape_after_every_kind_of_traffic_passes_promtool() {
     let nodes = webnodes(3).await;
     let dead = free_port().await;
+    // Nothing listens there: the registry's store gauge reads 0.
+    let no_store = free_port().await;
     let toml = format!(
         r#"
 shutdown_grace = "5s"
@@ -337,6 +339,7 @@ bind = "127.0.0.1:0"
 [registry]
 bind = "127.0.0.1:0"
 pool = "ms_lint_web"
+store = "postgres://fulcrum@{no_store}/registry"
 
 [pools.ms_lint_web]
 strategy = "sticky_cookie"
@@ -423,6 +426,7 @@ pool = "ms_lint_empty"
         "fulcrum_config_reloads_total{result=\"error\"}",
         "fulcrum_registry_events_total{event=\"register\"}",
         "fulcrum_downstream_connections{listener=\"http\"}",
+        "fulcrum_registry_store_up 0",
     ] {
         assert!(text.contains(expected), "no {expected} in:\n{text}");
     }

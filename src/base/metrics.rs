@@ -30,6 +30,7 @@ pub(crate) const STICKY_TOTAL: &str = "fulcrum_sticky_total";
 pub(crate) const TLS_HANDSHAKES_TOTAL: &str = "fulcrum_tls_handshakes_total";
 pub(crate) const CONFIG_RELOADS_TOTAL: &str = "fulcrum_config_reloads_total";
 pub(crate) const REGISTRY_EVENTS_TOTAL: &str = "fulcrum_registry_events_total";
+pub(crate) const REGISTRY_STORE_UP: &str = "fulcrum_registry_store_up";
 pub(crate) const CLIENT_ERRORS_TOTAL: &str = "fulcrum_client_errors_total";
 pub(crate) const POOL_QUEUE_DEPTH: &str = "fulcrum_pool_queue_depth";
 pub(crate) const TLS_CERTIFICATE_EXPIRY: &str = "fulcrum_tls_certificate_expiry_timestamp_seconds";
@@ -134,6 +135,10 @@ fn describe() {
     describe_counter!(
         REGISTRY_EVENTS_TOTAL,
         "Registry events, by event: register (a node joined), heartbeat (a known node reported active), expired (removed after 3 missed heartbeats), decommission (a node asked to leave), refused (no valid token, an address not allowed, or max_nodes reached)."
+    );
+    describe_gauge!(
+        REGISTRY_STORE_UP,
+        "1 while the registry's shared PostgreSQL store (registry.store) is connected, 0 while it is unreachable (routing keeps the last known nodes; registry calls answer UNAVAILABLE)."
     );
 }
 

@@ -382,8 +382,21 @@ async fn check(client: &CheckClient, backend: &Backend, settings: &HealthConfig)
     match tokio::time::timeout(settings.timeout, exchange).await {
         Err(_) => Verdict::Fail(format!("no answer within {:?}", settings.timeout)),
         Ok(Err(reason)) => Verdict::Fail(reason),
-        Ok(Ok((status, body))) => judge(status, &body),
+        Ok(Ok((status, body))) => {
+            if let Some(connections) = reported_connections(&body) {
+                backend.node.set_reported_connections(connections);
+            }
+            judge(status, &body)
+        }
     }
+}
+
+/// The seed's `systemMetrics.activeConnections`, when the answer is its health schema.
+fn reported_connections(body: &[u8]) -> Option<u64> {
+    let json = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    json.get("systemMetrics")?
+        .get("activeConnections")?
+        .as_u64()
 }
 
 /// The pass rule of the contract, on an answer already received.

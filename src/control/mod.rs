@@ -11,6 +11,7 @@ pub(crate) mod health;
 pub(crate) mod history;
 pub(crate) mod registry;
 pub(crate) mod status;
+pub(crate) mod store;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -814,6 +815,18 @@ impl Control {
             Err(ChangeError::NotFound(_)) => Ok(Removal::Removed),
             Err(e) => Err(e),
         }
+    }
+}
+
+impl Control {
+    /// The names of the nodes the registry added to `pool` and has not removed.
+    pub(crate) async fn registered(&self, pool: &str) -> Vec<String> {
+        let state = self.state.lock().await;
+        state
+            .registered
+            .get(pool)
+            .map(|nodes| nodes.iter().map(|b| b.name.clone()).collect())
+            .unwrap_or_default()
     }
 }
 

@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 use crate::base::config::backend::{self, MAX_NAME_LEN};
 use crate::base::config::{BackendConfig, RegistryConfig};
 use crate::base::metrics::REGISTRY_EVENTS_TOTAL;
+use crate::control::store::{SharedError, Store, StoreError};
 use crate::control::{ChangeError, Control, RegisterError, Registration, Removal};
 use crate::datapath::server::{self, ConnLimits, Lifecycle};
 use crate::datapath::tls::TlsTerminator;
@@ -72,6 +73,9 @@ struct Inner {
     /// Last `ReportActive` per registered id. Held across the control call, so one node's
     /// register, decommission and expiry never interleave (calls are rare; no request waits).
     seen: Mutex<HashMap<String, Instant>>,
+    /// `[registry] store`: registrations shared with every balancer on the same database,
+    /// which then decides liveness (the reaper and `seen` are unused).
+    store: Option<Store>,
     events: Events,
 }
 
@@ -97,8 +101,14 @@ impl Registry {
         // Nodes heartbeat at the answered interval, so expiry is measured against whichever is
         // longer: a "500ms" config answers 1 s and must not expire nodes after 1.5 s.
         let interval = config.heartbeat_interval.max(Duration::from_secs(whole));
+        let expiry = interval.saturating_mul(MISSED_HEARTBEATS);
+        let store = config
+            .store
+            .clone()
+            .map(|url| Store::new(url, config, expiry, control.clone()));
         Self(Arc::new(Inner {
             control,
+            store,
             pool: config.pool.clone(),
             bearer: config
                 .token
@@ -107,7 +117,7 @@ impl Registry {
             allowed_networks: config.allowed_networks.clone(),
             max_nodes: config.max_nodes,
             interval_secs: i32::try_from(whole).unwrap_or(i32::MAX),
-            expiry: interval.saturating_mul(MISSED_HEARTBEATS),
+            expiry,
             seen: Mutex::new(HashMap::new()),
             events: Events {
                 register: event("register"),
@@ -128,7 +138,12 @@ impl Registry {
         tls: Option<Arc<TlsTerminator>>,
         lifecycle: Lifecycle,
     ) {
-        tokio::spawn(self.clone().reap(lifecycle.shutdown.clone()));
+        match &self.0.store {
+            Some(store) => store.spawn(lifecycle.shutdown.clone()),
+            None => {
+                tokio::spawn(self.clone().reap(lifecycle.shutdown.clone()));
+            }
+        }
         let auth = Auth(self.0.clone());
         let grpc = ServerRegistryServiceServer::with_interceptor(self, auth);
         let limits = ConnLimits {
@@ -206,24 +221,26 @@ impl ServerRegistryService for Registry {
                 Status::permission_denied(format!("{ip} is outside registry.allowed_networks")),
             ));
         }
-        let mut seen = inner.seen.lock().await;
-        let outcome = match inner
-            .control
-            .register(&inner.pool, backend, inner.max_nodes)
-            .await
-        {
-            Ok(outcome) => outcome,
-            Err(RegisterError::Change(e)) => return Err(status(e)),
-            Err(e @ RegisterError::OwnSocket { .. }) => {
-                let denied = Status::permission_denied(e.to_string());
-                return Err(inner.refuse(peer, Some(&request.server_id), denied));
-            }
-            Err(e @ RegisterError::Full { .. }) => {
-                let exhausted = Status::resource_exhausted(e.to_string());
-                return Err(inner.refuse(peer, Some(&request.server_id), exhausted));
+        let outcome = match &inner.store {
+            Some(store) => match store.report_active(backend).await {
+                Ok(outcome) => outcome,
+                Err(SharedError::Register(e)) => {
+                    return Err(inner.refused(peer, &request.server_id, e));
+                }
+                Err(SharedError::Store(e)) => return Err(store_status(&inner.pool, &e)),
+                Err(e @ SharedError::NotFound(_)) => return Err(Status::not_found(e.to_string())),
+            },
+            None => {
+                let mut seen = inner.seen.lock().await;
+                let outcome = inner
+                    .control
+                    .register(&inner.pool, backend, inner.max_nodes)
+                    .await
+                    .map_err(|e| inner.refused(peer, &request.server_id, e))?;
+                seen.insert(request.server_id.clone(), Instant::now());
+                outcome
             }
         };
-        seen.insert(request.server_id.clone(), Instant::now());
         match outcome {
             Registration::Added => inner.events.register.increment(1),
             Registration::Unchanged | Registration::Moved => inner.events.heartbeat.increment(1),
@@ -245,6 +262,15 @@ impl ServerRegistryService for Registry {
         let request = request.into_inner();
         // The contract checks the timeout before the id.
         let drain = drain_timeout(&request.graceful_drain_timeout_seconds)?;
+        if let Some(store) = &inner.store {
+            let removal = match store.decommission(&request.server_id, drain).await {
+                Ok(removal) => removal,
+                Err(e @ SharedError::NotFound(_)) => return Err(Status::not_found(e.to_string())),
+                Err(SharedError::Store(e)) => return Err(store_status(&inner.pool, &e)),
+                Err(SharedError::Register(e)) => return Err(Status::internal(e.to_string())),
+            };
+            return Ok(inner.decommissioned(&request.server_id, drain, removal));
+        }
         let mut seen = inner.seen.lock().await;
         if !seen.contains_key(&request.server_id) {
             return Err(Status::not_found(format!(
@@ -258,19 +284,42 @@ impl ServerRegistryService for Registry {
             .await
             .map_err(status)?;
         seen.remove(&request.server_id);
-        inner.events.decommission.increment(1);
-        let removal = match removal {
-            Removal::Removed => "removed",
-            Removal::Draining => "draining",
-        };
-        info!(pool = %inner.pool, backend = %request.server_id, ?drain, removal, "node decommissioned");
-        Ok(Response::new(ReportDecommissionResponse {
-            is_decommission_started: true,
-        }))
+        Ok(inner.decommissioned(&request.server_id, drain, removal))
     }
 }
 
 impl Inner {
+    /// Counts and logs an accepted decommission; its answer.
+    fn decommissioned(
+        &self,
+        id: &str,
+        drain: Duration,
+        removal: Removal,
+    ) -> Response<ReportDecommissionResponse> {
+        self.events.decommission.increment(1);
+        let removal = match removal {
+            Removal::Removed => "removed",
+            Removal::Draining => "draining",
+        };
+        info!(pool = %self.pool, backend = %id, ?drain, removal, "node decommissioned");
+        Response::new(ReportDecommissionResponse {
+            is_decommission_started: true,
+        })
+    }
+
+    /// The status of a node this balancer refused; a refusal by policy is counted and logged.
+    fn refused(&self, peer: Option<Peer>, id: &str, e: RegisterError) -> Status {
+        match e {
+            RegisterError::Change(e) => status(e),
+            e @ RegisterError::OwnSocket { .. } => {
+                self.refuse(peer, Some(id), Status::permission_denied(e.to_string()))
+            }
+            e @ RegisterError::Full { .. } => {
+                self.refuse(peer, Some(id), Status::resource_exhausted(e.to_string()))
+            }
+        }
+    }
+
     /// Counts and logs a refused call; returns its status.
     fn refuse(&self, peer: Option<Peer>, id: Option<&str>, status: Status) -> Status {
         self.events.refused.increment(1);
@@ -360,6 +409,18 @@ pub(crate) fn drain_timeout(text: &str) -> Result<Duration, Status> {
     // All digits, so the only parse failure is overflow: far past the cap anyway.
     let secs = text.parse::<u64>().unwrap_or(u64::MAX).min(MAX_DRAIN_SECS);
     Ok(Duration::from_secs(secs))
+}
+
+/// A store failure as the caller sees it: `UNAVAILABLE` (retry later), except a name another
+/// pool holds. The log line carries the source chain (never the store URL or its password).
+fn store_status(pool: &str, e: &StoreError) -> Status {
+    warn!(pool, error = %crate::base::error::ErrorChain(e), "registry call failed on the store");
+    match e {
+        StoreError::OtherPool(_) => Status::already_exists(e.to_string()),
+        StoreError::Down | StoreError::Timeout | StoreError::Query(_) | StoreError::Schema => {
+            Status::unavailable(e.to_string())
+        }
+    }
 }
 
 fn status(e: ChangeError) -> Status {

@@ -66,6 +66,9 @@ pub struct Node {
     pub(in crate::model) draining: AtomicBool,
     /// Requests this node failed (refused, reset, timed out), for the status page.
     pub(in crate::model) failures: AtomicU64,
+    /// `systemMetrics.activeConnections` of the node's last `/healthz` answer, for the shared
+    /// registry store's `active_connections_count`; 0 until a check read one.
+    pub(in crate::model) reported_connections: AtomicU64,
     /// Its per-backend Prometheus series.
     pub metrics: BackendMetrics,
     /// HTTP/1.1 connections waiting for the next request to this node.
@@ -95,6 +98,7 @@ impl Node {
             ramp_from_ms: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             failures: AtomicU64::new(0),
+            reported_connections: AtomicU64::new(0),
             idle: IdleConns::default(),
             queue,
         }
@@ -230,6 +234,17 @@ impl Node {
     /// Requests ever sent to this node.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// The connections the node itself last reported open on its `/healthz`.
+    pub fn reported_connections(&self) -> u64 {
+        self.reported_connections.load(Ordering::Relaxed)
+    }
+
+    /// Records the `activeConnections` figure a health check just read.
+    pub fn set_reported_connections(&self, connections: u64) {
+        self.reported_connections
+            .store(connections, Ordering::Relaxed);
     }
 
     /// Requests this node failed: a refused or reset connection, or no answer in time.

@@ -1,10 +1,13 @@
-//! `fulcrum webnode --register URL`: the node's side of the seed registry.
+//! `fulcrum webnode --register URL[,URL...]`: the node's side of the seed registry.
 //!
 //! On start the node reports itself active (id, address, start time) and then heartbeats at the
-//! interval the registry answers; an unreachable registry is retried with backoff while the node
-//! keeps serving. On SIGTERM or Ctrl-C it stops heartbeating, asks the registry to decommission
-//! it (the balancer drains it), and keeps serving for a short grace so requests the balancer had
-//! already sent finish normally.
+//! interval the registry answers. With several URLs (several balancers sharing one registry
+//! store, as behind one DNS name) it talks to one at a time: the first that answers, and the
+//! next one in the list as soon as that one fails a call; when none answers it retries with
+//! backoff while the node keeps serving. On SIGTERM or Ctrl-C it stops heartbeating, asks the
+//! registry to decommission it (through the one it last used, else the next that answers; the
+//! balancers drain it), and keeps serving for a short grace so requests a balancer had already
+//! sent finish normally.
 //!
 //! Every call carries `authorization: Bearer TOKEN` when a token was given (the balancer's
 //! `[registry] token`); an `https://` registry is verified against `--registry-ca`, and
@@ -13,6 +16,8 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::task::JoinHandle;
@@ -40,9 +45,9 @@ const INTERVAL_SECS: (u64, u64) = (1, 3600);
 /// What `--register`, `--registry-*`, `--drain-timeout` and `--drain-grace` asked for.
 #[derive(Debug, Clone)]
 pub struct RegisterOptions {
-    /// The registry's gRPC endpoint, e.g. `http://127.0.0.1:9091`, or `https://` for a
-    /// registry with `[registry.tls]`.
-    pub url: String,
+    /// The registries' gRPC endpoints, tried in this order, e.g. `http://127.0.0.1:9091`, or
+    /// `https://` for a registry with `[registry.tls]`. At least one.
+    pub urls: Vec<String>,
     /// Sent as `authorization: Bearer TOKEN` on every call.
     pub token: Option<Secret>,
     /// PEM CA certificates the registry's certificate must chain to (`https://` only).
@@ -76,11 +81,41 @@ impl Interceptor for Bearer {
     }
 }
 
+/// One registry the node may talk to.
+#[derive(Clone)]
+struct Registry {
+    url: String,
+    client: Client,
+}
+
+/// The registries in the order given, and the one in use (the last that answered).
+#[derive(Clone)]
+struct Registries {
+    list: Arc<[Registry]>,
+    current: Arc<AtomicUsize>,
+}
+
+impl Registries {
+    /// Each registry once, starting with the one in use.
+    fn in_turn(&self) -> impl Iterator<Item = (usize, &Registry)> {
+        let start = self.current.load(Ordering::Relaxed);
+        let n = self.list.len();
+        (0..n).map(move |k| {
+            let i = (start + k) % n;
+            (i, &self.list[i])
+        })
+    }
+
+    fn answered(&self, i: usize) {
+        self.current.store(i, Ordering::Relaxed);
+    }
+}
+
 /// A node announced to a registry and heartbeating in the background.
 pub(super) struct Registration {
     id: String,
     options: RegisterOptions,
-    client: Client,
+    registries: Registries,
     stop: CancellationToken,
     heartbeats: JoinHandle<()>,
 }
@@ -93,14 +128,36 @@ impl Registration {
         id: &str,
         listen: SocketAddr,
     ) -> io::Result<Registration> {
-        let (uri, https) = registry_uri(&options.url)?;
         let bearer = bearer(options.token.as_ref())?;
-        let ip = advertised_ip(listen, &uri)
+        let mut list = Vec::new();
+        let mut first = None;
+        for url in &options.urls {
+            let (uri, https) = registry_uri(url)?;
+            first.get_or_insert_with(|| uri.clone());
+            let endpoint = endpoint(uri, https, url, &options)?;
+            let client = ServerRegistryServiceClient::with_interceptor(
+                endpoint.connect_lazy(),
+                Bearer(bearer.clone()),
+            );
+            list.push(Registry {
+                url: url.clone(),
+                client,
+            });
+        }
+        let Some(first) = first else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "--register needs at least one URL",
+            ));
+        };
+        // The balancers behind the list are alike; the first one's route picks the address.
+        let ip = advertised_ip(listen, &first)
             .await
-            .map_err(|e| invalid(&options.url, &e))?;
-        let endpoint = endpoint(uri, https, &options)?;
-        let client =
-            ServerRegistryServiceClient::with_interceptor(endpoint.connect_lazy(), Bearer(bearer));
+            .map_err(|e| invalid(&options.urls[0], &e))?;
+        let registries = Registries {
+            list: list.into(),
+            current: Arc::new(AtomicUsize::new(0)),
+        };
         let report = ReportActiveRequest {
             server_id: id.to_owned(),
             ip_address: ip.to_string(),
@@ -110,16 +167,11 @@ impl Registration {
                 .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
         };
         let stop = CancellationToken::new();
-        let heartbeats = tokio::spawn(heartbeat(
-            client.clone(),
-            report,
-            options.url.clone(),
-            stop.clone(),
-        ));
+        let heartbeats = tokio::spawn(heartbeat(registries.clone(), report, stop.clone()));
         Ok(Registration {
             id: id.to_owned(),
             options,
-            client,
+            registries,
             stop,
             heartbeats,
         })
@@ -139,19 +191,29 @@ impl Registration {
             server_id: self.id.clone(),
             graceful_drain_timeout_seconds: drain_secs.to_string(),
         };
-        match self.client.report_decommission(request).await {
-            Ok(reply) if reply.get_ref().is_decommission_started => {
-                let grace = self.options.drain_grace.min(self.options.drain_timeout);
-                info!(id = %self.id, drain_secs, ?grace, "decommission started; serving through the grace");
-                tokio::select! {
-                    () = tokio::time::sleep(grace) => {}
-                    // A second Ctrl-C / SIGTERM means now.
-                    _ = super::shutdown_signal() => {}
+        for (_, registry) in self.registries.in_turn() {
+            match registry
+                .client
+                .clone()
+                .report_decommission(request.clone())
+                .await
+            {
+                Ok(reply) if reply.get_ref().is_decommission_started => {
+                    let grace = self.options.drain_grace.min(self.options.drain_timeout);
+                    info!(id = %self.id, registry = %registry.url, drain_secs, ?grace, "decommission started; serving through the grace");
+                    tokio::select! {
+                        () = tokio::time::sleep(grace) => {}
+                        // A second Ctrl-C / SIGTERM means now.
+                        _ = super::shutdown_signal() => {}
+                    }
+                    return;
                 }
-            }
-            Ok(_) => warn!(id = %self.id, "the registry did not start a decommission"),
-            Err(status) => {
-                warn!(id = %self.id, code = ?status.code(), message = status.message(), "decommission failed")
+                Ok(_) => {
+                    warn!(id = %self.id, registry = %registry.url, "the registry did not start a decommission");
+                }
+                Err(status) => {
+                    warn!(id = %self.id, registry = %registry.url, code = ?status.code(), message = status.message(), "decommission failed");
+                }
             }
         }
     }
@@ -159,36 +221,42 @@ impl Registration {
 
 /// Reports active until `stop`: at the registry's interval once registered, with backoff while
 /// it cannot be reached or refuses.
-async fn heartbeat(
-    mut client: Client,
-    report: ReportActiveRequest,
-    url: String,
-    stop: CancellationToken,
-) {
-    let mut registered = false;
+async fn heartbeat(registries: Registries, report: ReportActiveRequest, stop: CancellationToken) {
+    // The registry the node is registered through, once one answered.
+    let mut registered: Option<usize> = None;
     let mut backoff = FIRST_BACKOFF;
     // Bounded by `stop`; each round waits at least FIRST_BACKOFF.
     loop {
-        let wait = match client.report_active(report.clone()).await {
-            Ok(reply) if reply.get_ref().is_registered => {
-                let secs = u64::try_from(reply.get_ref().heartbeat_interval_seconds)
+        let mut answered = None;
+        for (i, registry) in registries.in_turn() {
+            let error = match registry.client.clone().report_active(report.clone()).await {
+                Ok(reply) if reply.get_ref().is_registered => {
+                    answered = Some((i, reply.get_ref().heartbeat_interval_seconds));
+                    break;
+                }
+                Ok(_) => "the registry answered is_registered = false".to_owned(),
+                Err(status) => format!("{:?}: {}", status.code(), status.message()),
+            };
+            let next = registries.list.len() > 1;
+            warn!(id = %report.server_id, registry = %registry.url, %error, trying_next = next, "report active failed; still serving");
+        }
+        let wait = match answered {
+            Some((i, interval)) => {
+                let secs = u64::try_from(interval)
                     .unwrap_or(0)
                     .clamp(INTERVAL_SECS.0, INTERVAL_SECS.1);
-                if registered {
+                registries.answered(i);
+                if registered == Some(i) {
                     debug!(id = %report.server_id, "heartbeat");
                 } else {
-                    info!(id = %report.server_id, registry = %url, address = %format!("{}:{}", report.ip_address, report.port), heartbeat_secs = secs, "registered");
-                    registered = true;
+                    info!(id = %report.server_id, registry = %registries.list[i].url, address = %format!("{}:{}", report.ip_address, report.port), heartbeat_secs = secs, "registered");
+                    registered = Some(i);
                 }
                 backoff = FIRST_BACKOFF;
                 Duration::from_secs(secs)
             }
-            outcome => {
-                let error = match outcome {
-                    Ok(_) => "the registry answered is_registered = false".to_owned(),
-                    Err(status) => format!("{:?}: {}", status.code(), status.message()),
-                };
-                warn!(id = %report.server_id, registry = %url, %error, retry_in = ?backoff, "report active failed; still serving");
+            None => {
+                warn!(id = %report.server_id, retry_in = ?backoff, "no registry answered; still serving");
                 let wait = backoff;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 wait
@@ -294,8 +362,7 @@ fn bearer(token: Option<&Secret>) -> io::Result<Option<MetadataValue<Ascii>>> {
 }
 
 /// The channel to the registry, with TLS when the URL asks for it (and only then).
-fn endpoint(uri: Uri, https: bool, options: &RegisterOptions) -> io::Result<Endpoint> {
-    let url = &options.url;
+fn endpoint(uri: Uri, https: bool, url: &str, options: &RegisterOptions) -> io::Result<Endpoint> {
     let endpoint = Endpoint::from(uri)
         .connect_timeout(CALL_TIMEOUT)
         .timeout(CALL_TIMEOUT);

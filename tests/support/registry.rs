@@ -9,7 +9,7 @@ use fulcrum::registry::proto::{ReportActiveRequest, ReportDecommissionRequest};
 use serde_json::Value;
 use tonic::transport::Channel;
 
-use super::{client, get, single_pool};
+use super::{balancer, client, get, single_pool, url, wait_until};
 
 /// Checks every 100 ms, up after 2 passes: a registered node routes within about 300 ms.
 pub const FAST_CHECKS: &str =
@@ -77,4 +77,38 @@ pub async fn state_of(running: &Running, pool: &str, name: &str) -> Option<Strin
         .into_iter()
         .find(|(n, _, _)| n == name)
         .map(|(_, _, state)| state)
+}
+
+/// A balancer of its own (listener, admin API) whose registry feeds `pool` and shares `store`; checks every 100 ms, rise 2.
+pub async fn store_balancer(pool: &str, strategy: &str, store: &str, heartbeat: &str) -> Running {
+    let sticky = if strategy == "sticky_cookie" {
+        format!(
+            "[pools.{pool}.sticky]\nsecret = \"correct horse battery staple\"\nfallback = \"round_robin\"\n"
+        )
+    } else {
+        String::new()
+    };
+    let extra = format!(
+        "{}\n{sticky}[registry]\nbind = \"127.0.0.1:0\"\npool = \"{pool}\"\nheartbeat_interval = \"{heartbeat}\"\nstore = \"{store}\"\nstore_poll_interval = \"1s\"\n",
+        FAST_CHECKS.replace("POOL", pool)
+    );
+    balancer(&single_pool(pool, strategy, &[], &extra)).await
+}
+
+/// Waits until a balancer's registry reaches its store: a decommission of a node nobody
+/// registered answers `NOT_FOUND` then (`UNAVAILABLE` before), and writes nothing.
+pub async fn store_ready(running: &Running) {
+    let registry = registry_client(running).await;
+    wait_until("the registry reaches its store", || async {
+        let answer = registry
+            .clone()
+            .report_decommission(decommission("store-probe", "0"))
+            .await;
+        matches!(answer, Err(status) if status.code() == tonic::Code::NotFound)
+    })
+    .await;
+}
+
+pub async fn served_by(running: &Running) -> String {
+    get(&client(), &url(running, "/")).await.served_by()
 }

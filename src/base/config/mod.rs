@@ -127,6 +127,64 @@ pub struct RegistryConfig {
     pub max_nodes: usize,
     /// `[registry.tls]`; `None` serves cleartext h2c.
     pub tls: Option<RegistryTls>,
+    /// `store`: the PostgreSQL database balancers share registrations through; `None` keeps
+    /// them in this balancer alone.
+    pub store: Option<StoreUrl>,
+    /// `store_poll_interval`: how often the store is re-read when no notification came
+    /// (default 1s).
+    pub store_poll_interval: Duration,
+}
+
+/// `registry.store`: a `postgres://USER[:PASSWORD]@HOST:PORT/DB` URL. The password is a
+/// credential: `Debug` and `Display` print the URL with it replaced by `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreUrl(Secret);
+
+impl StoreUrl {
+    /// Wraps a URL already validated (`check` and `Config::parse` do that).
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(Secret::new(url))
+    }
+
+    /// The URL itself, password included, to connect with; never to print.
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+
+    /// The URL with its password, if any, replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact_url(self.0.expose())
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StoreUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// `scheme://user:password@host/...` with the password replaced by `***`; a URL without
+/// one comes back as it was.
+pub fn redact_url(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[start..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    // The last `@` ends the user info: a password may itself hold an (unencoded) `@`.
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let Some(colon) = rest[..at].find(':') else {
+        return url.to_owned();
+    };
+    format!("{}{}:***{}", &url[..start], &rest[..colon], &rest[at..])
 }
 
 impl RegistryConfig {

@@ -12,8 +12,11 @@ use toml::Spanned;
 use super::{DEFAULT_HANDSHAKE_TIMEOUT, Validator};
 use crate::base::config::{
     DEFAULT_REGISTRY_MAX_NODES, MAX_REGISTRY_MAX_NODES, PoolConfig, RegistryConfig, RegistryTls,
-    Secret, TlsConfig, default_allowed_networks,
+    Secret, StoreUrl, TlsConfig, default_allowed_networks, redact_url,
 };
+
+/// `registry.store_poll_interval` when absent.
+const DEFAULT_STORE_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +28,8 @@ pub(super) struct RawRegistry {
     allowed_networks: Option<Spanned<Vec<Spanned<String>>>>,
     max_nodes: Option<Spanned<i64>>,
     tls: Option<Spanned<RawRegistryTls>>,
+    store: Option<Spanned<String>>,
+    store_poll_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -69,12 +74,53 @@ impl Validator<'_> {
                 .tls
                 .as_ref()
                 .and_then(|t| self.registry_tls(t.get_ref())),
+            store: raw.store.as_ref().and_then(|url| self.store_url(url)),
+            store_poll_interval: self.duration(
+                &raw.store_poll_interval,
+                "registry.store_poll_interval",
+                DEFAULT_STORE_POLL_INTERVAL,
+            ),
             bind: bind?,
         };
         if let Some(message) = config.unauthenticated() {
             self.error(Some(raw.bind.span()), "registry.bind", message);
         }
         Some(config)
+    }
+
+    /// `registry.store`: a `postgres://` URL with a user, a host and a database. Every
+    /// message shows the URL with its password redacted.
+    fn store_url(&mut self, value: &Spanned<String>) -> Option<StoreUrl> {
+        let url = value.get_ref().trim();
+        let shown = redact_url(url);
+        let fail = |this: &mut Self, why: String| {
+            this.error(
+                Some(value.span()),
+                "registry.store",
+                format!("expected postgres://USER@HOST:PORT/DB (got `{shown}`): {why}"),
+            );
+            None
+        };
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return fail(
+                self,
+                "the scheme must be postgres:// or postgresql://".to_owned(),
+            );
+        }
+        let parsed = match url.parse::<tokio_postgres::Config>() {
+            Ok(parsed) => parsed,
+            Err(e) => return fail(self, e.to_string()),
+        };
+        if parsed.get_user().is_none_or(str::is_empty) {
+            return fail(self, "the URL names no user".to_owned());
+        }
+        if parsed.get_hosts().is_empty() {
+            return fail(self, "the URL names no host".to_owned());
+        }
+        if parsed.get_dbname().is_none_or(str::is_empty) {
+            return fail(self, "the URL names no database".to_owned());
+        }
+        Some(StoreUrl::new(url))
     }
 
     fn registry_token(&mut self, value: &Spanned<String>) -> Secret {
@@ -131,6 +177,7 @@ impl Validator<'_> {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+    use std::time::Duration;
 
     use crate::base::config::{
         Config, ConfigError, DEFAULT_REGISTRY_MAX_NODES, Secret, default_allowed_networks,
@@ -230,6 +277,56 @@ mod tests {
         ] {
             assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
         }
+    }
+
+    #[test]
+    fn a_store_url_is_checked_and_its_password_never_shows() {
+        let config = parse(
+            "bind = \"127.0.0.1:9091\"\nstore = \"postgres://fulcrum:s3cr3t-pw@127.0.0.1:5432/registry\"\nstore_poll_interval = \"250ms\"\n",
+        )
+        .unwrap();
+        let registry = config.registry.unwrap();
+        let store = registry.store.as_ref().unwrap();
+        assert_eq!(
+            store.redacted(),
+            "postgres://fulcrum:***@127.0.0.1:5432/registry"
+        );
+        assert_eq!(registry.store_poll_interval, Duration::from_millis(250));
+        assert!(!format!("{registry:?}").contains("s3cr3t"));
+        let defaults = parse("bind = \"127.0.0.1:9091\"\n")
+            .unwrap()
+            .registry
+            .unwrap();
+        assert_eq!(defaults.store, None);
+        assert_eq!(defaults.store_poll_interval, Duration::from_secs(1));
+
+        let err = errors(
+            "bind = \"127.0.0.1:9091\"\nstore = \"mysql://u:hunter2@h:1/db\"\nstore_poll_interval = \"0s\"\n",
+        );
+        assert!(
+            err.contains("test.toml:8:9: registry.store: expected postgres://USER@HOST:PORT/DB (got `mysql://u:***@h:1/db`)"),
+            "{err}"
+        );
+        assert!(err.contains("registry.store_poll_interval"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        for bad in [
+            "postgres://u:hunter2@127.0.0.1:99999/db",
+            "postgres://u:hunter2@127.0.0.1:5432",
+            "postgres://127.0.0.1:5432/db",
+        ] {
+            let err = errors(&format!("bind = \"127.0.0.1:9091\"\nstore = \"{bad}\"\n"));
+            assert!(err.contains("registry.store:"), "{bad}: {err}");
+            assert!(!err.contains("hunter2"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn redaction_keeps_everything_but_the_password() {
+        use crate::base::config::redact_url;
+        assert_eq!(redact_url("postgres://u@h:1/d"), "postgres://u@h:1/d");
+        assert_eq!(redact_url("postgres://u:p@h:1/d"), "postgres://u:***@h:1/d");
+        assert_eq!(redact_url("postgres://u:p@ss@h/d"), "postgres://u:***@h/d");
+        assert_eq!(redact_url("not a url"), "not a url");
     }
 
     #[test]
