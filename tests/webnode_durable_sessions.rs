@@ -44,10 +44,13 @@ async fn healthz(node: &WebNode) -> Value {
 
 /// Waits until `/healthz` says `database` for PostgreSQL and `redis` for Redis.
 async fn wait_for_dependencies(node: &WebNode, database: &str, redis: &str) {
-    wait_until(&format!("{} reports {database}/{redis}", node.id()), || async {
-        let deps = healthz(node).await["dependencyStatus"].clone();
-        deps["databaseConnection"] == database && deps["redisSessionCache"] == redis
-    })
+    wait_until(
+        &format!("{} reports {database}/{redis}", node.id()),
+        || async {
+            let deps = healthz(node).await["dependencyStatus"].clone();
+            deps["databaseConnection"] == database && deps["redisSessionCache"] == redis
+        },
+    )
     .await;
 }
 
@@ -74,7 +77,11 @@ async fn visit(node: &WebNode, cookie: Option<&str>) -> (String, u64, bool) {
 /// Continues `id` on `node`, asserting that it was not lost: the count goes on from `before`.
 async fn continue_session(node: &WebNode, id: &str, before: u64) -> u64 {
     let (seen, visits, new) = visit(node, Some(id)).await;
-    assert!(!new, "{} lost session {id} (had {before} visits)", node.id());
+    assert!(
+        !new,
+        "{} lost session {id} (had {before} visits)",
+        node.id()
+    );
     assert_eq!(seen, id);
     assert_eq!(visits, before + 1, "{} continued {id}", node.id());
     visits
@@ -181,13 +188,16 @@ async fn user_sessions_is_created_with_the_seeds_exact_schema_and_keeps_rows_it_
     ));
     let fields: Vec<&str> = row.split('|').collect();
     assert_eq!(fields.len(), 6, "{row}");
-    assert_eq!(&fields[1..], [
-        r#"{"visits": 2}"#,
-        "198.51.100.7",
-        "durable-sessions-test/1",
-        "t",
-        "t"
-    ]);
+    assert_eq!(
+        &fields[1..],
+        [
+            r#"{"visits": 2}"#,
+            "198.51.100.7",
+            "durable-sessions-test/1",
+            "t",
+            "t"
+        ]
+    );
     let user = fields[0];
     assert_eq!(&user[14..15], "8", "a version-8 UUID: {user}");
 
@@ -207,7 +217,10 @@ async fn user_sessions_is_created_with_the_seeds_exact_schema_and_keeps_rows_it_
     let same_user = pg.psql(&format!(
         "SELECT user_id FROM user_sessions WHERE session_id = '{id}'"
     ));
-    assert_eq!(same_user, user, "the user id is stable across nodes and visits");
+    assert_eq!(
+        same_user, user,
+        "the user id is stable across nodes and visits"
+    );
     assert_eq!(
         pg.psql("SELECT session_data FROM user_sessions WHERE session_id = 'not-ours'"),
         r#"{"cart": [1, 2]}"#
@@ -240,16 +253,27 @@ async fn a_session_survives_redis_flushall_and_a_killed_redis_without_losing_a_v
     assert!(new && visits == 1);
     visits = continue_session(&two, &id, visits).await;
     visits = continue_session(&one, &id, visits).await;
-    assert_eq!(row_visits(&pg, &id), Some(visits), "every write reaches PostgreSQL");
+    assert_eq!(
+        row_visits(&pg, &id),
+        Some(visits),
+        "every write reaches PostgreSQL"
+    );
     let key = format!("{KEY_PREFIX}{id}");
 
     // Redis forgets everything: node 2 finds the session in PostgreSQL and puts it back.
     assert_eq!(redis.command(&["FLUSHALL"]), "OK");
     assert_eq!(redis.command(&["EXISTS", &key]), "0");
     visits = continue_session(&two, &id, visits).await;
-    assert_eq!(redis.command(&["GET", &key]), visits.to_string(), "Redis refilled");
+    assert_eq!(
+        redis.command(&["GET", &key]),
+        visits.to_string(),
+        "Redis refilled"
+    );
     let ttl: u64 = redis.command(&["TTL", &key]).parse().unwrap();
-    assert!((1700..=1800).contains(&ttl), "refilled with the session's expiry: {ttl}");
+    assert!(
+        (1700..=1800).contains(&ttl),
+        "refilled with the session's expiry: {ttl}"
+    );
     visits = continue_session(&one, &id, visits).await;
     assert_eq!(row_visits(&pg, &id), Some(visits));
 
@@ -289,22 +313,34 @@ async fn the_lookup_histogram_counts_each_lookup_under_the_store_that_answered()
     let redis_url = format!("redis://127.0.0.1:{}", redis.port);
     let n = node("web-h", sessions(&redis_url, Some(&pg.url()))).await;
     wait_for_dependencies(&n, "CONNECTED", "CONNECTED").await;
-    assert_eq!((lookups(&n, "redis").await, lookups(&n, "postgres").await), (0, 0));
+    assert_eq!(
+        (lookups(&n, "redis").await, lookups(&n, "postgres").await),
+        (0, 0)
+    );
 
     let (id, _, _) = visit(&n, None).await; // a new session is not a lookup
     continue_session(&n, &id, 1).await; // redis
     assert!(verify(&n, &id).await["valid"].as_bool().unwrap()); // redis
-    assert_eq!((lookups(&n, "redis").await, lookups(&n, "postgres").await), (2, 0));
+    assert_eq!(
+        (lookups(&n, "redis").await, lookups(&n, "postgres").await),
+        (2, 0)
+    );
 
     redis.command(&["FLUSHALL"]);
     assert!(verify(&n, &id).await["valid"].as_bool().unwrap()); // postgres, refills
     continue_session(&n, &id, 2).await; // redis again
     redis.command(&["FLUSHALL"]);
     continue_session(&n, &id, 3).await; // postgres
-    assert_eq!((lookups(&n, "redis").await, lookups(&n, "postgres").await), (3, 2));
+    assert_eq!(
+        (lookups(&n, "redis").await, lookups(&n, "postgres").await),
+        (3, 2)
+    );
 
     let scrape = metrics(&n).await;
-    assert!(scrape.contains("# TYPE webnode_session_lookup_seconds histogram"), "{scrape}");
+    assert!(
+        scrape.contains("# TYPE webnode_session_lookup_seconds histogram"),
+        "{scrape}"
+    );
     let inf = series(
         &scrape,
         "webnode_session_lookup_seconds_bucket{source=\"postgres\",le=\"+Inf\"}",
@@ -325,7 +361,10 @@ async fn expired_rows_are_deleted_by_the_periodic_cleanup() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let mut options = sessions(&format!("redis://127.0.0.1:{}", redis.port), Some(&pg.url()));
+    let mut options = sessions(
+        &format!("redis://127.0.0.1:{}", redis.port),
+        Some(&pg.url()),
+    );
     options.cleanup_interval = Duration::from_millis(200);
     let n = node("web-c", options).await;
     wait_for_dependencies(&n, "CONNECTED", "CONNECTED").await;
@@ -370,7 +409,10 @@ async fn healthz_reports_the_database_going_away_and_coming_back_while_sessions_
     };
     let n = node(
         "web-d",
-        sessions(&format!("redis://127.0.0.1:{}", redis.port), Some(&pg.url())),
+        sessions(
+            &format!("redis://127.0.0.1:{}", redis.port),
+            Some(&pg.url()),
+        ),
     )
     .await;
     wait_for_dependencies(&n, "CONNECTED", "CONNECTED").await;
@@ -378,7 +420,11 @@ async fn healthz_reports_the_database_going_away_and_coming_back_while_sessions_
 
     pg.stop();
     wait_for_dependencies(&n, "DISCONNECTED", "CONNECTED").await;
-    assert_eq!(healthz(&n).await["status"], "UP", "a database outage is not the node's");
+    assert_eq!(
+        healthz(&n).await["status"],
+        "UP",
+        "a database outage is not the node's"
+    );
     // Redis carries the sessions meanwhile, old and new.
     continue_session(&n, &id, 1).await;
     continue_session(&n, &id, 2).await;

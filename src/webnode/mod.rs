@@ -48,8 +48,8 @@ use crate::base::health_report::{CpuMeter, HealthReport};
 
 pub use register::RegisterOptions;
 pub use session_api::{SESSION_COOKIE, X_SESSION_VISITS};
-use sessions::Store;
 pub use session_db::SessionDatabase;
+use sessions::Store;
 pub use sessions::{
     DEFAULT_CLEANUP_INTERVAL, MEMORY_SESSION_CAP, SESSION_TTL, SessionBackend, SessionOptions,
 };

@@ -178,7 +178,10 @@ fn describe(config: &tokio_postgres::Config) -> String {
             }
         })
         .collect();
-    let user = config.get_user().map(|u| format!("{u}@")).unwrap_or_default();
+    let user = config
+        .get_user()
+        .map(|u| format!("{u}@"))
+        .unwrap_or_default();
     let db = config.get_dbname().unwrap_or_default();
     format!("postgres://{user}{}/{db}", hosts.join(","))
 }
@@ -244,8 +247,8 @@ impl SessionDb {
         let id = id.to_string();
         let ttl = SESSION_TTL.as_secs_f64();
         let c = self.connected()?;
-        let row = self
-            .settle(timeout(QUERY_TIMEOUT, c.client.query_opt(&c.visit, &[&id, &ttl])).await)?;
+        let row =
+            self.settle(timeout(QUERY_TIMEOUT, c.client.query_opt(&c.visit, &[&id, &ttl])).await)?;
         Ok(row.map(|row| visits(row.get(0))))
     }
 
@@ -275,7 +278,8 @@ impl SessionDb {
         let agent = client.user_agent.as_deref();
         let c = self.connected()?;
         let params: [&(dyn ToSql + Sync); 5] = [&id, &user, &client.ip, &agent, &ttl];
-        let rows = self.settle(timeout(QUERY_TIMEOUT, c.client.execute(&c.create, &params)).await)?;
+        let rows =
+            self.settle(timeout(QUERY_TIMEOUT, c.client.execute(&c.create, &params)).await)?;
         Ok(rows == 1)
     }
 
@@ -283,7 +287,8 @@ impl SessionDb {
     pub(super) async fn lookup(&self, id: SessionId) -> Result<Option<(u64, Duration)>, DbError> {
         let id = id.to_string();
         let c = self.connected()?;
-        let row = self.settle(timeout(QUERY_TIMEOUT, c.client.query_opt(&c.lookup, &[&id])).await)?;
+        let row =
+            self.settle(timeout(QUERY_TIMEOUT, c.client.query_opt(&c.lookup, &[&id])).await)?;
         Ok(row.map(|row| {
             let left: f64 = row.get(1);
             (
@@ -478,7 +483,11 @@ async fn cleanup(
         let Some(c) = conn.load_full() else { continue };
         let mut round = 0;
         for _ in 0..CLEANUP_ROUNDS {
-            match timeout(QUERY_TIMEOUT * 5, c.client.execute(&c.cleanup, &[&CLEANUP_BATCH])).await
+            match timeout(
+                QUERY_TIMEOUT * 5,
+                c.client.execute(&c.cleanup, &[&CLEANUP_BATCH]),
+            )
+            .await
             {
                 Ok(Ok(rows)) => {
                     round += rows;

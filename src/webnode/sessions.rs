@@ -363,12 +363,22 @@ impl Store {
             SessionBackend::Redis(client) => {
                 let addr = client.get_connection_info().addr().to_string();
                 let source = RedisSource::Single(client);
-                Cache::Redis(RedisStore::start(source, addr, node.to_owned(), cancel.clone()))
+                Cache::Redis(RedisStore::start(
+                    source,
+                    addr,
+                    node.to_owned(),
+                    cancel.clone(),
+                ))
             }
             SessionBackend::RedisCluster { client, nodes } => {
                 let addr = format!("{CLUSTER_SCHEME}{}", nodes.join(","));
                 let source = RedisSource::Cluster(client);
-                Cache::Redis(RedisStore::start(source, addr, node.to_owned(), cancel.clone()))
+                Cache::Redis(RedisStore::start(
+                    source,
+                    addr,
+                    node.to_owned(),
+                    cancel.clone(),
+                ))
             }
         };
         let db = options
