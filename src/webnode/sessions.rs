@@ -1044,6 +1044,21 @@ mod tests {
         ));
         let redis: SessionBackend = "redis://:secret@127.0.0.1:6390".parse().unwrap();
         assert_eq!(redis.describe(), "redis://127.0.0.1:6390");
+        let cluster: SessionBackend = "redis+cluster://:secret@127.0.0.1:7001,127.0.0.1:7002/"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            cluster.describe(),
+            "redis+cluster://127.0.0.1:7001,127.0.0.1:7002"
+        );
+        for bad in [
+            "redis+cluster://",
+            "redis+cluster://127.0.0.1",
+            "redis+cluster://:secret@127.0.0.1:7001/db",
+        ] {
+            let err = bad.parse::<SessionBackend>().unwrap_err();
+            assert!(!err.contains("secret"), "{bad}: {err}");
+        }
         for bad in ["", "Memory", "http://127.0.0.1:6379", "127.0.0.1:6379"] {
             let err = bad.parse::<SessionBackend>().unwrap_err();
             assert!(err.contains("neither `memory` nor"), "{bad}: {err}");
