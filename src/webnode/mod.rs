@@ -13,6 +13,7 @@
 
 mod register;
 mod session_api;
+mod session_core;
 mod session_db;
 mod session_metrics;
 mod sessions;

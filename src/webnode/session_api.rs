@@ -15,7 +15,8 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
-use super::sessions::{ClientInfo, SessionId, StoreError};
+use super::session_core::{ClientInfo, SessionId};
+use super::sessions::StoreError;
 use super::{NodeBody, Shared, error_json, json};
 
 /// The cookie that carries the session id.

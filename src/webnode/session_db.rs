@@ -33,7 +33,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::sessions::{ClientInfo, LinkHealth, LinkStatus, SESSION_TTL, SessionId};
+use super::session_core::{ClientInfo, LinkHealth, LinkStatus, SESSION_TTL, SessionId};
 
 /// One connect attempt.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
