@@ -117,8 +117,21 @@ pub(super) enum DbError {
     NotConnected,
     #[error("PostgreSQL did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", with_causes(.0))]
     Postgres(#[from] tokio_postgres::Error),
+}
+
+/// tokio-postgres keeps the cause ("connection refused", the server's message) out of its own
+/// text; a log line without it says little. Neither holds the password.
+fn with_causes(err: &tokio_postgres::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 /// `--database postgres://USER[:PASSWORD]@HOST:PORT/DB`: where `user_sessions` lives. The
