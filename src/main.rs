@@ -52,14 +52,25 @@ enum Command {
         /// environment so the token stays out of `ps`.
         #[arg(long, env = "FULCRUM_WEBNODE_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
-        /// Where `/session` keeps its counts: `memory` (this node only) or
-        /// `redis://HOST:PORT` (shared by every node pointed at it).
+        /// Where `/session` keeps its counts: `memory` (this node only), `redis://HOST:PORT`
+        /// or a Redis Cluster `redis+cluster://HOST:PORT,HOST:PORT,…` (shared by every node
+        /// pointed at it).
         #[arg(
             long,
             default_value = "memory",
-            value_name = "memory|redis://HOST:PORT"
+            value_name = "memory|redis://HOST:PORT|redis+cluster://HOST:PORT,…"
         )]
         sessions: fulcrum::webnode::SessionBackend,
+        /// Keep sessions durably in the seed's `user_sessions` table behind the Redis cache
+        /// (needs a Redis --sessions). Prefer the environment variable when the URL holds a
+        /// password: a command-line argument is visible to every user in `ps`.
+        #[arg(
+            long,
+            env = "FULCRUM_WEBNODE_DATABASE",
+            hide_env_values = true,
+            value_name = "postgres://USER@HOST:PORT/DB"
+        )]
+        database: Option<String>,
         /// Announce this node to a balancer's registry (its gRPC `[registry] bind`), heartbeat,
         /// and ask to be drained on SIGTERM / Ctrl-C. Several URLs, comma-separated (balancers
         /// sharing one registry store): the node uses the first that answers and moves to the
@@ -123,6 +134,7 @@ fn main() -> ExitCode {
             id,
             admin_token,
             sessions,
+            database,
             register,
             drain_timeout,
             drain_grace,
@@ -148,6 +160,14 @@ fn main() -> ExitCode {
                 drain_timeout,
                 drain_grace,
             });
+            // Parsed here rather than by clap, whose error would quote the URL, password and all.
+            let mut sessions = fulcrum::webnode::SessionOptions::new(sessions);
+            if let Some(url) = database {
+                let database = url
+                    .parse::<fulcrum::webnode::SessionDatabase>()
+                    .map_err(|e| anyhow::anyhow!("--database: {e}"))?;
+                sessions = sessions.with_database(database);
+            }
             rt.block_on(fulcrum::webnode::run(opts, sessions, register))
                 .context("web node failed")
         }),

@@ -5,12 +5,17 @@
 //! `/healthz` schema, and has knobs for failover drills (flip health, pause like a GC, slow and
 //! large responses, echo exactly what arrived). Every response carries `x-served-by: ID`.
 //! `/session` and `/v1/sessions/verify` use the node's session store (`sessions.rs`: in memory
-//! or in Redis; `session_api.rs`: the HTTP side).
+//! or in Redis, one server or a cluster; `session_db.rs`: the durable `user_sessions` table
+//! behind Redis; `session_api.rs`: the HTTP side); `GET /metrics` shows how fast sessions are
+//! found (`session_metrics.rs`).
 //! All other state is atomics on one `Shared`; the only lock guards the CPU sample `/healthz`
 //! reads.
 
 mod register;
 mod session_api;
+mod session_core;
+mod session_db;
+mod session_metrics;
 mod sessions;
 
 use std::convert::Infallible;
@@ -44,8 +49,11 @@ use crate::base::health_report::{CpuMeter, HealthReport};
 
 pub use register::RegisterOptions;
 pub use session_api::{SESSION_COOKIE, X_SESSION_VISITS};
+pub use session_db::SessionDatabase;
 use sessions::Store;
-pub use sessions::{MEMORY_SESSION_CAP, SESSION_TTL, SessionBackend};
+pub use sessions::{
+    DEFAULT_CLEANUP_INTERVAL, MEMORY_SESSION_CAP, SESSION_TTL, SessionBackend, SessionOptions,
+};
 
 /// How long `shutdown` lets in-flight requests finish before cutting their connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -146,12 +154,15 @@ pub async fn spawn(opts: WebNodeOptions) -> io::Result<WebNode> {
     spawn_with_sessions(opts, SessionBackend::Memory).await
 }
 
-/// [`spawn`] with sessions kept where `sessions` says. A Redis that is down does not stop the
-/// node from starting: `/session` answers 503 and `/healthz` says `DISCONNECTED` until it is up.
+/// [`spawn`] with sessions kept where `sessions` says (a [`SessionBackend`] alone, or
+/// [`SessionOptions`] with a database behind Redis). A Redis or PostgreSQL that is down does
+/// not stop the node from starting: `/healthz` says `DISCONNECTED` until it is up, and
+/// `/session` is answered by the other store, or 503 when neither can.
 pub async fn spawn_with_sessions(
     opts: WebNodeOptions,
-    sessions: SessionBackend,
+    sessions: impl Into<SessionOptions>,
 ) -> io::Result<WebNode> {
+    let sessions: SessionOptions = sessions.into();
     let served_by = HeaderValue::from_str(&opts.id).map_err(|_| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -162,8 +173,14 @@ pub async fn spawn_with_sessions(
     let local_addr = listener.local_addr()?;
     let started = Instant::now();
     let cancel = CancellationToken::new();
-    let sessions_text = sessions.describe();
-    let sessions = Store::start(sessions, &opts.id, cancel.clone());
+    let sessions_text = sessions.backend.describe();
+    let database_text = sessions
+        .database
+        .as_ref()
+        .map_or("none", SessionDatabase::describe)
+        .to_owned();
+    let sessions = Store::start(sessions, &opts.id, &cancel)
+        .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
     let shared = Arc::new(Shared {
         id: opts.id,
         served_by,
@@ -177,7 +194,8 @@ pub async fn spawn_with_sessions(
         admin_token: opts.admin_token,
     });
     let task = tokio::spawn(serve(listener, Arc::clone(&shared), cancel.clone()));
-    info!(id = %shared.id, addr = %local_addr, sessions = %sessions_text, "web node listening");
+    info!(id = %shared.id, addr = %local_addr, sessions = %sessions_text,
+        database = %database_text, "web node listening");
     Ok(WebNode {
         local_addr,
         shared,
@@ -191,7 +209,7 @@ pub async fn spawn_with_sessions(
 /// signal, is decommissioned and drained there before it stops.
 pub async fn run(
     opts: WebNodeOptions,
-    sessions: SessionBackend,
+    sessions: impl Into<SessionOptions>,
     register: Option<RegisterOptions>,
 ) -> io::Result<()> {
     let node = spawn_with_sessions(opts, sessions).await?;
@@ -278,10 +296,10 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationT
     // Cuts the connections still open when the grace period runs out.
     let hard_stop = CancellationToken::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = cancel.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok((stream, peer)) => (stream, peer),
                 Err(err) => {
                     warn!(id = %shared.id, error = %err, "accept failed; backing off");
                     tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
@@ -295,7 +313,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationT
         }
         let guard = ConnGuard::open(&shared);
         let svc_shared = Arc::clone(&shared);
-        let svc = service_fn(move |req| handle(Arc::clone(&svc_shared), req));
+        let svc = service_fn(move |req| handle(Arc::clone(&svc_shared), peer, req));
         let conn = builder
             .serve_connection(TokioIo::new(stream), svc)
             .into_owned();
@@ -329,13 +347,14 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationT
 
 async fn handle(
     shared: Arc<Shared>,
+    peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<NodeBody>, Infallible> {
     shared.requests.fetch_add(1, Ordering::Relaxed);
     if !req.uri().path().starts_with("/admin/") {
         wait_out_pause(&shared).await;
     }
-    let mut resp = route(&shared, req).await;
+    let mut resp = route(&shared, peer, req).await;
     let served_by = shared.served_by.clone();
     resp.headers_mut().insert(X_SERVED_BY, served_by);
     Ok(resp)
@@ -353,7 +372,7 @@ async fn wait_out_pause(shared: &Shared) {
     }
 }
 
-async fn route(shared: &Shared, req: Request<Incoming>) -> Response<NodeBody> {
+async fn route(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Response<NodeBody> {
     let method = req.method().clone();
     let is_get = method == Method::GET || method == Method::HEAD;
     let path = req.uri().path().to_owned();
@@ -363,7 +382,10 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<NodeBody> {
         "/" if is_get => text(StatusCode::OK, format!("served by {}\n", shared.id)),
         "/healthz" if is_get => healthz(shared),
         // GET only: HEAD is a safe method and must not count a visit.
-        "/session" if method == Method::GET => session_api::session(shared, req.headers()).await,
+        "/session" if method == Method::GET => {
+            session_api::session(shared, peer, req.headers()).await
+        }
+        "/metrics" if is_get => metrics(shared),
         "/v1/sessions/verify" if method == Method::POST => session_api::verify(shared, req).await,
         "/slow" if is_get => match query_ms(query) {
             Some(ms) => {
@@ -445,15 +467,31 @@ fn healthz(shared: &Shared) -> Response<NodeBody> {
         &shared.cpu,
         shared.active_connections.load(Ordering::Relaxed),
     );
-    // No database; Redis only with `--sessions redis://`. A Redis outage does not make the node
-    // DOWN: it still serves everything but sessions, and every node sharing that Redis would
-    // go down with it, leaving the balancer nothing to route to.
+    // Redis with `--sessions redis://`, PostgreSQL with `--database`. An outage of either does
+    // not make the node DOWN: it still serves everything else (and sessions from the other
+    // store), and every node sharing that store would go down with it, leaving the balancer
+    // nothing to route to.
     body.dependency_status.redis_session_cache = shared.sessions.redis_status();
+    body.dependency_status.database_connection = shared.sessions.database_status();
     let code = match status {
         Health::Up => StatusCode::OK,
         Health::Down | Health::Draining => StatusCode::SERVICE_UNAVAILABLE,
     };
     json(code, &body)
+}
+
+/// `GET /metrics`: the node's session figures in the Prometheus text format.
+fn metrics(shared: &Shared) -> Response<NodeBody> {
+    let mut out = String::new();
+    shared.sessions.lookups().render(&mut out);
+    if let Some(deleted) = shared.sessions.expired_deleted() {
+        session_metrics::render_expired_deleted(&mut out, deleted);
+    }
+    respond(
+        StatusCode::OK,
+        "text/plain; version=0.0.4; charset=utf-8",
+        NodeBody::Full(Some(out.into())),
+    )
 }
 
 async fn set_health(shared: &Shared, req: Request<Incoming>) -> Response<NodeBody> {

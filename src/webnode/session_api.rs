@@ -6,28 +6,39 @@
 //! `fulcrum load` reads instead of parsing bodies) and a `Set-Cookie` with a fresh id.
 
 use cookie::Cookie;
-use http::header::{CACHE_CONTROL, COOKIE, HeaderName, HeaderValue, SET_COOKIE};
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{CACHE_CONTROL, COOKIE, HeaderName, HeaderValue, SET_COOKIE, USER_AGENT};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
-use super::sessions::{SessionId, StoreError};
+use super::session_core::{ClientInfo, SessionId};
+use super::sessions::StoreError;
 use super::{NodeBody, Shared, error_json, json};
 
 /// The cookie that carries the session id.
 pub const SESSION_COOKIE: &str = "session";
 /// The visit count of the answer, so a load generator need not parse bodies.
 pub const X_SESSION_VISITS: HeaderName = HeaderName::from_static("x-session-visits");
+/// `user_sessions.user_agent` keeps at most this much of a `User-Agent`.
+const MAX_USER_AGENT: usize = 512;
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// A verify body is a token and a few short fields; this is generous.
 const MAX_VERIFY_BODY: usize = 16 * 1024;
 
 /// `GET /session`.
 #[expect(clippy::expect_used, reason = "hex digits and ASCII attributes")]
-pub(super) async fn session(shared: &Shared, headers: &HeaderMap) -> Response<NodeBody> {
+pub(super) async fn session(
+    shared: &Shared,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Response<NodeBody> {
     let presented = session_cookie(headers);
-    let visit = match shared.sessions.visit(presented).await {
+    let client = client_info(peer, headers);
+    let visit = match shared.sessions.visit(presented, &client).await {
         Ok(visit) => visit,
         Err(err) => return store_error(shared, &err),
     };
@@ -67,6 +78,36 @@ fn session_cookie(headers: &HeaderMap) -> Option<SessionId> {
         .filter_map(Result::ok)
         .filter(|c| c.name() == SESSION_COOKIE)
         .find_map(|c| SessionId::parse(c.value()))
+}
+
+/// Who is visiting, as `user_sessions` records it: the last `X-Forwarded-For` entry (the one
+/// the balancer in front appended) when it is an address, else the peer; the `User-Agent`, cut
+/// to [`MAX_USER_AGENT`] bytes.
+fn client_info(peer: SocketAddr, headers: &HeaderMap) -> ClientInfo {
+    let forwarded = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|line| line.to_str().ok())
+        .flat_map(|line| line.split(','))
+        .next_back()
+        .and_then(|last| last.trim().parse::<IpAddr>().ok());
+    let user_agent = headers
+        .get(USER_AGENT)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .map(|mut agent| {
+            if agent.len() > MAX_USER_AGENT {
+                let mut end = MAX_USER_AGENT;
+                while !agent.is_char_boundary(end) {
+                    end -= 1;
+                }
+                agent.truncate(end);
+            }
+            agent
+        });
+    ClientInfo {
+        ip: Some(forwarded.unwrap_or_else(|| peer.ip())),
+        user_agent,
+    }
 }
 
 #[derive(Serialize)]
@@ -148,9 +189,10 @@ pub(super) async fn verify(shared: &Shared, req: Request<Incoming>) -> Response<
 /// 503 while the store cannot be reached (a balancer may retry elsewhere or the user later);
 /// 500 for what no retry fixes.
 fn store_error(shared: &Shared, err: &StoreError) -> Response<NodeBody> {
-    let status = match err {
-        StoreError::Redis { .. } | StoreError::Timeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        StoreError::Random(_) | StoreError::IdsTaken => StatusCode::INTERNAL_SERVER_ERROR,
+    let status = if err.is_unavailable() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
     };
     // The monitor logs Redis going away once; a line per request would flood the log.
     debug!(id = %shared.id, error = %err, "session store failed");

@@ -1,5 +1,5 @@
 //! A `redis-server` of a test's own on a free loopback port, for the web node's Redis
-//! sessions.
+//! sessions, and a three-master Redis Cluster of a test's own ([`RedisCluster`]).
 //!
 //! A missing `redis-server` fails the test: a suite that passes without running its Redis tests
 //! says nothing about Redis. `FULCRUM_SKIP_REDIS=1` turns that into a skip, announced on
@@ -7,6 +7,7 @@
 //! always runs them.
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -52,9 +53,15 @@ impl RedisServer {
 
     /// A server on `port`, once it answers PING; `None` if it exited (the port was taken).
     pub fn start_on(port: u16) -> Option<Self> {
+        Self::start_with(port, &[])
+    }
+
+    /// [`RedisServer::start_on`] with more `redis-server` arguments.
+    fn start_with(port: u16, extra: &[&str]) -> Option<Self> {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -90,18 +97,24 @@ impl RedisServer {
         }
         stream.write_all(request.as_bytes()).ok()?;
         let mut answer = Vec::new();
-        let mut buf = [0u8; 256];
-        // Every answer used here ends in CRLF; a bulk string ends in a second one.
+        let mut buf = [0u8; 4096];
+        // Every answer used here is one line, or a bulk string: `$LEN` line, LEN bytes, CRLF
+        // (CLUSTER INFO's holds CRLFs of its own, so its length decides).
         loop {
             let n = stream.read(&mut buf).ok()?;
             if n == 0 {
                 break;
             }
             answer.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&answer);
-            let lines = text.matches("\r\n").count();
-            let bulk = text.starts_with('$') && !text.starts_with("$-1");
-            if lines >= if bulk { 2 } else { 1 } {
+            let Some(eol) = answer.windows(2).position(|w| w == b"\r\n") else {
+                continue;
+            };
+            let header = String::from_utf8_lossy(&answer[..eol]).into_owned();
+            let needed = match header.strip_prefix('$') {
+                Some(len) if len != "-1" => eol + 2 + len.parse::<usize>().ok()? + 2,
+                _ => eol + 2,
+            };
+            if answer.len() >= needed {
                 break;
             }
         }
@@ -111,7 +124,11 @@ impl RedisServer {
         match first.as_bytes().first()? {
             b'+' | b':' => Some(first[1..].to_owned()),
             b'$' if first == "$-1" => Some(String::new()),
-            b'$' => lines.next().map(str::to_owned),
+            b'$' => {
+                let len: usize = first[1..].parse().ok()?;
+                let start = first.len() + 2;
+                text.get(start..start + len).map(str::to_owned)
+            }
             _ => None,
         }
     }
@@ -122,5 +139,115 @@ impl Drop for RedisServer {
         // SIGKILL to this child's PID only; wait reaps it so no zombie is left.
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// How long a new cluster may take to agree on its slots (`cluster_state:ok` on every master).
+const CLUSTER_FORMING: Duration = Duration::from_secs(30);
+
+/// Three `redis-server --cluster-enabled yes` masters on free loopback ports, their 16384 slots
+/// split by `redis-cli --cluster create` (no replicas): the seed's three-shard session cluster.
+pub struct RedisCluster {
+    pub masters: Vec<RedisServer>,
+    dir: PathBuf,
+}
+
+impl RedisCluster {
+    /// A formed cluster, or `None` when the test is to be skipped (see [`redis_available`]).
+    pub fn start() -> Option<Self> {
+        if !redis_available() {
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "fulcrum-redis-cluster-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut masters = Vec::new();
+        for _ in 0..20 {
+            if masters.len() == 3 {
+                break;
+            }
+            // The cluster bus listens on PORT + 10000: keep that within range.
+            let port = free_port();
+            if port > 55_000 {
+                continue;
+            }
+            let config = dir.join(format!("nodes-{port}.conf"));
+            let args = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                config.to_str().unwrap(),
+                "--cluster-node-timeout",
+                "5000",
+                "--dir",
+                dir.to_str().unwrap(),
+            ];
+            // A port another process took in the meantime: draw another.
+            if let Some(server) = RedisServer::start_with(port, &args) {
+                masters.push(server);
+            }
+        }
+        assert_eq!(masters.len(), 3, "three cluster masters started");
+        let cluster = RedisCluster { masters, dir };
+        let nodes: Vec<String> = cluster
+            .masters
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.port))
+            .collect();
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let deadline = Instant::now() + CLUSTER_FORMING;
+        while !cluster.masters.iter().all(|m| {
+            m.try_command(&["CLUSTER", "INFO"])
+                .is_some_and(|info| info.contains("cluster_state:ok"))
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not reach cluster_state:ok within {CLUSTER_FORMING:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(cluster)
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`, as `--sessions` takes it.
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .masters
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.port))
+            .collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+
+    /// `DBSIZE` of each master, in order: how the keys spread over the shards.
+    pub fn key_counts(&self) -> Vec<u64> {
+        self.masters
+            .iter()
+            .map(|m| m.command(&["DBSIZE"]).parse().unwrap())
+            .collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        // Each master is killed by its own Drop; then their node files go.
+        self.masters.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
