@@ -223,6 +223,12 @@ impl Running {
     }
 }
 
+/// Makes every access log reopen its file by name (what `SIGUSR1` does, for logrotate); the
+/// writers reopen after their current batch. Returns how many logs were asked.
+pub fn reopen_access_logs() -> usize {
+    datapath::access_log::reopen_all()
+}
+
 /// Resolves on Ctrl-C or, on Unix, SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -209,6 +209,18 @@ async fn run(path: &Path) -> anyhow::Result<()> {
             let _ = control.reload().await;
         }
     });
+    // SIGUSR1 reopens the access log files (after logrotate renamed them).
+    tokio::spawn(async {
+        let Ok(mut usr1) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        else {
+            return;
+        };
+        while usr1.recv().await.is_some() {
+            let logs = fulcrum::reopen_access_logs();
+            tracing::info!(logs, "SIGUSR1: reopening access logs");
+        }
+    });
     fulcrum::shutdown_signal().await;
     let cut_off = running.shutdown().await;
     if cut_off > 0 {

@@ -32,6 +32,7 @@ pub(crate) const CONFIG_RELOADS_TOTAL: &str = "fulcrum_config_reloads_total";
 pub(crate) const REGISTRY_EVENTS_TOTAL: &str = "fulcrum_registry_events_total";
 pub(crate) const CLIENT_ERRORS_TOTAL: &str = "fulcrum_client_errors_total";
 pub(crate) const POOL_QUEUE_DEPTH: &str = "fulcrum_pool_queue_depth";
+pub(crate) const ACCESS_LOG_DROPPED_TOTAL: &str = "fulcrum_access_log_dropped_total";
 
 /// The `backend` label of answers fulcrum gives itself, and the `pool` label when no route matched.
 pub(crate) const NONE: &str = "none";
@@ -63,6 +64,10 @@ pub(crate) fn recorder() -> &'static Recorder {
 /// The HELP text of every metric fulcrum exports: one line each, next to nothing else, so a
 /// scrape passes `promtool check metrics`.
 fn describe() {
+    describe_counter!(
+        ACCESS_LOG_DROPPED_TOTAL,
+        "Access log lines dropped because the log's writer was behind (its queue was full)."
+    );
     describe_counter!(
         REQUESTS_TOTAL,
         "Responses sent to clients, by pool, backend and status code (backend \"none\" for answers fulcrum gave itself)."

@@ -1,8 +1,9 @@
 //! The data path: accept, TLS, hyper connections and drains ([`server`]), and what happens to
 //! a request once parsed, route → pick → forward → respond ([`proxy`]), with the head rewrite
 //! ([`headers`]), the client-side body ([`body`]), TLS termination ([`tls`]) and the one way a
-//! listener is bound and served ([`listeners`]).
+//! listener is bound and served ([`listeners`]), and the access log ([`access_log`]).
 
+pub(crate) mod access_log;
 pub(crate) mod body;
 pub mod headers;
 pub(crate) mod listeners;

@@ -32,7 +32,7 @@ use tracing::{debug, error, warn};
 
 use crate::base::error::BoxError;
 use crate::base::metrics::{ClientErrorKind, ClientErrors, DOWNSTREAM_CONNECTIONS};
-use crate::datapath::tls::TlsTerminator;
+use crate::datapath::tls::{TlsInfo, TlsTerminator};
 
 /// Limits applied to every connection of one listener.
 #[derive(Debug, Clone)]
@@ -213,6 +213,8 @@ async fn serve_tls<S, B>(
             // No ALPN: HTTP/1.1, or HTTP/2 with prior knowledge.
             _ => &builders.auto,
         };
+        // Before hyper sees the connection, so its first request reads it.
+        let _ = conn.inner.tls.set(crate::datapath::tls::info(&stream));
         serve_connection(stream, builder, service, &conn).await;
     }
 }
@@ -297,6 +299,8 @@ struct ConnShared {
     uploads: AtomicUsize,
     client_errors: Arc<ClientErrors>,
     lifecycle: Lifecycle,
+    /// Set once the TLS handshake is done (TLS listeners), for the access log.
+    tls: std::sync::OnceLock<TlsInfo>,
 }
 
 impl ConnHandle {
@@ -322,6 +326,7 @@ impl ConnHandle {
                 uploads: AtomicUsize::new(0),
                 client_errors,
                 lifecycle,
+                tls: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -335,6 +340,11 @@ impl ConnHandle {
     /// The listener's `fulcrum_client_errors_total` handles.
     pub(crate) fn client_errors(&self) -> &Arc<ClientErrors> {
         &self.inner.client_errors
+    }
+
+    /// The connection's TLS version and SNI name; `None` on cleartext.
+    pub(crate) fn tls(&self) -> Option<&TlsInfo> {
+        self.inner.tls.get()
     }
 
     /// Whether `shutdown_grace` ran out and the connection is being cut off (not the client's

@@ -73,7 +73,33 @@ pub struct ListenerConfig {
     pub forwarded: bool,
     /// TLS termination; `None` serves cleartext HTTP/1.1 and h2c.
     pub tls: Option<TlsConfig>,
+    /// `access_log = { ... }`: one line per request; `None` (the default) logs nothing.
+    pub access_log: Option<AccessLogConfig>,
+    /// Keeps a sane client `X-Request-Id` or sets a generated one (default true); false passes
+    /// the header through untouched.
+    pub request_id: bool,
 }
+
+/// A listener's `access_log`: where its lines go and how they are written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AccessLogConfig {
+    /// `"-"` (standard output) or a file, appended to and reopened on `SIGUSR1`.
+    pub path: AccessLogPath,
+    /// One JSON object per line (the default), or nginx's `combined`.
+    pub format: AccessLogFormat,
+    /// Logs the path with its query string (default false: queries often carry tokens).
+    pub include_query: bool,
+}
+
+/// Where an access log is written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AccessLogPath {
+    /// `"-"`: standard output.
+    Stdout,
+    /// A file, created when absent and appended to.
+    File(PathBuf),
+}
+
 
 /// A TLS listener's certificates. The files were loaded and checked (key matches certificate)
 /// when the config was validated; the listener loads them again when it starts.
@@ -339,6 +365,17 @@ keywords! {
         /// Cleartext HTTP/2 with prior knowledge: requests multiplexed over one connection per
         /// backend. `Upgrade` requests (WebSocket) still go over HTTP/1.1.
         H2c = "h2c",
+    }
+}
+
+keywords! {
+    /// The line format of an access log.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum AccessLogFormat {
+        /// One JSON object per line, with the fields the README lists.
+        Json = "json",
+        /// nginx's and Apache's `combined` format, which GoAccess and friends read.
+        Combined = "combined",
     }
 }
 
