@@ -580,16 +580,25 @@ mod tests {
             assert_eq!(headers[&X_REQUEST_ID], id);
         }
         let mut too_long = HeaderMap::new();
-        too_long.insert(&X_REQUEST_ID, HeaderValue::from_str(&format!("{ok}a")).unwrap());
+        too_long.insert(
+            &X_REQUEST_ID,
+            HeaderValue::from_str(&format!("{ok}a")).unwrap(),
+        );
         assert_eq!(request_id(&mut too_long).len(), 32);
         let mut non_ascii = HeaderMap::new();
-        non_ascii.insert(&X_REQUEST_ID, HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap());
+        non_ascii.insert(
+            &X_REQUEST_ID,
+            HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+        );
         assert_eq!(request_id(&mut non_ascii).len(), 32);
         let mut two = HeaderMap::new();
         two.append(&X_REQUEST_ID, HeaderValue::from_static("a"));
         two.append(&X_REQUEST_ID, HeaderValue::from_static("b"));
         assert_eq!(request_id(&mut two).len(), 32);
-        let (a, b) = (request_id(&mut HeaderMap::new()), request_id(&mut HeaderMap::new()));
+        let (a, b) = (
+            request_id(&mut HeaderMap::new()),
+            request_id(&mut HeaderMap::new()),
+        );
         assert_ne!(a, b);
         assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit), "{a:?}");
     }

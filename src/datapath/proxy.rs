@@ -165,10 +165,7 @@ pub(crate) async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Respo
     };
     let mut response = route_and_forward(req, conn, started, &mut trace).await;
     if trace.is_on() {
-        let tail = trace.respond(
-            response.status().as_u16(),
-            response.body().is_end_stream(),
-        );
+        let tail = trace.respond(response.status().as_u16(), response.body().is_end_stream());
         response.body_mut().set_tail(tail);
     }
     response
@@ -499,7 +496,10 @@ async fn exchange(
 /// Relays a backend's answer: a 101 becomes a tunnel; any other response goes to the client
 /// with its hop-by-hop headers gone, the sticky cookie set, and its body carrying the
 /// in-flight count until it ends.
-#[expect(clippy::too_many_arguments, reason = "the retry loop's state, passed down once")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the retry loop's state, passed down once"
+)]
 fn relay(
     (response, upstream_conn): Answer,
     outgoing: &mut Outgoing,
@@ -788,9 +788,7 @@ impl ProxyError {
             ProxyError::QueueTimeout { .. } => Termination::QueueTimeout,
             ProxyError::BodyTooLarge { .. } => Termination::TooLarge,
             ProxyError::MalformedBody { .. } => Termination::Malformed,
-            ProxyError::ClientGone { .. } | ProxyError::UploadStalled => {
-                Termination::ClientAborted
-            }
+            ProxyError::ClientGone { .. } | ProxyError::UploadStalled => Termination::ClientAborted,
             ProxyError::Connect { .. } => Termination::Refused,
             ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade { .. } => {
                 Termination::BackendReset

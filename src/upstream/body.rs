@@ -299,7 +299,9 @@ impl Body for RequestBody {
         if let Some(data) = frame.data_ref() {
             this.seen += data.len() as u64;
             if let Some(upload) = upload {
-                upload.received.fetch_add(data.len() as u64, Ordering::Relaxed);
+                upload
+                    .received
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
             }
             if let Some(limit) = upload.and_then(Upload::limit)
                 && this.seen > limit

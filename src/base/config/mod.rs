@@ -100,7 +100,6 @@ pub enum AccessLogPath {
     File(PathBuf),
 }
 
-
 /// A TLS listener's certificates. The files were loaded and checked (key matches certificate)
 /// when the config was validated; the listener loads them again when it starts.
 #[derive(Debug, Clone, PartialEq)]

@@ -52,10 +52,7 @@ impl Line {
             request_id: r.request_id.as_ref().map(lossy),
             tls_version: r.tls.as_ref().map(|t| t.version),
             sni: r.tls.as_ref().and_then(|t| t.sni.as_deref()),
-            termination: r
-                .termination
-                .unwrap_or(Termination::ClientAborted)
-                .as_str(),
+            termination: r.termination.unwrap_or(Termination::ClientAborted).as_str(),
         };
         // Writing into a Vec cannot fail, and every field is a plain string or number.
         let _ = serde_json::to_writer(&mut self.0, &line);

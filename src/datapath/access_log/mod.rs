@@ -181,9 +181,7 @@ impl Trace {
             referer: header(header::REFERER),
             user_agent: header(header::USER_AGENT),
             // Off, the client's own header is recorded as it came.
-            request_id: request_id
-                .or_else(|| headers.get("x-request-id"))
-                .cloned(),
+            request_id: request_id.or_else(|| headers.get("x-request-id")).cloned(),
             tls: origin.tls.cloned(),
             status: CLIENT_CLOSED,
             upload: None,

@@ -173,7 +173,11 @@ fn write_loop(shared: &Shared, mut out: Output) {
             line.write(&record, time);
             // The record (and its handles) is freed here, off the request path.
             drop(record);
-            report(&mut failing, out.writer().write_all(line.as_bytes()), &shared.path);
+            report(
+                &mut failing,
+                out.writer().write_all(line.as_bytes()),
+                &shared.path,
+            );
             wrote = true;
         }
         if wrote {
@@ -186,7 +190,9 @@ fn write_loop(shared: &Shared, mut out: Output) {
                     out = new;
                     failing = false;
                 }
-                Err(e) => warn!(path = ?shared.path, error = %e, "access log could not be reopened; writing to the old file"),
+                Err(e) => {
+                    warn!(path = ?shared.path, error = %e, "access log could not be reopened; writing to the old file")
+                }
             }
         }
         if shared.closed.load(Ordering::Acquire) && shared.queue.is_empty() {
