@@ -812,6 +812,68 @@ pool = "missing"
     }
 
     #[test]
+    fn access_log_is_off_unless_asked_for_and_every_mistake_is_named() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.listeners[0].access_log, None);
+        assert!(config.listeners[0].request_id, "request ids are on by default");
+        let with = |table: &str| {
+            MINIMAL.replace(
+                "bind = \"127.0.0.1:0\"",
+                &format!("bind = \"127.0.0.1:0\"\n{table}"),
+            )
+        };
+        let on = parse(&with("access_log = { path = \"-\" }\nrequest_id = false")).unwrap();
+        let l = &on.listeners[0];
+        assert_eq!(
+            l.access_log,
+            Some(AccessLogConfig {
+                path: AccessLogPath::Stdout,
+                format: AccessLogFormat::Json,
+                include_query: false,
+            })
+        );
+        assert!(!l.request_id);
+        let dir = std::env::temp_dir();
+        let file = dir.join("fulcrum-config-test.log");
+        let text = format!(
+            "access_log = {{ path = \"{}\", format = \"combined\", include_query = true }}",
+            file.display()
+        );
+        let log = parse(&with(&text)).unwrap().listeners[0].access_log.clone();
+        assert_eq!(
+            log,
+            Some(AccessLogConfig {
+                path: AccessLogPath::File(file),
+                format: AccessLogFormat::Combined,
+                include_query: true,
+            })
+        );
+
+        for (table, expected) in [
+            (
+                "access_log = { path = \"-\", format = \"clf\" }",
+                "test.toml:4:37: listeners[0].access_log.format: unknown access log format `clf`; expected json or combined",
+            ),
+            (
+                "access_log = { path = \"/no/such/dir/a.log\" }",
+                "test.toml:4:23: listeners[0].access_log.path: directory `/no/such/dir` does not exist",
+            ),
+            (
+                "access_log = { path = \" \" }",
+                "listeners[0].access_log.path: needs a file name",
+            ),
+            (
+                "access_log = { path = \"-\", rotate = true }",
+                "listeners[0].access_log.rotate",
+            ),
+            ("access_log = { format = \"json\" }", "path"),
+        ] {
+            let err = parse(&with(table)).unwrap_err().to_string();
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
+    }
+
+    #[test]
     fn line_col_counts_characters() {
         assert_eq!(validate::line_col("ab\ncdé\nx", 8), (3, 1));
         assert_eq!(validate::line_col("ab\ncdé", 5), (2, 3));
