@@ -292,6 +292,26 @@ fn summary(path: &Path, config: &Config) -> String {
 }
 
 fn summarise_listener(out: &mut String, l: &ListenerConfig) {
+    summarise_listener_socket(out, l);
+    if let Some(log) = &l.access_log {
+        let path = match &log.path {
+            fulcrum::config::AccessLogPath::Stdout => "standard output".to_owned(),
+            fulcrum::config::AccessLogPath::File(file) => file.display().to_string(),
+        };
+        let query = if log.include_query {
+            ", with queries"
+        } else {
+            ""
+        };
+        outln!(
+            out,
+            "           access log -> {path} ({}{query})",
+            log.format.as_str()
+        );
+    }
+}
+
+fn summarise_listener_socket(out: &mut String, l: &ListenerConfig) {
     let Some(tls) = &l.tls else {
         outln!(out, "  listener {:<12} {}", l.name, l.bind);
         return;

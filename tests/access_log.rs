@@ -270,20 +270,27 @@ response_timeout = "200ms"
 backends = [{{ name = "web-1", address = "{}" }}]
 [pools.empty]
 backends = []
+[pools.dead]
+backends = [{{ name = "dead", address = "{}" }}]
 [[routes]]
 path_prefix = "/empty"
 pool = "empty"
 [[routes]]
+path_prefix = "/dead"
+pool = "dead"
+[[routes]]
 host = "known.test"
 pool = "web"
 "#,
-        nodes[0].local_addr()
+        nodes[0].local_addr(),
+        free_port().await
     );
     let running = balancer(&with_log(&toml, &log, ", format = \"json\"", "")).await;
     let addr = running.addr("http").unwrap();
-    let cases: [(&[u8], u16, &str); 5] = [
+    let cases: [(&[u8], u16, &str); 6] = [
         (b"GET / HTTP/1.1\r\nconnection: close\r\nhost: unknown.test\r\n\r\n", 404, "no_route"),
         (b"GET /empty HTTP/1.1\r\nconnection: close\r\nhost: known.test\r\n\r\n", 503, "no_backend"),
+        (b"GET /dead HTTP/1.1\r\nconnection: close\r\nhost: known.test\r\n\r\n", 502, "refused"),
         (b"GET /slow?ms=3000 HTTP/1.1\r\nconnection: close\r\nhost: known.test\r\n\r\n", 504, "backend_timeout"),
         (
             b"POST /echo HTTP/1.1\r\nconnection: close\r\nhost: known.test\r\ncontent-length: 100\r\n\r\n",
@@ -310,6 +317,11 @@ pool = "web"
                 assert_eq!(line["pool"], Value::Null);
                 assert_eq!(line["backend"], Value::Null);
                 assert_eq!(line["attempts"], 0);
+            }
+            "refused" => {
+                assert_eq!(line["backend"], "dead");
+                assert_eq!(line["attempts"], 1);
+                assert_eq!(line["connect_ms"], Value::Null);
             }
             "no_backend" => {
                 assert_eq!(line["pool"], "empty");

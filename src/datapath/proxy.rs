@@ -171,6 +171,8 @@ pub(crate) async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Respo
     response
 }
 
+/// Routes and forwards a request; a failure becomes its answer through the funnel, and its
+/// access-log termination through `trace`.
 async fn route_and_forward(
     req: Request<Incoming>,
     conn: &ConnInfo,

@@ -815,7 +815,10 @@ pool = "missing"
     fn access_log_is_off_unless_asked_for_and_every_mistake_is_named() {
         let config = parse(MINIMAL).unwrap();
         assert_eq!(config.listeners[0].access_log, None);
-        assert!(config.listeners[0].request_id, "request ids are on by default");
+        assert!(
+            config.listeners[0].request_id,
+            "request ids are on by default"
+        );
         let with = |table: &str| {
             MINIMAL.replace(
                 "bind = \"127.0.0.1:0\"",

@@ -2,7 +2,9 @@
 //! escapes every string; `combined` escapes as nginx does (`"`, `\`, control and non-ASCII
 //! bytes as `\xHH`), so a header cannot forge a field or a line.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderValue, Version};
@@ -32,9 +34,9 @@ impl Line {
 
     fn json(&mut self, r: &Record, time: SystemTime) {
         let line = Json {
-            time: humantime::format_rfc3339_millis(time).to_string(),
+            time: humantime::format_rfc3339_millis(time),
             listener: &r.listener,
-            client: r.client.to_string(),
+            client: r.client,
             method: r.method.as_str(),
             host: r.host.as_ref().map(lossy),
             path: target(r),
@@ -80,14 +82,17 @@ impl Line {
     }
 }
 
+/// Borrowed wherever it can be: the writer formats a line without allocating.
 #[derive(Serialize)]
 struct Json<'a> {
-    time: String,
+    #[serde(serialize_with = "display")]
+    time: humantime::Rfc3339Timestamp,
     listener: &'a str,
-    client: String,
+    #[serde(serialize_with = "display")]
+    client: IpAddr,
     method: &'a str,
-    host: Option<String>,
-    path: String,
+    host: Option<Cow<'a, str>>,
+    path: &'a str,
     protocol: &'static str,
     status: u16,
     bytes_in: u64,
@@ -99,7 +104,7 @@ struct Json<'a> {
     connect_ms: Option<f64>,
     ttfb_ms: Option<f64>,
     duration_ms: f64,
-    request_id: Option<String>,
+    request_id: Option<Cow<'a, str>>,
     tls_version: Option<&'static str>,
     sni: Option<&'a str>,
     termination: &'static str,
@@ -110,16 +115,24 @@ fn ms(d: Duration) -> f64 {
     d.as_micros() as f64 / 1000.0
 }
 
-fn lossy(value: &HeaderValue) -> String {
-    String::from_utf8_lossy(value.as_bytes()).into_owned()
+/// A value written as its `Display` form, straight into the line (escaped as a JSON string).
+fn display<T: std::fmt::Display, S: serde::Serializer>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+fn lossy(value: &HeaderValue) -> Cow<'_, str> {
+    String::from_utf8_lossy(value.as_bytes())
 }
 
 /// The path, with its query only when the log asks for it (queries often carry tokens).
-fn target(r: &Record) -> String {
+fn target(r: &Record) -> &str {
     match r.uri.path_and_query() {
-        Some(pq) if r.log.include_query => pq.as_str().to_owned(),
-        Some(pq) => pq.path().to_owned(),
-        None => "/".to_owned(),
+        Some(pq) if r.log.include_query => pq.as_str(),
+        Some(pq) => pq.path(),
+        None => "/",
     }
 }
 

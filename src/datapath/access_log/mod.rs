@@ -28,7 +28,7 @@ use crate::base::metrics::Outcome;
 use crate::datapath::tls::TlsInfo;
 use crate::upstream::body::Upload;
 
-pub(crate) use writer::reopen_all;
+pub(crate) use writer::{flush_all, reopen_all};
 
 /// The status logged for a request whose client left before any response (nginx's 499).
 const CLIENT_CLOSED: u16 = 499;

@@ -56,6 +56,8 @@ struct Shared {
     queue: ArrayQueue<Box<Record>>,
     dropped: Counter,
     reopen: AtomicBool,
+    /// Set by [`flush_all`]; cleared by the writer once what was queued before is written.
+    sync: AtomicBool,
     closed: AtomicBool,
 }
 
@@ -77,6 +79,7 @@ impl Sink {
             queue: ArrayQueue::new(QUEUE_CAPACITY),
             dropped: metrics::counter!(ACCESS_LOG_DROPPED_TOTAL),
             reopen: AtomicBool::new(false),
+            sync: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         });
         let thread = thread::Builder::new()
@@ -131,6 +134,25 @@ pub(crate) fn reopen_all() -> usize {
     asked
 }
 
+/// Waits (up to `limit`) until every access log has written and flushed what was queued
+/// before the call: a stopping balancer loses no line. Blocks the calling thread.
+pub(crate) fn flush_all(limit: Duration) {
+    let sinks: Vec<Arc<Sink>> = {
+        let sinks = sinks().lock().unwrap_or_else(|e| e.into_inner());
+        sinks.iter().filter_map(Weak::upgrade).collect()
+    };
+    for sink in &sinks {
+        sink.shared.sync.store(true, Ordering::Release);
+        if let Some(thread) = sink.thread() {
+            thread.unpark();
+        }
+    }
+    let deadline = Instant::now() + limit;
+    while sinks.iter().any(|s| s.shared.sync.load(Ordering::Acquire)) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Where a writer's bytes go.
 enum Output {
     Stdout(BufWriter<io::Stdout>),
@@ -161,6 +183,8 @@ fn write_loop(shared: &Shared, mut out: Output) {
     let mut line = Line::default();
     let mut failing = false;
     loop {
+        // Read before draining: whatever was queued before the request is drained below.
+        let syncing = shared.sync.load(Ordering::Acquire);
         // Wall-clock time of a record is its monotonic start, anchored once per batch: a clock
         // step moves later lines, never the request path.
         let mut anchor: Option<(SystemTime, Instant)> = None;
@@ -182,6 +206,9 @@ fn write_loop(shared: &Shared, mut out: Output) {
         }
         if wrote {
             report(&mut failing, out.writer().flush(), &shared.path);
+        }
+        if syncing {
+            shared.sync.store(false, Ordering::Release);
         }
         if shared.reopen.swap(false, Ordering::AcqRel) {
             match Output::open(&shared.path) {
