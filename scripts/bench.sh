@@ -25,6 +25,7 @@
 # request <= 0.85x, p99 at the fixed rate <= HAProxy, KiB per idle connection <= HAProxy, TLS
 # full handshakes/s and h2-over-TLS req/s >= HAProxy); then the CPU other processes took
 # meanwhile (each run line flags above 10 % of both cores) and the total runtime.
+# The access log's cost (fulcrum with and without a JSON log) is scripts/bench-access-log.sh.
 #
 # Every proxy runs ONE worker thread pinned to core 0 with taskset (fulcrum: `run --threads 1`,
 # a current_thread runtime; HAProxy: nbthread 1; nginx: worker_processes 1), round robin over

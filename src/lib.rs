@@ -315,8 +315,20 @@ impl Running {
     pub async fn shutdown(self) -> usize {
         info!(grace = ?self.grace, "shutting down: no new connections, finishing in-flight requests");
         self.lifecycle.shutdown.cancel();
-        datapath::server::drain(&self.lifecycle, self.grace).await
+        let cut_off = datapath::server::drain(&self.lifecycle, self.grace).await;
+        // The access log's writers hold the last lines in their buffers.
+        let _ = tokio::task::spawn_blocking(|| {
+            datapath::access_log::flush_all(Duration::from_secs(2));
+        })
+        .await;
+        cut_off
     }
+}
+
+/// Makes every access log reopen its file by name (what `SIGUSR1` does, for logrotate); the
+/// writers reopen after their current batch. Returns how many logs were asked.
+pub fn reopen_access_logs() -> usize {
+    datapath::access_log::reopen_all()
 }
 
 /// Resolves on Ctrl-C or, on Unix, SIGTERM.

@@ -232,6 +232,18 @@ async fn run(path: &Path, workers: &fulcrum::Workers) -> anyhow::Result<()> {
             let _ = control.reload().await;
         }
     });
+    // SIGUSR1 reopens the access log files (after logrotate renamed them).
+    tokio::spawn(async {
+        let Ok(mut usr1) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        else {
+            return;
+        };
+        while usr1.recv().await.is_some() {
+            let logs = fulcrum::reopen_access_logs();
+            tracing::info!(logs, "SIGUSR1: reopening access logs");
+        }
+    });
     fulcrum::shutdown_signal().await;
     let cut_off = running.shutdown().await;
     if cut_off > 0 {
@@ -303,6 +315,26 @@ fn summary(path: &Path, config: &Config) -> String {
 }
 
 fn summarise_listener(out: &mut String, l: &ListenerConfig) {
+    summarise_listener_socket(out, l);
+    if let Some(log) = &l.access_log {
+        let path = match &log.path {
+            fulcrum::config::AccessLogPath::Stdout => "standard output".to_owned(),
+            fulcrum::config::AccessLogPath::File(file) => file.display().to_string(),
+        };
+        let query = if log.include_query {
+            ", with queries"
+        } else {
+            ""
+        };
+        outln!(
+            out,
+            "           access log -> {path} ({}{query})",
+            log.format.as_str()
+        );
+    }
+}
+
+fn summarise_listener_socket(out: &mut String, l: &ListenerConfig) {
     let Some(tls) = &l.tls else {
         outln!(out, "  listener {:<12} {}", l.name, l.bind);
         return;

@@ -35,6 +35,7 @@ pub(crate) const CLIENT_ERRORS_TOTAL: &str = "fulcrum_client_errors_total";
 pub(crate) const POOL_QUEUE_DEPTH: &str = "fulcrum_pool_queue_depth";
 pub(crate) const TLS_CERTIFICATE_EXPIRY: &str = "fulcrum_tls_certificate_expiry_timestamp_seconds";
 pub(crate) const PROXY_PROTOCOL_REFUSED_TOTAL: &str = "fulcrum_proxy_protocol_refused_total";
+pub(crate) const ACCESS_LOG_DROPPED_TOTAL: &str = "fulcrum_access_log_dropped_total";
 
 /// The `backend` label of answers fulcrum gives itself, and the `pool` label when no route matched.
 pub(crate) const NONE: &str = "none";
@@ -66,6 +67,10 @@ pub(crate) fn recorder() -> &'static Recorder {
 /// The HELP text of every metric fulcrum exports: one line each, next to nothing else, so a
 /// scrape passes `promtool check metrics`.
 fn describe() {
+    describe_counter!(
+        ACCESS_LOG_DROPPED_TOTAL,
+        "Access log lines dropped because the log's writer was behind (its queue was full)."
+    );
     describe_counter!(
         REQUESTS_TOTAL,
         "Responses sent to clients, by pool, backend and status code (backend \"none\" for answers fulcrum gave itself)."

@@ -29,10 +29,13 @@ use tracing::{info, warn};
 
 use crate::base::certs::CertError;
 use crate::base::config::backend::{self, BackendError, Roster};
-use crate::base::config::{BackendConfig, Config, ConfigError, ListenerConfig, Strategy};
+use crate::base::config::{
+    AccessLogConfig, BackendConfig, Config, ConfigError, ListenerConfig, Strategy,
+};
 use crate::base::error::ErrorChain;
 use crate::base::metrics::CONFIG_RELOADS_TOTAL;
-use crate::datapath::listeners::{BoundListener, StartError};
+use crate::datapath::access_log::AccessLog;
+use crate::datapath::listeners::{BoundListener, LogSlot, StartError};
 use crate::datapath::proxy::Router;
 use crate::datapath::server::Lifecycle;
 use crate::datapath::tls::{CertSet, TlsTerminator};
@@ -295,7 +298,13 @@ impl Control {
                 continue;
             };
             if settings_differ(&current.config, listener) {
-                warn!(listener = %listener.name, "listener settings other than certificates change at the next restart");
+                warn!(listener = %listener.name, "listener settings other than certificates and access_log change at the next restart");
+            }
+            if current.config.access_log != listener.access_log {
+                let log = crate::datapath::listeners::open_access_log(listener)
+                    .map_err(ReloadError::Listener)?;
+                let config = listener.access_log.clone();
+                changes.logs.push((current.access_log.clone(), log, config));
             }
             if let (Some(tls), Some(terminator)) = (&listener.tls, &current.tls) {
                 let certs = CertSet::load(tls).map_err(ReloadError::Certificate)?;
@@ -315,6 +324,14 @@ impl Control {
     fn switch_listeners(&self, changes: ListenerChanges) {
         for (terminator, certs) in changes.kept {
             terminator.replace_certs(certs);
+        }
+        // Requests already running finish into the log they started with.
+        for (slot, log, config) in changes.logs {
+            slot.store(log);
+            let mut live = self.live_listeners();
+            if let Some(l) = live.iter_mut().find(|l| Arc::ptr_eq(&l.access_log, &slot)) {
+                l.config.access_log = config;
+            }
         }
         self.live_listeners().retain(|l| {
             let keep = !changes.removed.contains(&l.config.name);
@@ -340,6 +357,7 @@ impl Control {
                 ..self.lifecycle.clone()
             };
             let (config, tls) = (listener.config.clone(), listener.tls.clone());
+            let access_log = listener.access_log.clone();
             let addr = crate::datapath::listeners::serve(
                 listener,
                 &self.router,
@@ -351,6 +369,7 @@ impl Control {
                 config,
                 addr,
                 tls,
+                access_log,
                 stop,
             });
         }
@@ -638,12 +657,13 @@ fn same_listener(old: &ListenerConfig, new: &ListenerConfig) -> bool {
 }
 
 /// A kept listener's settings changed in a way only a restart applies (certificate contents
-/// reload in place; the certificate paths may change too).
+/// reload in place, and the certificate paths may change too; the access log is swapped).
 fn settings_differ(old: &ListenerConfig, new: &ListenerConfig) -> bool {
     let mut old = old.clone();
     if old.tls.is_some() && new.tls.is_some() {
         old.tls.clone_from(&new.tls);
     }
+    old.access_log.clone_from(&new.access_log);
     old != *new
 }
 
@@ -652,6 +672,8 @@ fn settings_differ(old: &ListenerConfig, new: &ListenerConfig) -> bool {
 #[derive(Default)]
 struct ListenerChanges {
     kept: Vec<(Arc<TlsTerminator>, CertSet)>,
+    /// Kept listeners whose `access_log` changed, with the new one opened.
+    logs: Vec<(LogSlot, Option<Arc<AccessLog>>, Option<AccessLogConfig>)>,
     added: Vec<BoundListener>,
     removed: Vec<String>,
 }
@@ -662,6 +684,7 @@ struct LiveListener {
     config: ListenerConfig,
     addr: SocketAddr,
     tls: Option<Arc<TlsTerminator>>,
+    access_log: LogSlot,
     /// Stops this listener alone: no new connections, open ones finish gracefully.
     stop: CancellationToken,
 }

@@ -1,6 +1,7 @@
 //! What clients receive: [`ProxyBody`], a backend's streamed body carrying the request's
 //! [`InFlight`] guard, so the node counts as busy until the last byte is sent or the client goes
-//! away (hyper drops the body then), or a small body fulcrum answers itself. What backends
+//! away (hyper drops the body then), or a small body fulcrum answers itself. Either carries
+//! the request's access-log [`Tail`], written when the body ends. What backends
 //! receive is [`crate::upstream::body::RequestBody`].
 
 use std::pin::Pin;
@@ -11,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
+use crate::datapath::access_log::{Tail, Termination};
 use crate::model::pool::InFlight;
 use crate::upstream::UpstreamConn;
 
@@ -26,9 +28,12 @@ pin_project! {
             // The HTTP/1.1 connection the body arrives on: back to the node's idle queue once
             // the body has ended, closed if the client goes away first.
             conn: Option<UpstreamConn>,
+            // The request's access-log record, written when the body ends.
+            tail: Tail,
         },
         Local {
             data: Option<Bytes>,
+            tail: Tail,
         },
     }
 }
@@ -53,17 +58,29 @@ impl ProxyBody {
             body,
             in_flight: Some(in_flight),
             conn,
+            tail: Tail::default(),
         }
     }
 
     pub(crate) fn local(data: impl Into<Bytes>) -> Self {
         ProxyBody::Local {
             data: Some(data.into()),
+            tail: Tail::default(),
         }
     }
 
     pub(crate) fn empty() -> Self {
-        ProxyBody::Local { data: None }
+        ProxyBody::Local {
+            data: None,
+            tail: Tail::default(),
+        }
+    }
+
+    /// Carries the request's access-log record until the body ends.
+    pub(crate) fn set_tail(&mut self, new: Tail) {
+        match self {
+            ProxyBody::Upstream { tail, .. } | ProxyBody::Local { tail, .. } => *tail = new,
+        }
     }
 }
 
@@ -80,40 +97,53 @@ impl Body for ProxyBody {
                 body,
                 in_flight,
                 conn,
+                tail,
             } => {
                 let mut body = body;
                 let frame = ready!(body.as_mut().poll_frame(cx));
+                if let Some(Ok(data)) = &frame
+                    && let Some(data) = data.data_ref()
+                {
+                    tail.sent(data.len());
+                }
                 match &frame {
                     // hyper stops polling once `is_end_stream` says so: the last frame is the end.
                     Some(Ok(_)) if !body.is_end_stream() => {}
                     // A failed body leaves its connection unfit for reuse: it closes with us.
                     Some(Err(_)) => {
                         in_flight.take();
+                        tail.end(Termination::BackendReset);
                     }
                     _ => {
                         let in_flight = in_flight.take();
                         if let (Some(conn), Some(in_flight)) = (conn.take(), &in_flight) {
                             in_flight.node().idle.put(conn);
                         }
+                        tail.end(Termination::Completed);
                     }
                 }
                 Poll::Ready(frame)
             }
-            ProxyBodyProj::Local { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBodyProj::Local { data, tail } => {
+                let data = data.take();
+                tail.sent(data.as_ref().map_or(0, Bytes::len));
+                tail.end(Termination::Completed);
+                Poll::Ready(data.map(|d| Ok(Frame::data(d))))
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
-            ProxyBody::Local { data } => data.is_none(),
+            ProxyBody::Local { data, .. } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream { body, .. } => body.size_hint(),
-            ProxyBody::Local { data } => {
+            ProxyBody::Local { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }

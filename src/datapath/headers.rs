@@ -339,6 +339,68 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     client
 }
 
+/// The request id header, sent to the backend and written to the access log.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The longest client `X-Request-Id` kept: room for any UUID, trace id or a composite of
+/// them, short enough that a log line stays a line.
+pub const MAX_REQUEST_ID: usize = 200;
+
+/// The request's id: the client's `X-Request-Id` when there is exactly one and it is 1 to
+/// [`MAX_REQUEST_ID`] visible ASCII characters, else a generated one that replaces whatever
+/// the client sent. A value with spaces, control or non-ASCII bytes could forge log fields in
+/// systems that log it less carefully than fulcrum, so it is not passed on.
+pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {
+    let mut values = headers.get_all(&X_REQUEST_ID).iter();
+    if let (Some(value), None) = (values.next(), values.next())
+        && is_sane_request_id(value.as_bytes())
+    {
+        return value.clone();
+    }
+    let id = generate_request_id();
+    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
+
+fn is_sane_request_id(value: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID).contains(&value.len()) && value.iter().all(|b| (0x21..=0x7e).contains(b))
+}
+
+/// A new id: 32 hex digits, a random 64-bit prefix drawn once per process followed by a
+/// 64-bit counter. One atomic add per id, no system call and no lock, yet unique across
+/// balancers and restarts (two processes share a prefix with odds of 1 in 2^64) and, within
+/// one process, sortable in arrival order, which helps more when reading logs than a fully
+/// random id would. It is an id, not a secret: nothing trusts it.
+fn generate_request_id() -> HeaderValue {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        getrandom::u64().unwrap_or_else(|_| {
+            // No entropy source: the time and the pid still differ between processes.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            nanos ^ (u64::from(std::process::id()) << 32)
+        })
+    });
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut buf = BytesMut::with_capacity(32);
+    let _ = write!(HexWriter(&mut buf), "{prefix:016x}{count:016x}");
+    header_value(buf)
+}
+
+/// `fmt::Write` into a `BytesMut` (ASCII only here).
+struct HexWriter<'a>(&'a mut BytesMut);
+
+impl fmt::Write for HexWriter<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0.put_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,6 +560,47 @@ mod tests {
         keep_upgrade(&mut headers, HeaderValue::from_static("websocket"));
         assert_eq!(headers["connection"], "upgrade");
         assert_eq!(headers["upgrade"], "websocket");
+    }
+
+    #[test]
+    fn sane_request_ids_are_kept_and_others_replaced() {
+        let ok = "a".repeat(MAX_REQUEST_ID);
+        for (sent, kept) in [
+            (ok.as_str(), true),
+            ("abc-123_~!", true),
+            ("", false),
+            ("has space", false),
+            ("tab\tx", false),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(&X_REQUEST_ID, HeaderValue::from_str(sent).unwrap());
+            let id = request_id(&mut headers);
+            assert_eq!(id == sent, kept, "{sent:?} -> {id:?}");
+            assert_eq!(headers.get_all(&X_REQUEST_ID).iter().count(), 1);
+            assert_eq!(headers[&X_REQUEST_ID], id);
+        }
+        let mut too_long = HeaderMap::new();
+        too_long.insert(
+            &X_REQUEST_ID,
+            HeaderValue::from_str(&format!("{ok}a")).unwrap(),
+        );
+        assert_eq!(request_id(&mut too_long).len(), 32);
+        let mut non_ascii = HeaderMap::new();
+        non_ascii.insert(
+            &X_REQUEST_ID,
+            HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+        );
+        assert_eq!(request_id(&mut non_ascii).len(), 32);
+        let mut two = HeaderMap::new();
+        two.append(&X_REQUEST_ID, HeaderValue::from_static("a"));
+        two.append(&X_REQUEST_ID, HeaderValue::from_static("b"));
+        assert_eq!(request_id(&mut two).len(), 32);
+        let (a, b) = (
+            request_id(&mut HeaderMap::new()),
+            request_id(&mut HeaderMap::new()),
+        );
+        assert_ne!(a, b);
+        assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit), "{a:?}");
     }
 
     #[test]

@@ -7,12 +7,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::base::certs::CertError;
-use crate::base::config::{self, ListenerConfig};
+use crate::base::config::{self, AccessLogPath, ListenerConfig};
+use crate::datapath::access_log::AccessLog;
 use crate::datapath::proxy::{self, ConnInfo, ListenerInfo, Router};
 use crate::datapath::proxy_protocol::ProxyProtocol;
 use crate::datapath::server::{self, AcceptSocket, ConnLimits, Lifecycle};
@@ -35,6 +36,17 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    /// A listener's access log file could not be opened for appending.
+    #[error("listener `{name}`: cannot open access log {path}: {source}")]
+    AccessLog {
+        /// The listener's `name`.
+        name: String,
+        /// The file, as configured.
+        path: String,
+        /// What the open returned.
+        #[source]
+        source: io::Error,
+    },
     /// A listener's certificates or key could not be loaded.
     #[error("listener `{name}`: {source}")]
     Tls {
@@ -54,6 +66,28 @@ pub(crate) struct BoundListener {
     pub tcp: TcpListener,
     /// One more socket on the same address for each further worker thread.
     pub more: Vec<std::net::TcpListener>,
+    /// The listener's access log; a reload that changes `access_log` stores the new one here.
+    pub access_log: LogSlot,
+}
+
+/// Where a listener finds its access log, swapped by a reload without touching the listener.
+pub(crate) type LogSlot = Arc<ArcSwapOption<AccessLog>>;
+
+/// Opens the access log `l` asks for (`None` when it asks for none).
+pub(crate) fn open_access_log(l: &ListenerConfig) -> Result<Option<Arc<AccessLog>>, StartError> {
+    let Some(config) = &l.access_log else {
+        return Ok(None);
+    };
+    AccessLog::open(config)
+        .map(Some)
+        .map_err(|source| StartError::AccessLog {
+            name: l.name.clone(),
+            path: match &config.path {
+                AccessLogPath::Stdout => "-".to_owned(),
+                AccessLogPath::File(file) => file.display().to_string(),
+            },
+            source,
+        })
 }
 
 /// Loads a listener's certificates and binds its sockets, one per worker; nothing serves yet,
@@ -86,11 +120,13 @@ pub(crate) fn bind_listener(
         .map(|_| server::listen_more(addr, backlog))
         .collect::<Result<_, _>>()
         .map_err(bind_error)?;
+    let access_log = Arc::new(ArcSwapOption::new(open_access_log(l)?));
     Ok(BoundListener {
         config: l.clone(),
         tls,
         tcp,
         more,
+        access_log,
     })
 }
 
@@ -109,6 +145,7 @@ pub(crate) fn serve(
         tls,
         tcp,
         more,
+        access_log,
     } = bound;
     let addr = tcp.local_addr().expect("a bound socket has an address");
     let proto = if tls.is_some() { "https" } else { "http" };
@@ -124,6 +161,8 @@ pub(crate) fn serve(
         max_body_bytes: l.max_body_bytes,
         trusted_proxies: l.trusted_proxies.clone().into(),
         router: router.clone(),
+        access_log,
+        request_id: l.request_id,
     });
     let limits = ConnLimits {
         header_read_timeout: l.header_read_timeout,

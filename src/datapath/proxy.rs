@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -20,6 +20,7 @@ use crate::base::config::MAX_ATTEMPTS;
 use crate::base::config::{Config, strip_port};
 use crate::base::error::{BoxError, ErrorChain};
 use crate::base::metrics::{ClientErrorKind, ErrorKind, NONE, ResponseCounters};
+use crate::datapath::access_log::{AccessLog, Origin, Termination, Trace};
 use crate::datapath::body::ProxyBody;
 use crate::datapath::headers::{self, ForwardedFor};
 use crate::datapath::server::ConnHandle;
@@ -42,6 +43,10 @@ pub(crate) struct ListenerInfo {
     /// Peers whose `X-Forwarded-For` names the client (for `ip_hash`).
     pub trusted_proxies: Box<[IpNet]>,
     pub router: Arc<ArcSwap<Router>>,
+    /// Swapped by a reload that changes `access_log`; empty when the listener logs nothing.
+    pub access_log: Arc<ArcSwapOption<AccessLog>>,
+    /// Whether `X-Request-Id` is kept when sane and set when not.
+    pub request_id: bool,
 }
 
 /// One client connection.
@@ -136,23 +141,69 @@ impl Router {
 }
 
 /// Serves one request: the whole request path after the connection layer.
-pub(crate) async fn handle(req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+pub(crate) async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
     let started = Instant::now();
+    let listener = &conn.listener;
+    let request_id = listener
+        .request_id
+        .then(|| headers::request_id(req.headers_mut()));
+    let mut trace = match listener.access_log.load_full() {
+        None => Trace::default(),
+        Some(log) => {
+            let origin = Origin {
+                listener: &listener.name,
+                client: headers::client_ip(
+                    conn.peer.ip(),
+                    req.headers(),
+                    &listener.trusted_proxies,
+                ),
+                tls: conn.conn.tls(),
+                started,
+            };
+            Trace::start(log, &req, request_id.as_ref(), origin)
+        }
+    };
+    let mut response = route_and_forward(req, conn, started, &mut trace).await;
+    if trace.is_on() {
+        let tail = trace.respond(response.status().as_u16(), response.body().is_end_stream());
+        response.body_mut().set_tail(tail);
+    }
+    response
+}
+
+/// Routes and forwards a request; a failure becomes its answer through the funnel, and its
+/// access-log termination through `trace`.
+async fn route_and_forward(
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    started: Instant,
+    trace: &mut Trace,
+) -> Response<ProxyBody> {
     let version = req.version();
     if req.method() == Method::CONNECT {
         // A reverse proxy does not open tunnels to arbitrary hosts.
-        return ProxyError::Method.into_response(&conn.listener.router.load().unrouted, version);
+        let error = ProxyError::Method;
+        trace.failed(error.status().as_u16(), error.termination());
+        return error.into_response(&conn.listener.router.load().unrouted, version);
     }
     let pool = {
         let router = conn.listener.router.load();
         match router.route(request_host(&req), req.uri().path()) {
             Some(pool) => pool.clone(),
-            None => return ProxyError::NoRoute.into_response(&router.unrouted, version),
+            None => {
+                let error = ProxyError::NoRoute;
+                trace.failed(error.status().as_u16(), error.termination());
+                return error.into_response(&router.unrouted, version);
+            }
         }
     };
-    match forward(req, &pool, conn, started).await {
+    trace.pool(&pool.name);
+    match forward(req, &pool, conn, started, trace).await {
         Ok(response) => response,
-        Err(e) => e.into_response(&pool.metrics.responses, version),
+        Err(e) => {
+            trace.failed(e.status().as_u16(), e.termination());
+            e.into_response(&pool.metrics.responses, version)
+        }
     }
 }
 
@@ -163,6 +214,7 @@ async fn forward(
     pool: &Pool,
     conn: &ConnInfo,
     started: Instant,
+    trace: &mut Trace,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let limit = conn.listener.max_body_bytes;
     if let Some(limit) = limit
@@ -173,7 +225,8 @@ async fn forward(
     }
     let state = pool.snapshot();
     let mut outgoing = Outgoing::prepare(req, &state, conn);
-    send_with_retries(&mut outgoing, &state, pool, conn, started).await
+    trace.upload(outgoing.upload.as_ref());
+    send_with_retries(&mut outgoing, &state, pool, conn, started, trace).await
 }
 
 /// A request on its way to a backend: its rewritten head, the body no backend has read yet,
@@ -303,6 +356,7 @@ async fn send_with_retries(
     pool: &Pool,
     conn: &ConnInfo,
     started: Instant,
+    trace: &mut Trace,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     // No node is tried twice, so a pool of one never needs the retry bookkeeping (or the
     // header clone it costs).
@@ -329,9 +383,12 @@ async fn send_with_retries(
             debug!(pool = %pool.name, error = %ErrorChain(&previous), "retrying on another backend");
         }
         tried[attempt] = index;
+        trace.attempt(&state.backends[index].node.name);
         let last = attempt + 1 == attempts;
-        let (error, giveback) = match exchange(outgoing, state, index, last, conn).await {
-            Ok(answer) => return relay(answer, outgoing, state, pool, index, in_flight, conn),
+        let (error, giveback) = match exchange(outgoing, state, index, last, conn, trace).await {
+            Ok(answer) => {
+                return relay(answer, outgoing, state, pool, index, in_flight, conn, trace);
+            }
             Err(failure) => failure,
         };
         let recovered = giveback.and_then(|mut g| g.try_recv().ok());
@@ -390,6 +447,7 @@ async fn exchange(
     index: usize,
     last: bool,
     conn: &ConnInfo,
+    trace: &mut Trace,
 ) -> Result<Answer, (ProxyError, Option<oneshot::Receiver<Incoming>>)> {
     let backend = &state.backends[index];
     let node = &backend.node;
@@ -410,19 +468,21 @@ async fn exchange(
                 upstream,
             )
             .await
-            .map(|(response, conn)| (response, Some(conn)))
+            .map(|(response, conn, connect)| ((response, Some(conn)), Some(connect)))
             .map_err(|e| ProxyError::exchange(node, e, uploading)),
+            // hyper-util's pool opens its connections unseen.
             Some(client) => client
                 .request(upstream)
                 .await
-                .map(|response| (response, None))
+                .map(|response| ((response, None), None))
                 .map_err(|e| ProxyError::pooled_client(node, e, uploading)),
         }
     };
     let timeout = settings.response_timeout;
     let error = match exchange_in_time(send, uploading, &conn.conn, timeout).await {
-        Ok(Ok(answer)) => {
+        Ok(Ok((answer, connect))) => {
             node.answered();
+            trace.answered(connect);
             return Ok(answer);
         }
         Ok(Err(error)) => error,
@@ -438,6 +498,10 @@ async fn exchange(
 /// Relays a backend's answer: a 101 becomes a tunnel; any other response goes to the client
 /// with its hop-by-hop headers gone, the sticky cookie set, and its body carrying the
 /// in-flight count until it ends.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the retry loop's state, passed down once"
+)]
 fn relay(
     (response, upstream_conn): Answer,
     outgoing: &mut Outgoing,
@@ -446,6 +510,7 @@ fn relay(
     index: usize,
     in_flight: InFlight,
     conn: &ConnInfo,
+    trace: &mut Trace,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         return switch_protocols(response, outgoing.client_upgrade.take(), in_flight, conn);
@@ -455,9 +520,9 @@ fn relay(
     headers::remove_hop_by_hop(&mut head.headers, false);
     if let Some(sticky) = state.sticky() {
         let cookie = outgoing.cookie;
-        pool.metrics
-            .sticky(sticky.outcome(cookie, index))
-            .increment(1);
+        let outcome = sticky.outcome(cookie, index);
+        pool.metrics.sticky(outcome).increment(1);
+        trace.sticky(outcome);
         let tls = conn.listener.proto == "https";
         if let Some(set_cookie) = sticky.set_cookie(cookie, index, tls) {
             head.headers.append(header::SET_COOKIE, set_cookie);
@@ -713,6 +778,23 @@ impl ProxyError {
             | ProxyError::Reset { .. }
             | ProxyError::UnexpectedUpgrade { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Why the request ended, for the access log.
+    fn termination(&self) -> Termination {
+        match self {
+            ProxyError::NoRoute | ProxyError::Method => Termination::NoRoute,
+            ProxyError::NoBackend => Termination::NoBackend,
+            ProxyError::QueueTimeout { .. } => Termination::QueueTimeout,
+            ProxyError::BodyTooLarge { .. } => Termination::TooLarge,
+            ProxyError::MalformedBody { .. } => Termination::Malformed,
+            ProxyError::ClientGone { .. } | ProxyError::UploadStalled => Termination::ClientAborted,
+            ProxyError::Connect { .. } => Termination::Refused,
+            ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade { .. } => {
+                Termination::BackendReset
+            }
+            ProxyError::Timeout { .. } => Termination::BackendTimeout,
         }
     }
 

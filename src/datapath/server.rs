@@ -35,7 +35,7 @@ use tracing::{debug, error, warn};
 use crate::base::error::BoxError;
 use crate::base::metrics::{ClientErrorKind, ClientErrors, DOWNSTREAM_CONNECTIONS};
 use crate::datapath::proxy_protocol::{ProxyProtocol, Rewind};
-use crate::datapath::tls::TlsTerminator;
+use crate::datapath::tls::{TlsInfo, TlsTerminator};
 
 mod h1;
 
@@ -339,6 +339,8 @@ async fn serve_tls<S, B>(
         () = conn.inner.lifecycle.shutdown.cancelled() => None,
     };
     let Some(stream) = stream else { return };
+    // Before hyper sees the connection, so its first request reads it.
+    let _ = conn.inner.tls.set(crate::datapath::tls::info(&stream));
     match crate::datapath::tls::alpn(&stream) {
         Some(b"h2") => Box::pin(serve_connection(stream, &builders.h2, service, &conn)).await,
         Some(b"http/1.1") => {
@@ -517,6 +519,8 @@ struct ConnShared {
     uploads: AtomicUsize,
     client_errors: Arc<ClientErrors>,
     lifecycle: Lifecycle,
+    /// Set once the TLS handshake is done (TLS listeners), for the access log.
+    tls: std::sync::OnceLock<TlsInfo>,
 }
 
 impl ConnHandle {
@@ -548,6 +552,7 @@ impl ConnHandle {
                 uploads: AtomicUsize::new(0),
                 client_errors,
                 lifecycle,
+                tls: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -561,6 +566,11 @@ impl ConnHandle {
     /// The listener's `fulcrum_client_errors_total` handles.
     pub(crate) fn client_errors(&self) -> &Arc<ClientErrors> {
         &self.inner.client_errors
+    }
+
+    /// The connection's TLS version and SNI name; `None` on cleartext.
+    pub(crate) fn tls(&self) -> Option<&TlsInfo> {
+        self.inner.tls.get()
     }
 
     /// Whether `shutdown_grace` ran out and the connection is being cut off (not the client's

@@ -269,6 +269,30 @@ pub(crate) fn alpn<IO>(stream: &TlsStream<IO>) -> Option<&[u8]> {
     stream.get_ref().1.alpn_protocol()
 }
 
+/// What the access log records of a TLS connection: its protocol version and the SNI name
+/// the client asked for.
+#[derive(Debug, Clone)]
+pub(crate) struct TlsInfo {
+    /// `TLSv1.2`, `TLSv1.3`.
+    pub version: &'static str,
+    pub sni: Option<Arc<str>>,
+}
+
+/// The version and SNI name of an established TLS connection (once per connection).
+pub(crate) fn info<IO>(stream: &TlsStream<IO>) -> TlsInfo {
+    let conn = stream.get_ref().1;
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        // rustls speaks no other version; an established connection always has one.
+        _ => "TLS",
+    };
+    TlsInfo {
+        version,
+        sni: conn.server_name().map(Arc::from),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

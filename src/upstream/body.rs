@@ -77,6 +77,8 @@ pub struct Upload {
     state: AtomicU8,
     /// Data frames read from the client so far.
     progress: AtomicU64,
+    /// Body bytes read from the client so far (the access log's `bytes_in`).
+    received: AtomicU64,
     /// The body's last read of the client found nothing: the client owes the next byte. False
     /// while the backend connection is not asking for more (the backend is not reading).
     waiting: AtomicBool,
@@ -98,6 +100,7 @@ impl Upload {
         Self {
             state: AtomicU8::new(UPLOADING),
             progress: AtomicU64::new(0),
+            received: AtomicU64::new(0),
             waiting: AtomicBool::new(false),
             waker: AtomicWaker::new(),
             abandoned: AtomicBool::new(false),
@@ -159,6 +162,11 @@ impl Upload {
             self.progress.load(Ordering::Relaxed),
             self.waiting.load(Ordering::Relaxed),
         )
+    }
+
+    /// Body bytes read from the client so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
     }
 
     /// Resolves once the body has been sent whole or has failed.
@@ -290,6 +298,11 @@ impl Body for RequestBody {
         };
         if let Some(data) = frame.data_ref() {
             this.seen += data.len() as u64;
+            if let Some(upload) = upload {
+                upload
+                    .received
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
             if let Some(limit) = upload.and_then(Upload::limit)
                 && this.seen > limit
             {

@@ -29,7 +29,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 use http::{Request, Response};
@@ -105,7 +105,7 @@ impl UpstreamConn {
 
 /// Sends `request` over an idle connection to `address` from `idle`, or a new one, and
 /// returns the response head with the connection, which goes back to `idle` once the response
-/// body has ended. A reused connection the backend closed just as the request went out hands
+/// body has ended, and the time the connection took to open (zero for an idle one). A reused connection the backend closed just as the request went out hands
 /// the request back unsent: it is then sent once more over a new connection.
 pub(crate) async fn request(
     idle: &IdleConns,
@@ -113,18 +113,24 @@ pub(crate) async fn request(
     connect_timeout: Duration,
     idle_timeout: Duration,
     mut request: Request<RequestBody>,
-) -> Result<(Response<Incoming>, UpstreamConn), UpstreamError> {
+) -> Result<(Response<Incoming>, UpstreamConn, Duration), UpstreamError> {
     let mut reused = idle.take(address, idle_timeout);
     loop {
         let fresh = reused.is_none();
+        let mut connect = Duration::ZERO;
         let mut conn = match reused.take() {
             Some(conn) => conn,
-            None => UpstreamConn::connect(address, connect_timeout)
-                .await
-                .map_err(UpstreamError::Connect)?,
+            None => {
+                let start = Instant::now();
+                let conn = UpstreamConn::connect(address, connect_timeout)
+                    .await
+                    .map_err(UpstreamError::Connect)?;
+                connect = start.elapsed();
+                conn
+            }
         };
         match conn.sender.try_send_request(request).await {
-            Ok(response) => return Ok((response, conn)),
+            Ok(response) => return Ok((response, conn, connect)),
             Err(mut e) => match e.take_message() {
                 Some(unsent) if !fresh => request = unsent,
                 _ => return Err(UpstreamError::Exchange(e.into_error())),

@@ -76,6 +76,31 @@ pub struct ListenerConfig {
     pub proxy_protocol: bool,
     /// TLS termination; `None` serves cleartext HTTP/1.1 and h2c.
     pub tls: Option<TlsConfig>,
+    /// `access_log = { ... }`: one line per request; `None` (the default) logs nothing.
+    pub access_log: Option<AccessLogConfig>,
+    /// Keeps a sane client `X-Request-Id` or sets a generated one (default true); false passes
+    /// the header through untouched.
+    pub request_id: bool,
+}
+
+/// A listener's `access_log`: where its lines go and how they are written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AccessLogConfig {
+    /// `"-"` (standard output) or a file, appended to and reopened on `SIGUSR1`.
+    pub path: AccessLogPath,
+    /// One JSON object per line (the default), or nginx's `combined`.
+    pub format: AccessLogFormat,
+    /// Logs the path with its query string (default false: queries often carry tokens).
+    pub include_query: bool,
+}
+
+/// Where an access log is written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AccessLogPath {
+    /// `"-"`: standard output.
+    Stdout,
+    /// A file, created when absent and appended to.
+    File(PathBuf),
 }
 
 /// A TLS listener's certificates. The files were loaded and checked (key matches certificate)
@@ -400,6 +425,17 @@ keywords! {
         /// Cleartext HTTP/2 with prior knowledge: requests multiplexed over one connection per
         /// backend. `Upgrade` requests (WebSocket) still go over HTTP/1.1.
         H2c = "h2c",
+    }
+}
+
+keywords! {
+    /// The line format of an access log.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum AccessLogFormat {
+        /// One JSON object per line, with the fields the README lists.
+        Json = "json",
+        /// nginx's and Apache's `combined` format, which GoAccess and friends read.
+        Combined = "combined",
     }
 }
 
@@ -834,6 +870,71 @@ pool = "missing"
         assert_eq!(BackendProtocol::expected(), "http1 or h2c");
         assert_eq!(one_of(["only"].into_iter()), "only");
         assert_eq!(one_of([].into_iter()), "");
+    }
+
+    #[test]
+    fn access_log_is_off_unless_asked_for_and_every_mistake_is_named() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.listeners[0].access_log, None);
+        assert!(
+            config.listeners[0].request_id,
+            "request ids are on by default"
+        );
+        let with = |table: &str| {
+            MINIMAL.replace(
+                "bind = \"127.0.0.1:0\"",
+                &format!("bind = \"127.0.0.1:0\"\n{table}"),
+            )
+        };
+        let on = parse(&with("access_log = { path = \"-\" }\nrequest_id = false")).unwrap();
+        let l = &on.listeners[0];
+        assert_eq!(
+            l.access_log,
+            Some(AccessLogConfig {
+                path: AccessLogPath::Stdout,
+                format: AccessLogFormat::Json,
+                include_query: false,
+            })
+        );
+        assert!(!l.request_id);
+        let dir = std::env::temp_dir();
+        let file = dir.join("fulcrum-config-test.log");
+        let text = format!(
+            "access_log = {{ path = \"{}\", format = \"combined\", include_query = true }}",
+            file.display()
+        );
+        let log = parse(&with(&text)).unwrap().listeners[0].access_log.clone();
+        assert_eq!(
+            log,
+            Some(AccessLogConfig {
+                path: AccessLogPath::File(file),
+                format: AccessLogFormat::Combined,
+                include_query: true,
+            })
+        );
+
+        for (table, expected) in [
+            (
+                "access_log = { path = \"-\", format = \"clf\" }",
+                "test.toml:4:37: listeners[0].access_log.format: unknown access log format `clf`; expected json or combined",
+            ),
+            (
+                "access_log = { path = \"/no/such/dir/a.log\" }",
+                "test.toml:4:23: listeners[0].access_log.path: directory `/no/such/dir` does not exist",
+            ),
+            (
+                "access_log = { path = \" \" }",
+                "listeners[0].access_log.path: needs a file name",
+            ),
+            (
+                "access_log = { path = \"-\", rotate = true }",
+                "listeners[0].access_log.rotate",
+            ),
+            ("access_log = { format = \"json\" }", "path"),
+        ] {
+            let err = parse(&with(table)).unwrap_err().to_string();
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
     }
 
     #[test]

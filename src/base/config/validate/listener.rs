@@ -1,16 +1,19 @@
 //! `[[listeners]]`: each listener's name and bind (unique among fulcrum's sockets), its
-//! connection limits, its trusted proxies (and whether they must send a PROXY protocol header)
-//! and its TLS.
+//! connection limits, its trusted proxies (and whether they must send a PROXY protocol header),
+//! its TLS, its access log and request ids.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
 use super::{DEFAULT_HANDSHAKE_TIMEOUT, Validator, tls};
-use crate::base::config::{ListenerConfig, TlsConfig};
+use crate::base::config::{
+    AccessLogConfig, AccessLogFormat, AccessLogPath, ListenerConfig, TlsConfig,
+};
 
 /// Connections one listener may hold. The ceiling keeps the value within what a semaphore
 /// and a listen backlog accept, and 10 M is the whole web tier of the design this serves.
@@ -33,6 +36,17 @@ pub(super) struct RawListener {
     proxy_protocol: Option<Spanned<bool>>,
     tls: Option<Spanned<tls::RawTls>>,
     tls_handshake_timeout: Option<Spanned<String>>,
+    access_log: Option<Spanned<RawAccessLog>>,
+    request_id: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAccessLog {
+    path: Spanned<String>,
+    format: Option<Spanned<String>>,
+    #[serde(default)]
+    include_query: bool,
 }
 
 /// A listener's bounds on each connection and on how many it holds.
@@ -108,7 +122,60 @@ impl Validator<'_> {
             forwarded: raw.forwarded,
             proxy_protocol,
             tls,
+            access_log: raw
+                .access_log
+                .as_ref()
+                .and_then(|log| self.access_log(index, log.get_ref())),
+            request_id: raw.request_id.unwrap_or(true),
         })
+    }
+
+    /// `access_log = { path, format, include_query }`. A file's directory must exist: `check`
+    /// says so rather than the first start.
+    fn access_log(&mut self, index: usize, raw: &RawAccessLog) -> Option<AccessLogConfig> {
+        let key = |field: &str| format!("listeners[{index}].access_log.{field}");
+        let path = match raw.path.get_ref().trim() {
+            "-" => Some(AccessLogPath::Stdout),
+            _ => self
+                .file_path(&raw.path, key("path"))
+                .and_then(|file| self.log_directory(&raw.path, &key("path"), file)),
+        };
+        let format = match &raw.format {
+            None => Some(AccessLogFormat::Json),
+            format => self.keyword(format, &key("format"), AccessLogFormat::from_name, |f| {
+                format!(
+                    "unknown access log format `{f}`; expected {}",
+                    AccessLogFormat::expected()
+                )
+            }),
+        };
+        Some(AccessLogConfig {
+            path: path?,
+            format: format?,
+            include_query: raw.include_query,
+        })
+    }
+
+    fn log_directory(
+        &mut self,
+        value: &Spanned<String>,
+        key: &str,
+        file: PathBuf,
+    ) -> Option<AccessLogPath> {
+        let dir = match file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        if file.is_dir() {
+            self.error(Some(value.span()), key, "is a directory, not a file");
+            return None;
+        }
+        if !dir.is_dir() {
+            let message = format!("directory `{}` does not exist", dir.display());
+            self.error(Some(value.span()), key, message);
+            return None;
+        }
+        Some(AccessLogPath::File(file))
     }
 
     /// `[listeners.tls]` with its handshake bound; a bound without TLS is only a warning.
