@@ -9,7 +9,7 @@
 # /proc, the figure that repeats; see shared/BENCHMARKING.md) and the CPU other processes on
 # the machine took meanwhile ("foreign", of both cores; a row above 10 % is flagged).
 #
-# Every proxy runs one worker pinned to core 0 (fulcrum: --threads 1, HAProxy:
+# Every proxy runs one worker pinned to core 0 (fulcrum: plain `run`, one worker by itself, HAProxy:
 # nbthread 1, nginx: worker_processes 1); origins (one nginx, one worker, three ports answering
 # "ok\n") and the load generators run on core 1. Upstream keep-alive everywhere, access logs
 # off. Prints one table of medians with ratios to HAProxy.
@@ -129,7 +129,7 @@ backends = [ $backends]
 [pools.origins.health]
 interval = "30s"
 EOF
-  RUST_LOG=warn taskset -c 0 "$bin" run --threads 1 -c "$dir/fulcrum.toml" \
+  RUST_LOG=warn taskset -c 0 "$bin" run -c "$dir/fulcrum.toml" \
     2>"$dir/fulcrum.log" &
   TLS_PIDS+=($!)
   tls_wait_port "$port"

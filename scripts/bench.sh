@@ -27,7 +27,7 @@
 # meanwhile (each run line flags above 10 % of both cores) and the total runtime.
 # The access log's cost (fulcrum with and without a JSON log) is scripts/bench-access-log.sh.
 #
-# Every proxy runs ONE worker thread pinned to core 0 with taskset (fulcrum: `run --threads 1`,
+# Every proxy runs ONE worker thread pinned to core 0 with taskset (fulcrum: plain `run`, which picks one worker on one core,
 # a current_thread runtime; HAProxy: nbthread 1; nginx: worker_processes 1), round robin over
 # the three origins with upstream keep-alive and no access logs. The origins (one nginx worker
 # answering "ok\n" on three loopback ports) and every load generator run on core 1.
@@ -105,7 +105,8 @@ backends = [ $backends]
 [pools.origins.health]
 interval = "30s"
 EOF
-  RUST_LOG=warn taskset -c 0 "$bin" run --threads 1 -c "$dir/fulcrum-$port.toml" \
+  # The default mode, as a user runs it: pinned to one core, it picks one worker by itself.
+  RUST_LOG=warn taskset -c 0 "$bin" run -c "$dir/fulcrum-$port.toml" \
     2>"$dir/fulcrum-$port.log" &
   TLS_PIDS+=($!)
   tls_wait_port "$port"
@@ -559,7 +560,7 @@ bench_main() {
   haproxy_v=$(haproxy -v 2>/dev/null | awk 'NR == 1 { print $3 }')
   nginx_v=$(nginx -v 2>&1 | awk -F/ '{ print $2 }')
   echo "fulcrum $bin (commit $commit) vs HAProxy $haproxy_v vs nginx $nginx_v"
-  echo "per core: ONE worker thread each, pinned to core 0 with taskset (fulcrum run --threads 1, a"
+  echo "per core: ONE worker thread each, pinned to core 0 with taskset (plain fulcrum run: one worker on one core, a"
   echo "current_thread runtime; HAProxy nbthread 1; nginx worker_processes 1), round robin over 3"
   echo "origins with upstream keep-alive, access logs off; origins (one nginx worker, 3 loopback"
   echo "ports) and load generators on core 1. $rounds interleaved rounds, ${B_DURATION}s per run."
@@ -706,4 +707,7 @@ bench_main() {
   fi
 }
 
-bench_main "$@"
+# `source bench.sh --lib` (scripts/capacity.sh) takes the functions without running.
+if [ "${1:-}" != --lib ]; then
+  bench_main "$@"
+fi
