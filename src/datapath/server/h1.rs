@@ -4,8 +4,9 @@
 //! 8 KiB read buffer from its first read for as long as it lives, and has no setting to let
 //! them go: ~16 KiB for every idle keep-alive client, ~160 GiB for ten million. HAProxy and
 //! nginx lend buffers only while bytes move. This module gets there with hyper's public API
-//! instead of a parser of fulcrum's own: once a response has ended and nothing else is in
-//! flight, the hyper connection is ended at that request boundary
+//! instead of a parser of fulcrum's own: once a response has ended, nothing else is in flight
+//! and the client has been quiet for [`REST_AFTER`], the hyper connection is ended at that
+//! request boundary
 //! ([`graceful_shutdown`](hyper::server::conn::http1::Connection::graceful_shutdown) on an
 //! idle connection writes nothing), `into_parts` hands back the socket and any bytes hyper
 //! read ahead, and the connection *hibernates*: its task holds the socket and a keep-alive
@@ -22,6 +23,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
@@ -51,6 +53,13 @@ pub(crate) type TunnelIo = Rewind<Box<dyn TunnelStream>>;
 /// What a tunnel needs of a client socket.
 pub(crate) trait TunnelStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> TunnelStream for T {}
+
+/// How long a connection with nothing in flight stays awake before it hibernates. A client
+/// that sends its next request sooner (a browser's burst, a benchmark's loop) keeps its hyper
+/// connection: ending and rebuilding one per request costs more CPU than the request itself
+/// gains. Short enough that a burst of new connections (thousands a second) has few awake at
+/// once, so their buffers are reused rather than piling up in the allocator.
+const REST_AFTER: Duration = Duration::from_millis(10);
 
 /// How one hyper connection (one awake spell) ended.
 enum Spell<I> {
@@ -136,6 +145,11 @@ where
     tokio::pin!(shutdown);
     let cut_off = Quiet::new(shared.lifecycle.cut_off.cancelled());
     tokio::pin!(cut_off);
+    // Armed once the connection rests, with the request count then; when it fires with the
+    // count unchanged the connection hibernates. One timer per quiet spell, not per request.
+    let rest = tokio::time::sleep(REST_AFTER);
+    tokio::pin!(rest);
+    let mut resting_since: Option<u64> = None;
     let mut ending = false;
     let mut draining = false;
     loop {
@@ -162,9 +176,17 @@ where
                 let _ = io.shutdown().await;
                 return Spell::Over;
             }
-            () = rested(shared, dispatched_before), if !ending => {
-                ending = true;
-                Pin::new(&mut *conn).graceful_shutdown();
+            () = rested(shared, dispatched_before), if !ending && resting_since.is_none() => {
+                resting_since = Some(shared.requests.load(Ordering::Relaxed));
+                rest.as_mut().reset(tokio::time::Instant::now() + REST_AFTER);
+            }
+            () = rest.as_mut(), if !ending && resting_since.is_some() => {
+                let quiet = resting_since.take() == Some(shared.requests.load(Ordering::Relaxed))
+                    && shared.in_flight.load(Ordering::Relaxed) == 0;
+                if quiet {
+                    ending = true;
+                    Pin::new(&mut *conn).graceful_shutdown();
+                }
             }
             () = shutdown.as_mut(), if !draining => {
                 draining = true;
@@ -186,7 +208,7 @@ where
     }
 }
 
-/// Ready once this spell has served a request without a body and nothing is in flight: after
+/// Ready while this spell has served a request without a body and nothing is in flight: after
 /// a request with a body the connection stays awake until the next one without (hyper may not
 /// have read all of that body, and then it closes the connection itself). Checked on every
 /// wake-up of the connection's task: a response ends inside hyper's poll, just before.
