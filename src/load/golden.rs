@@ -66,6 +66,7 @@ fn busy() -> Report {
             continuity: Some(0.6667),
         },
         timeline: busy_timeline(),
+        failover: None,
     }
 }
 
@@ -130,6 +131,7 @@ fn silent() -> Report {
         latency_ms: Latency::default(),
         sessions: Sessions::default(),
         timeline: Vec::new(),
+        failover: None,
     }
 }
 
