@@ -295,7 +295,7 @@ impl Recorder {
             latency_ms: latency(&self.histogram),
             sessions: run.sessions,
             timeline: self.timeline,
-            failover: (self.sites.len() > 1).then(|| Failover {
+            failover: (self.sites.len() > 1).then_some(Failover {
                 balancers: self.sites,
                 ..run.failover
             }),
