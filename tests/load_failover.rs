@@ -51,6 +51,9 @@ async fn users_of_a_stopped_balancer_move_to_the_next_url_and_keep_their_node() 
     let a = balancer(&config).await;
     let b = balancer(&config).await;
     let (url_a, url_b) = (url(&a, "/session"), url(&b, "/session"));
+    let dir = std::env::temp_dir().join(format!("fulcrum-load-failover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("failover.svg");
     let flags = [
         "--url",
         &url_a,
@@ -60,6 +63,8 @@ async fn users_of_a_stopped_balancer_move_to_the_next_url_and_keep_their_node() 
         "8",
         "--duration",
         "3s",
+        "--svg",
+        svg.to_str().unwrap(),
     ];
     let load_args = args(&flags);
     assert_eq!(load_args.urls, [url_a.clone(), url_b.clone()]);
@@ -109,6 +114,27 @@ async fn users_of_a_stopped_balancer_move_to_the_next_url_and_keep_their_node() 
     assert!(table.contains("moves     4 (4 users moved to the next --url); 100.0% kept their node (4 kept, 0 changed)"), "{table}");
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["failover"]["moves"], 4);
+    // Per second, answers through each balancer: A's stop, B's carrying on.
+    let through = |i: usize| -> u64 {
+        report
+            .timeline
+            .iter()
+            .map(|s| s.balancers.get(i).copied().unwrap_or(0))
+            .sum()
+    };
+    assert_eq!((through(0), through(1)), (on_a.responses, on_b.responses));
+    assert_eq!(
+        last.balancers.first().copied().unwrap_or(0),
+        0,
+        "{report:#?}"
+    );
+    load::render(&report, &args(&flags)).unwrap();
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        chart.contains("balancer A") && chart.contains("balancer B"),
+        "{chart}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(json["failover"]["balancers"][0]["moves_away"], 4);
     b.shutdown().await;
 }

@@ -86,6 +86,7 @@ fn busy_timeline() -> Vec<Second> {
         responses: nodes.iter().map(|(_, n)| n).sum(),
         nodes: nodes.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
         errors,
+        balancers: Vec::new(),
     };
     let failed = |connect, timeout, status, other| ErrorCounts {
         total: connect + timeout + status + other,
@@ -166,6 +167,7 @@ fn single() -> Report {
             responses: 4,
             nodes: BTreeMap::from([("web-1".to_owned(), 4)]),
             errors: ErrorCounts::default(),
+            balancers: Vec::new(),
         }],
         ..silent()
     }
@@ -199,6 +201,7 @@ fn crowd() -> Report {
                 total: second % 5,
                 ..ErrorCounts::default()
             },
+            balancers: Vec::new(),
         })
         .collect();
     report

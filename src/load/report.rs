@@ -155,6 +155,9 @@ pub struct Second {
     pub nodes: BTreeMap<String, u64>,
     /// Requests that failed in this second.
     pub errors: ErrorCounts,
+    /// With several `--url`s: answers in this second through each, in `--url` order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub balancers: Vec<u64>,
 }
 
 /// Collects outcomes while a run lasts. Shared behind one mutex: each update is a few map
@@ -216,9 +219,14 @@ impl Recorder {
         self.histogram.saturating_record(us.clamp(1, HIST_MAX_US));
         bump(&mut self.nodes, node);
         *self.statuses.entry(status).or_default() += 1;
+        let sites = self.sites.len();
         let second = self.second(at);
         second.responses += 1;
         bump(&mut second.nodes, node);
+        if sites > 1 {
+            second.balancers.resize(sites, 0);
+            second.balancers[site.min(sites - 1)] += 1;
+        }
         if status >= 500 {
             self.errors.add(ErrorKind::Status);
             self.second(at).errors.add(ErrorKind::Status);
