@@ -204,7 +204,7 @@ say "B: $(curl -sf "http://127.0.0.1:$B_ADMIN/metrics" | grep '^fulcrum_registry
 webnode web-5 "http://127.0.0.1:$B_REG"
 say "web-5 registers through B while the store is down"
 sleep 5
-say "web-5 on B after 5s: $(state_on "$B_ADMIN" web-5); its log: $(sed 's/\x1b\[[0-9;]*m//g' "$WORK/web-5.log" | grep -m1 -o 'report active failed.*' | cut -c1-150 || true)"
+say "web-5 on B after 5s: $(state_on "$B_ADMIN" web-5); its log: $(sed 's/\x1b\[[0-9;]*m//g' "$WORK/web-5.log" | grep -m1 -o 'report active failed.*retry later' || true)"
 
 # --- PostgreSQL returns: the waiting registration lands ------------------------------------
 START=$(date +%s.%N)
@@ -240,8 +240,8 @@ marks = [(name, (int(ms) - report["started_unix_ms"]) / 1000) for name, ms in ma
 print(f"{'from':>6}  {'step':<28} {'answers':>8} {'errors':>6}  nodes answering")
 for i, (name, at) in enumerate(marks):
     end = marks[i + 1][1] if i + 1 < len(marks) else float("inf")
-    # Second s covers [s, s+1): it goes to the step it started in (the first takes any before).
-    secs = [s for s in report["timeline"] if (at <= s["second"] or i == 0) and s["second"] < end]
+    # Second s covers [s, s+1): it goes to the step it ended in (the first takes any before).
+    secs = [s for s in report["timeline"] if (at < s["second"] + 1 or i == 0) and s["second"] + 1 <= end]
     answers = sum(s["responses"] for s in secs)
     errors = sum(s["errors"]["total"] for s in secs)
     nodes = collections.Counter()
