@@ -186,9 +186,11 @@ say "40 new users through B landed on: $(for k in "${!FRESH[@]}"; do printf '%s=
 sleep 6
 
 # --- A is SIGKILLed ------------------------------------------------------------------------
-kill -9 "$A_PID"
+disown "$A_PID" # no "Killed" notice from the shell: the drill says it itself
 mark "A killed"
-wait "$A_PID" 2>/dev/null || true
+kill -9 "$A_PID"
+for _ in $(seq 50); do kill -0 "$A_PID" 2>/dev/null || break; sleep 0.1; done
+for i in "${!PIDS[@]}"; do [[ ${PIDS[$i]} == "$A_PID" ]] && unset 'PIDS[i]'; done
 say "balancer A SIGKILLed (pid $A_PID): its users move to B"
 sleep 10
 
