@@ -182,7 +182,7 @@ for _ in $(seq 40); do
     n=$(curl -s -o /dev/null -D - "http://127.0.0.1:$B_HTTP/" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-served-by"{print $2}')
     FRESH[$n]=$(( ${FRESH[$n]:-0} + 1 ))
 done
-say "40 new users through B landed on: $(for k in "${!FRESH[@]}"; do printf '%s=%s ' "$k" "${FRESH[$k]}"; done)"
+say "40 new users through B landed on: $(for k in "${!FRESH[@]}"; do printf '%s=%s\n' "$k" "${FRESH[$k]}"; done | sort | paste -sd' ')"
 sleep 6
 
 # --- A is SIGKILLed ------------------------------------------------------------------------
