@@ -1,66 +1,13 @@
-//! Several `--url`s: what each balancer answered, and how users fared when one went away.
+//! Several `--url`s: how a user moves to the next when its balancer is gone, and how a move is
+//! judged.
 //!
 //! User `i` starts on URL `i % n`. A user whose balancer refuses the connection or resets it
 //! moves to the next URL, as a browser with several A records does: a refused connection is
 //! tried again at once on the next URL (the request never reached anyone), a reset is an error
 //! (the request was in flight) and the user's next request goes to the next URL. A move is
 //! judged by the user's first answer after it: the same node as its last answer before the move
-//! means the balancer it moved to honoured its sticky cookie.
-
-use serde::{Deserialize, Serialize};
-
-use super::report::{ErrorCounts, ErrorKind};
-use super::round::round;
-
-/// Per balancer counts and user moves; present in a report only with several `--url`s.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Failover {
-    /// One entry per `--url`, in the order given.
-    pub balancers: Vec<BalancerCount>,
-    /// Times a user moved to the next URL because its balancer was gone.
-    pub moves: u64,
-    /// Users that moved at least once.
-    pub users_moved: usize,
-    /// Moves after which the user's next answer came from the node it had before the move.
-    pub kept_node: u64,
-    /// Moves after which the user's next answer came from another node (or none).
-    pub changed_node: u64,
-    /// `kept_node / (kept_node + changed_node)`, to four decimals; `null` when no moved user
-    /// was answered on both sides of its move.
-    pub sticky_kept: Option<f64>,
-}
-
-/// What one `--url` saw.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct BalancerCount {
-    /// The `--url`.
-    pub url: String,
-    /// Users that started on this URL.
-    pub users_started: usize,
-    /// Requests that finished here: answered (any status) or failed.
-    pub requests: u64,
-    /// Answers (any status).
-    pub responses: u64,
-    /// Failed requests by kind; 5xx answers included.
-    pub errors: ErrorCounts,
-    /// Users that moved away from this URL.
-    pub moves_away: u64,
-}
-
-impl BalancerCount {
-    pub(super) fn answer(&mut self, status: u16) {
-        self.responses += 1;
-        self.requests += 1;
-        if status >= 500 {
-            self.errors.add(ErrorKind::Status);
-        }
-    }
-
-    pub(super) fn error(&mut self, kind: ErrorKind) {
-        self.requests += 1;
-        self.errors.add(kind);
-    }
-}
+//! means the balancer it moved to honoured its sticky cookie. The report's side of it
+//! (`Failover`, `BalancerCount`) is in `report.rs`.
 
 /// One user's moves and how the first answer after each was judged.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -94,15 +41,15 @@ impl Moves {
     }
 }
 
-impl Failover {
-    /// Adds one user's moves.
-    pub(super) fn add_user(&mut self, moves: &Moves) {
-        self.moves += moves.moves;
-        self.users_moved += usize::from(moves.moves > 0);
-        self.kept_node += moves.kept;
-        self.changed_node += moves.changed;
-        let judged = self.kept_node + self.changed_node;
-        self.sticky_kept = (judged > 0).then(|| round(self.kept_node as f64 / judged as f64, 4));
+impl Moves {
+    /// Times the user moved.
+    pub(super) fn moves(&self) -> u64 {
+        self.moves
+    }
+
+    /// Judged moves: (kept the node, changed it).
+    pub(super) fn judged(&self) -> (u64, u64) {
+        (self.kept, self.changed)
     }
 }
 
@@ -120,19 +67,11 @@ mod tests {
         m.answered("web-2");
         m.moved(Some("web-2"));
         m.answered("web-1");
+        assert_eq!((m.moves(), m.judged()), (3, (1, 1)));
         // A move before any answer has nothing to compare with.
         let mut fresh = Moves::default();
         fresh.moved(None);
         fresh.answered("web-1");
-
-        let mut f = Failover::default();
-        f.add_user(&m);
-        f.add_user(&fresh);
-        f.add_user(&Moves::default());
-        assert_eq!(
-            (f.moves, f.users_moved, f.kept_node, f.changed_node),
-            (4, 2, 1, 1)
-        );
-        assert_eq!(f.sticky_kept, Some(0.5));
+        assert_eq!((fresh.moves(), fresh.judged()), (1, (0, 0)));
     }
 }

@@ -50,8 +50,7 @@ use tracing::info;
 
 pub use continuity::Sessions;
 pub use distribution::Distribution;
-pub use failover::{BalancerCount, Failover};
-pub use report::{ErrorCounts, Latency, Mode, NodeCount, Report, Second};
+pub use report::{BalancerCount, ErrorCounts, Failover, Latency, Mode, NodeCount, Report, Second};
 pub use source_ips::{SourceIps, SourceIpsError};
 
 use chart::write_svg;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::continuity::Sessions;
 use super::distribution::Distribution;
-use super::failover::{BalancerCount, Failover};
+use super::failover::Moves;
 use super::round::round;
 
 /// The node name counted for answers without an `x-served-by` header (e.g. the balancer's own
@@ -349,6 +349,69 @@ fn latency(histogram: &Histogram<u64>) -> Latency {
     }
 }
 
+/// Per balancer counts and user moves; present in a report only with several `--url`s.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Failover {
+    /// One entry per `--url`, in the order given.
+    pub balancers: Vec<BalancerCount>,
+    /// Times a user moved to the next URL because its balancer was gone.
+    pub moves: u64,
+    /// Users that moved at least once.
+    pub users_moved: usize,
+    /// Moves after which the user's next answer came from the node it had before the move.
+    pub kept_node: u64,
+    /// Moves after which the user's next answer came from another node (or none).
+    pub changed_node: u64,
+    /// `kept_node / (kept_node + changed_node)`, to four decimals; `null` when no moved user
+    /// was answered on both sides of its move.
+    pub sticky_kept: Option<f64>,
+}
+
+/// What one `--url` saw.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BalancerCount {
+    /// The `--url`.
+    pub url: String,
+    /// Users that started on this URL.
+    pub users_started: usize,
+    /// Requests that finished here: answered (any status) or failed.
+    pub requests: u64,
+    /// Answers (any status).
+    pub responses: u64,
+    /// Failed requests by kind; 5xx answers included.
+    pub errors: ErrorCounts,
+    /// Users that moved away from this URL.
+    pub moves_away: u64,
+}
+
+impl BalancerCount {
+    pub(super) fn answer(&mut self, status: u16) {
+        self.responses += 1;
+        self.requests += 1;
+        if status >= 500 {
+            self.errors.add(ErrorKind::Status);
+        }
+    }
+
+    pub(super) fn error(&mut self, kind: ErrorKind) {
+        self.requests += 1;
+        self.errors.add(kind);
+    }
+}
+
+impl Failover {
+    /// Adds one user's moves.
+    pub(super) fn add_user(&mut self, moves: &Moves) {
+        let (kept, changed) = moves.judged();
+        self.moves += moves.moves();
+        self.users_moved += usize::from(moves.moves() > 0);
+        self.kept_node += kept;
+        self.changed_node += changed;
+        let judged = self.kept_node + self.changed_node;
+        self.sticky_kept = (judged > 0).then(|| round(self.kept_node as f64 / judged as f64, 4));
+    }
+}
+
 /// What the recorder cannot know by itself.
 pub(super) struct RunInfo {
     pub(super) url: String,
@@ -447,6 +510,27 @@ mod tests {
         );
         assert!(table.contains("continuity -: no answer carried"), "{table}");
         assert!(table.contains("2023-11-14T22:13:20.123Z"), "{table}");
+    }
+
+    #[test]
+    fn moves_add_up_over_users() {
+        let mut m = Moves::default();
+        m.answered("web-1");
+        m.moved(Some("web-1"));
+        m.answered("web-1");
+        let mut other = Moves::default();
+        other.answered("web-1");
+        other.moved(Some("web-1"));
+        other.answered("web-2");
+        let mut f = Failover::default();
+        f.add_user(&m);
+        f.add_user(&other);
+        f.add_user(&Moves::default());
+        assert_eq!(
+            (f.moves, f.users_moved, f.kept_node, f.changed_node),
+            (2, 2, 1, 1)
+        );
+        assert_eq!(f.sticky_kept, Some(0.5));
     }
 
     #[test]

@@ -8,8 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use super::continuity::Sessions;
 use super::distribution::Distribution;
-use super::failover::Failover;
-use super::report::{Mode, NodeCount, Report, Second};
+use super::report::{Failover, Mode, NodeCount, Report, Second};
 
 impl Report {
     /// The report as a person reads it in a terminal.

@@ -19,8 +19,9 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use super::continuity::{Continuity, Sessions};
-use super::failover::{Failover, Moves};
+use super::failover::Moves;
 use super::jar::Jar;
+use super::report::Failover;
 use super::report::{ErrorKind, NO_NODE};
 
 const USER_AGENT_VALUE: &str = concat!("fulcrum-load/", env!("CARGO_PKG_VERSION"));
