@@ -20,7 +20,7 @@ if [[ -z "${FULCRUM_BIN:-}" ]]; then
     FULCRUM_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/fulcrum"
 fi
 PGBIN=${PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
-for tool in "$FULCRUM_BIN" "$PGBIN/initdb" "$PGBIN/pg_ctl" redis-server curl jq python3; do
+for tool in "$FULCRUM_BIN" "$PGBIN/initdb" "$PGBIN/pg_ctl" redis-server redis-cli curl jq python3 bc; do
     command -v "$tool" >/dev/null || { echo "ha.sh: $tool is missing" >&2; exit 1; }
 done
 
@@ -83,7 +83,7 @@ say "PostgreSQL up on 127.0.0.1:$PG_PORT (pid $(head -1 "$PGDATA/postmaster.pid"
 REDIS_PORT=$(port)
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis.log" 2>&1 &
 PIDS+=($!)
-wait_for "Redis answers" 10 redis-cli -p "$REDIS_PORT" ping
+wait_for "Redis answers" 10 timeout 2 redis-cli -p "$REDIS_PORT" ping
 say "Redis up on 127.0.0.1:$REDIS_PORT (pid ${PIDS[-1]})"
 
 # --- Two balancers, one store, one sticky secret -----------------------------------------
@@ -125,8 +125,8 @@ A_HTTP=$(port); A_ADMIN=$(port); A_REG=$(port)
 B_HTTP=$(port); B_ADMIN=$(port); B_REG=$(port)
 balancer A "$A_HTTP" "$A_ADMIN" "$A_REG"
 balancer B "$B_HTTP" "$B_ADMIN" "$B_REG"
-wait_for "balancer A answers" 20 curl -sf "http://127.0.0.1:$A_ADMIN/healthz"
-wait_for "balancer B answers" 20 curl -sf "http://127.0.0.1:$B_ADMIN/healthz"
+wait_for "balancer A answers" 20 curl -sf -m 2 "http://127.0.0.1:$A_ADMIN/healthz"
+wait_for "balancer B answers" 20 curl -sf -m 2 "http://127.0.0.1:$B_ADMIN/healthz"
 say "balancer A http :$A_HTTP admin :$A_ADMIN registry :$A_REG (pid $A_PID)"
 say "balancer B http :$B_HTTP admin :$B_ADMIN registry :$B_REG (pid $B_PID)"
 
@@ -142,7 +142,7 @@ webnode() { # ID REGISTER_URLS
     PIDS+=($!)
 }
 state_on() { # ADMIN_PORT ID -> the node's state in that balancer's pool
-    curl -sf "http://127.0.0.1:$1/api/pools" |
+    curl -sf -m 2 "http://127.0.0.1:$1/api/pools" |
         jq -r --arg id "$2" '[.. | objects | select(.name? == $id) | .state][0] // "absent"'
 }
 is_up() { [[ $(state_on "$1" "$2") == up ]]; }
@@ -179,7 +179,7 @@ say "web-3 and web-4 up on B after $(printf '%.2f' "$(echo "$(date +%s.%N) - $ST
 # A new user (no cookie) through B: the fallback places it on any node, the new ones included.
 declare -A FRESH
 for _ in $(seq 40); do
-    n=$(curl -s -o /dev/null -D - "http://127.0.0.1:$B_HTTP/" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-served-by"{print $2}')
+    n=$(curl -s -m 2 -o /dev/null -D - "http://127.0.0.1:$B_HTTP/" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-served-by"{print $2}')
     FRESH[$n]=$(( ${FRESH[$n]:-0} + 1 ))
 done
 say "40 new users through B landed on: $(for k in "${!FRESH[@]}"; do printf '%s=%s\n' "$k" "${FRESH[$k]}"; done | sort | paste -sd' ')"
@@ -196,13 +196,13 @@ sleep 10
 
 # --- PostgreSQL stops: routing carries on through B, registrations wait ---------------------
 pg_stop() { as_postgres "$PGBIN/pg_ctl" -D "$PGDATA" -m immediate -w stop >/dev/null; }
-store_up() { curl -sf "http://127.0.0.1:$B_ADMIN/metrics" | awk '$1=="fulcrum_registry_store_up"{print $2}'; }
+store_up() { curl -sf -m 2 "http://127.0.0.1:$B_ADMIN/metrics" | awk '$1=="fulcrum_registry_store_up"{print $2}'; }
 store_is() { [[ $(store_up) == "$1" ]]; }
 pg_stop
 mark "PostgreSQL down"
 say "PostgreSQL stopped"
 wait_for "B reports the store down" 20 store_is 0
-say "B: $(curl -sf "http://127.0.0.1:$B_ADMIN/metrics" | grep '^fulcrum_registry_store_up')"
+say "B: $(curl -sf -m 2 "http://127.0.0.1:$B_ADMIN/metrics" | grep '^fulcrum_registry_store_up')"
 webnode web-5 "http://127.0.0.1:$B_REG"
 say "web-5 registers through B while the store is down"
 sleep 5
@@ -219,18 +219,19 @@ wait_for "web-5 up on B" 30 is_up "$B_ADMIN" web-5
 say "web-5 up on B $(printf '%.2f' "$(echo "$(date +%s.%N) - $START" | bc)")s after the restart"
 
 # --- Redis loses its memory: sessions are read from PostgreSQL and re-filled -----------------
-redis-cli -p "$REDIS_PORT" flushall >/dev/null
+timeout 5 redis-cli -p "$REDIS_PORT" flushall >/dev/null
 mark "Redis flushed"
 say "Redis flushed (FLUSHALL): sessions come back from PostgreSQL"
 
 # --- The end of the load run ---------------------------------------------------------------
 for _ in $(seq $((LOAD_SECONDS * 10 + 100))); do kill -0 "$LOAD_PID" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$LOAD_PID" 2>/dev/null; then say "FAILED: the load run outlived its duration"; exit 1; fi
 wait "$LOAD_PID" || true
 say "load finished"
 
 # Session lookup latency from each web node's histogram.
 for id in "${!NODE_PORT[@]}"; do
-    curl -sf "http://127.0.0.1:${NODE_PORT[$id]}/metrics" >"$WORK/metrics-$id.txt" || true
+    curl -sf -m 2 "http://127.0.0.1:${NODE_PORT[$id]}/metrics" >"$WORK/metrics-$id.txt" || true
 done
 python3 - "$OUT/load.json" "$WORK" "$OUT/ha.svg" <<'PY'
 import json, sys, glob, re, collections
