@@ -25,6 +25,12 @@ const NODE_COLOURS: [RGBColor; 9] = [
     RGBColor(0xff, 0x9d, 0xa7),
     RGBColor(0xba, 0xb0, 0xac),
 ];
+/// The balancers' lines (several `--url`s): greys, dashed, apart from the nodes' colours.
+const BALANCER_COLOURS: [RGBColor; 3] = [
+    RGBColor(0x33, 0x33, 0x33),
+    RGBColor(0x88, 0x88, 0x88),
+    RGBColor(0xbb, 0xbb, 0xbb),
+];
 const ERROR_COLOUR: RGBColor = RGBColor(0xd6, 0x00, 0x00);
 /// Up to this many seconds every point also gets a dot, so short runs do not look like
 /// nothing was drawn.
@@ -51,7 +57,13 @@ fn draw(report: &Report, path: &Path, title: &str) -> DrawResult {
     let seconds = timeline.len().max(1) as f64;
     let peak = timeline
         .iter()
-        .flat_map(|s| s.nodes.values().copied().chain([s.errors.total]))
+        .flat_map(|s| {
+            s.nodes
+                .values()
+                .chain(&s.balancers)
+                .copied()
+                .chain([s.errors.total])
+        })
         .max()
         .unwrap_or(0);
     // 10 % headroom so the highest line does not run along the frame.
@@ -92,6 +104,28 @@ fn draw(report: &Report, path: &Path, title: &str) -> DrawResult {
         entries.push((node.as_str(), colour));
     }
     // Errors last, so the red line is on top where it crosses others.
+    // With several `--url`s, a dashed grey line per balancer: who carried the traffic when.
+    let balancers = report
+        .failover
+        .as_ref()
+        .map_or(&[][..], |f| &f.balancers[..]);
+    let mut labels = Vec::with_capacity(balancers.len());
+    // Named by letter in `--url` order (A for the first), as the HA drill names them.
+    for i in 0..balancers.len() {
+        let colour = BALANCER_COLOURS[i % BALANCER_COLOURS.len()];
+        let points: Vec<(f64, u64)> = timeline
+            .iter()
+            .map(|s| (mid(s.second), s.balancers.get(i).copied().unwrap_or(0)))
+            .collect();
+        chart.draw_series(DashedLineSeries::new(points, 6, 4, colour.stroke_width(2)))?;
+        let letter = char::from(b'A' + (i % 26) as u8);
+        labels.push((format!("balancer {letter}"), colour));
+    }
+    entries.extend(
+        labels
+            .iter()
+            .map(|(label, colour)| (label.as_str(), *colour)),
+    );
     let errors = timeline.iter().map(|s| (mid(s.second), s.errors.total));
     chart.draw_series(LineSeries::new(errors, ERROR_COLOUR.stroke_width(2)).point_size(dots))?;
     entries.push(("errors", ERROR_COLOUR));

@@ -66,6 +66,7 @@ fn busy() -> Report {
             continuity: Some(0.6667),
         },
         timeline: busy_timeline(),
+        failover: None,
     }
 }
 
@@ -85,6 +86,7 @@ fn busy_timeline() -> Vec<Second> {
         responses: nodes.iter().map(|(_, n)| n).sum(),
         nodes: nodes.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
         errors,
+        balancers: Vec::new(),
     };
     let failed = |connect, timeout, status, other| ErrorCounts {
         total: connect + timeout + status + other,
@@ -130,6 +132,7 @@ fn silent() -> Report {
         latency_ms: Latency::default(),
         sessions: Sessions::default(),
         timeline: Vec::new(),
+        failover: None,
     }
 }
 
@@ -164,6 +167,7 @@ fn single() -> Report {
             responses: 4,
             nodes: BTreeMap::from([("web-1".to_owned(), 4)]),
             errors: ErrorCounts::default(),
+            balancers: Vec::new(),
         }],
         ..silent()
     }
@@ -197,6 +201,7 @@ fn crowd() -> Report {
                 total: second % 5,
                 ..ErrorCounts::default()
             },
+            balancers: Vec::new(),
         })
         .collect();
     report

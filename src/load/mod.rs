@@ -13,6 +13,9 @@
 //! With `--visits M` each user makes exactly M requests and stops, so a run compares like
 //! with like: the same users, the same number of visits, whatever the strategy in front.
 //!
+//! `--url` may be repeated: user `i` starts on URL `i % n` and moves to the next when its
+//! balancer refuses or resets its connection (`failover.rs`).
+//!
 //! Each virtual user is a `User` (`user.rs`); this file checks the flags, paces the users and
 //! records how each request ended. What the run saw becomes a [`Report`] (see `report.rs`):
 //! per-node counts, shares and evenness (`distribution.rs`), node switches and session
@@ -22,6 +25,7 @@
 mod chart;
 mod continuity;
 mod distribution;
+mod failover;
 #[cfg(test)]
 mod golden;
 mod jar;
@@ -46,7 +50,7 @@ use tracing::info;
 
 pub use continuity::Sessions;
 pub use distribution::Distribution;
-pub use report::{ErrorCounts, Latency, Mode, NodeCount, Report, Second};
+pub use report::{BalancerCount, ErrorCounts, Failover, Latency, Mode, NodeCount, Report, Second};
 pub use source_ips::{SourceIps, SourceIpsError};
 
 use chart::write_svg;
@@ -65,12 +69,15 @@ Examples:
   fulcrum load --url http://127.0.0.1:8080/ --rate 500 --duration 60s --svg drill.svg --json
   fulcrum load --url http://127.0.0.1:8080/ --source-ips 127.0.0.2-127.0.1.250 --users 500
   fulcrum load --url http://127.0.0.1:8080/session --users 200 --visits 20 --json
+  fulcrum load --url http://127.0.0.1:8080/ --url http://127.0.0.1:8081/ --users 20
 
 Exits 0 once the run ended (failed requests are in the report), 1 if it could not start.")]
 pub struct LoadArgs {
-    /// Target URL, path included (http only), e.g. http://127.0.0.1:8080/
-    #[arg(long)]
-    pub url: String,
+    /// Target URL, path included (http only), e.g. http://127.0.0.1:8080/; repeat it for
+    /// several balancers: user i starts on URL i % n and moves to the next when its balancer
+    /// refuses or resets the connection.
+    #[arg(long = "url", value_name = "URL", required = true)]
+    pub urls: Vec<String>,
     /// Rotate through these paths (and queries) on the URL's host instead of its own path;
     /// repeat the flag for several.
     #[arg(long = "path", value_name = "PATH")]
@@ -114,7 +121,7 @@ impl LoadArgs {
     /// The defaults of the command line, for `url`.
     pub fn new(url: impl Into<String>) -> Self {
         LoadArgs {
-            url: url.into(),
+            urls: vec![url.into()],
             paths: Vec::new(),
             users: 10,
             duration: Duration::from_secs(10),
@@ -145,6 +152,9 @@ pub enum LoadError {
     /// `--url` is relative or not `http://`.
     #[error("--url `{0}` must be an absolute http:// URL (https is not supported yet)")]
     NotHttp(String),
+    /// No `--url` at all.
+    #[error("at least one --url is needed")]
+    NoUrl,
     /// `--path` did not parse as a URI path.
     #[error("--path `{path}` is not a valid path")]
     Path {
@@ -198,10 +208,12 @@ pub async fn run(args: &LoadArgs) -> Result<Report, LoadError> {
     } else {
         Mode::Closed
     };
-    info!(url = %args.url, users, ?mode, rate = ?args.rate, duration = ?args.duration,
+    let url = args.urls.join(", ");
+    info!(%url, users, ?mode, rate = ?args.rate, duration = ?args.duration,
         requests = ?args.requests, visits = ?args.visits, "load run starting");
+    let sites = target.sites();
     let users: Vec<Arc<User>> = (0..users)
-        .map(|i| Arc::new(User::new(args.source_ips.map(|ips| ips.nth(i)))))
+        .map(|i| Arc::new(User::new(args.source_ips.map(|ips| ips.nth(i)), i % sites)))
         .collect();
     let started_at = SystemTime::now();
     let start = Instant::now();
@@ -214,7 +226,7 @@ pub async fn run(args: &LoadArgs) -> Result<Report, LoadError> {
     let ended = Instant::now();
 
     let report = shared.into_recorder().finish(RunInfo {
-        url: args.url.clone(),
+        url,
         paths: args.paths.clone(),
         mode,
         target_rate: args.rate,
@@ -222,6 +234,7 @@ pub async fn run(args: &LoadArgs) -> Result<Report, LoadError> {
         started_at,
         ended: ended.into_std(),
         sessions: sessions(&users),
+        failover: moves(&users),
     });
     info!(
         requests = report.requests,
@@ -235,7 +248,7 @@ pub async fn run(args: &LoadArgs) -> Result<Report, LoadError> {
 /// The target, once every flag that could keep the run from starting has been checked; the
 /// first mistake found is the one reported.
 fn check(args: &LoadArgs) -> Result<Target, LoadError> {
-    let target = Target::new(&args.url, &args.paths)?;
+    let target = Target::new(&args.urls, &args.paths)?;
     if args.users == 0 {
         return Err(LoadError::NoUsers);
     }
@@ -247,8 +260,8 @@ fn check(args: &LoadArgs) -> Result<Target, LoadError> {
     {
         return Err(LoadError::Rate(rate));
     }
-    if let (Some(ips), Some(host)) = (args.source_ips, target.ip_host())
-        && ips.is_ipv4() != host.is_ipv4()
+    if let Some(ips) = args.source_ips
+        && let Some(host) = target.ip_hosts().find(|h| ips.is_ipv4() != h.is_ipv4())
     {
         return Err(LoadError::SourceFamily { ips, target: host });
     }
@@ -331,6 +344,15 @@ fn sessions(users: &[Arc<User>]) -> Sessions {
     sessions
 }
 
+/// Every user's moves between URLs, summed up once the run is over.
+fn moves(users: &[Arc<User>]) -> Failover {
+    let mut failover = Failover::default();
+    for user in users {
+        user.add_moves_to(&mut failover);
+    }
+    failover
+}
+
 /// Request tasks are never cancelled, so a task error is a panic: a bug, raised again here.
 /// Until then the other tasks go on: `Shared::recorder` and `User::state` take no notice of
 /// the poison it left on their locks.
@@ -355,14 +377,26 @@ pub fn render(report: &Report, args: &LoadArgs) -> Result<String, LoadError> {
     }
 }
 
-/// The URL(s) requests go to: one per `--path`, or the URL itself.
+/// The URLs requests go to: per `--url`, one per `--path`, or the URL itself.
 struct Target {
-    uris: Vec<Uri>,
+    sites: Vec<Vec<Uri>>,
 }
 
 impl Target {
+    fn new(urls: &[String], paths: &[String]) -> Result<Self, LoadError> {
+        if urls.is_empty() {
+            return Err(LoadError::NoUrl);
+        }
+        let sites = urls
+            .iter()
+            .map(|url| Self::site(url, paths))
+            .collect::<Result<_, _>>()?;
+        Ok(Target { sites })
+    }
+
+    /// One `--url` with each `--path` on its host.
     #[expect(clippy::expect_used, reason = "scheme, authority and path were valid")]
-    fn new(url: &str, paths: &[String]) -> Result<Self, LoadError> {
+    fn site(url: &str, paths: &[String]) -> Result<Vec<Uri>, LoadError> {
         let base: Uri = url.parse().map_err(|source| LoadError::Url {
             url: url.to_owned(),
             source,
@@ -371,7 +405,7 @@ impl Target {
             return Err(LoadError::NotHttp(url.to_owned()));
         }
         if paths.is_empty() {
-            return Ok(Target { uris: vec![base] });
+            return Ok(vec![base]);
         }
         let mut uris = Vec::with_capacity(paths.len());
         for path in paths {
@@ -383,20 +417,30 @@ impl Target {
             parts.path_and_query = Some(path_and_query);
             uris.push(Uri::from_parts(parts).expect("scheme, authority and path were valid"));
         }
-        Ok(Target { uris })
+        Ok(uris)
     }
 
-    fn uri(&self, k: u64) -> &Uri {
-        &self.uris[k as usize % self.uris.len()]
+    /// How many `--url`s there are.
+    fn sites(&self) -> usize {
+        self.sites.len()
     }
 
-    /// The target's host when it is an IP literal (`[::1]` included).
-    fn ip_host(&self) -> Option<IpAddr> {
-        let host = self.uris[0].host()?;
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse()
-            .ok()
+    /// Request `k`'s URI on `--url` number `site`.
+    fn uri(&self, site: usize, k: u64) -> &Uri {
+        let uris = &self.sites[site % self.sites.len()];
+        &uris[k as usize % uris.len()]
+    }
+
+    /// Each target host that is an IP literal (`[::1]` included).
+    fn ip_hosts(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.sites.iter().filter_map(|uris| {
+            uris[0]
+                .host()?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse()
+                .ok()
+        })
     }
 }
 
@@ -426,7 +470,7 @@ impl Shared {
                 .ok_or(LoadError::LongDuration(args.duration))?,
             limit: request_limit(args, users),
             issued: AtomicU64::new(0),
-            recorder: Mutex::new(Recorder::new(start.into_std())),
+            recorder: Mutex::new(Recorder::new(start.into_std(), &args.urls, users)),
         })
     }
 
@@ -451,11 +495,32 @@ impl Shared {
     }
 }
 
-/// Sends request `k` as `user` and records how it ended.
+/// Sends request `k` as `user` and records how it ended. A refused connection is tried again
+/// at once on the next `--url` (nobody saw the request), at most once per URL; a reset one
+/// fails, and the user's next request goes to the next URL.
 async fn request(shared: &Shared, user: &User, k: u64) {
-    let req = user.get(shared.target.uri(k));
+    let sites = shared.target.sites();
     let sent = Instant::now();
-    let ending = user.exchange(req, shared.timeout, shared.deadline).await;
+    let mut tries = 0;
+    let (site, ending) = loop {
+        let site = user.site();
+        let req = user.get(shared.target.uri(site, k));
+        let ending = user.exchange(req, shared.timeout, shared.deadline).await;
+        tries += 1;
+        let gone = match &ending {
+            Ending::Failed(error) => classify(error.as_ref()),
+            _ => break (site, ending),
+        };
+        if sites > 1 && matches!(gone, ErrorKind::Connect | ErrorKind::Reset) {
+            if user.move_on(site, sites) {
+                shared.recorder().moved(site);
+            }
+            if gone == ErrorKind::Connect && tries < sites {
+                continue;
+            }
+        }
+        break (site, ending);
+    };
     let now = Instant::now();
     let failure = match ending {
         Ending::Answered(parts) => {
@@ -464,7 +529,7 @@ async fn request(shared: &Shared, user: &User, k: u64) {
             let status = parts.status.as_u16();
             shared
                 .recorder()
-                .answer(now.into_std(), &node, status, now - sent);
+                .answer(now.into_std(), site, &node, status, now - sent);
             return;
         }
         Ending::Unfinished => None,
@@ -473,7 +538,7 @@ async fn request(shared: &Shared, user: &User, k: u64) {
     };
     user.unanswered();
     match failure {
-        Some(kind) => shared.recorder().error(now.into_std(), kind),
+        Some(kind) => shared.recorder().error(now.into_std(), site, kind),
         None => shared.recorder().unfinished(),
     }
 }
@@ -484,19 +549,25 @@ mod tests {
 
     #[test]
     fn targets_are_checked_and_paths_rotate() {
-        let t = Target::new("http://127.0.0.1:8080/a?x=1", &[]).unwrap();
-        assert_eq!(t.uri(5).to_string(), "http://127.0.0.1:8080/a?x=1");
-        assert_eq!(t.ip_host(), Some("127.0.0.1".parse().unwrap()));
-        let t = Target::new("http://[::1]:80/", &["/x".into(), "/y?z".into()]).unwrap();
-        assert_eq!(t.uri(0).to_string(), "http://[::1]:80/x");
-        assert_eq!(t.uri(3).to_string(), "http://[::1]:80/y?z");
-        assert_eq!(t.ip_host(), Some("::1".parse().unwrap()));
-        assert_eq!(
-            Target::new("http://localhost/", &[]).unwrap().ip_host(),
-            None
-        );
+        let urls = |list: &[&str]| list.iter().map(|u| (*u).to_owned()).collect::<Vec<_>>();
+        let t = Target::new(&urls(&["http://127.0.0.1:8080/a?x=1"]), &[]).unwrap();
+        assert_eq!(t.uri(0, 5).to_string(), "http://127.0.0.1:8080/a?x=1");
+        let hosts: Vec<IpAddr> = t.ip_hosts().collect();
+        assert_eq!(hosts, ["127.0.0.1".parse::<IpAddr>().unwrap()]);
+        let t = Target::new(
+            &urls(&["http://[::1]:80/", "http://localhost:81/"]),
+            &["/x".into(), "/y?z".into()],
+        )
+        .unwrap();
+        assert_eq!(t.sites(), 2);
+        assert_eq!(t.uri(0, 0).to_string(), "http://[::1]:80/x");
+        assert_eq!(t.uri(0, 3).to_string(), "http://[::1]:80/y?z");
+        assert_eq!(t.uri(1, 3).to_string(), "http://localhost:81/y?z");
+        let hosts: Vec<IpAddr> = t.ip_hosts().collect();
+        assert_eq!(hosts, ["::1".parse::<IpAddr>().unwrap()]);
+        assert!(matches!(Target::new(&[], &[]), Err(LoadError::NoUrl)));
 
-        let err = |url: &str| Target::new(url, &[]).err().unwrap().to_string();
+        let err = |url: &str| Target::new(&urls(&[url]), &[]).err().unwrap().to_string();
         assert!(err("https://127.0.0.1/").contains("must be an absolute http:// URL"));
         assert!(err("/just/a/path").contains("must be an absolute http:// URL"));
         assert!(err("http://exa mple/").contains("is not a URL"));

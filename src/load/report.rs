@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::continuity::Sessions;
 use super::distribution::Distribution;
+use super::failover::Moves;
 use super::round::round;
 
 /// The node name counted for answers without an `x-served-by` header (e.g. the balancer's own
@@ -53,7 +54,7 @@ pub struct ErrorCounts {
 }
 
 impl ErrorCounts {
-    fn add(&mut self, kind: ErrorKind) {
+    pub(super) fn add(&mut self, kind: ErrorKind) {
         self.total += 1;
         *match kind {
             ErrorKind::Connect => &mut self.connect,
@@ -79,7 +80,7 @@ pub enum Mode {
 /// The outcome of a whole run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
-    /// The `--url` requests went to.
+    /// The `--url` requests went to; several are joined by `, `.
     pub url: String,
     /// The `--path`s requests rotated through on the URL's host (empty: the URL's own path).
     pub paths: Vec<String>,
@@ -114,6 +115,9 @@ pub struct Report {
     pub sessions: Sessions,
     /// One entry per whole second since the start, by when each request finished.
     pub timeline: Vec<Second>,
+    /// Per balancer counts and user moves between them; only with several `--url`s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<Failover>,
 }
 
 /// One node's answers.
@@ -151,6 +155,9 @@ pub struct Second {
     pub nodes: BTreeMap<String, u64>,
     /// Requests that failed in this second.
     pub errors: ErrorCounts,
+    /// With several `--url`s: answers in this second through each, in `--url` order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub balancers: Vec<u64>,
 }
 
 /// Collects outcomes while a run lasts. Shared behind one mutex: each update is a few map
@@ -163,11 +170,25 @@ pub(super) struct Recorder {
     errors: ErrorCounts,
     timeline: Vec<Second>,
     unfinished: u64,
+    /// One per `--url`, by its index.
+    sites: Vec<BalancerCount>,
 }
 
 impl Recorder {
+    /// A run of `users` spread over `urls` (user `i` starting on URL `i % n`) that starts at
+    /// `start`.
     #[expect(clippy::expect_used, reason = "constant histogram bounds are valid")]
-    pub(super) fn new(start: Instant) -> Self {
+    pub(super) fn new(start: Instant, urls: &[String], users: usize) -> Self {
+        let n = urls.len().max(1);
+        let sites = urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| BalancerCount {
+                url: url.clone(),
+                users_started: users / n + usize::from(i < users % n),
+                ..BalancerCount::default()
+            })
+            .collect();
         Recorder {
             start,
             histogram: Histogram::new_with_bounds(1, HIST_MAX_US, HIST_SIGFIG)
@@ -177,26 +198,55 @@ impl Recorder {
             errors: ErrorCounts::default(),
             timeline: Vec::new(),
             unfinished: 0,
+            sites,
         }
     }
 
-    /// An answer from `node` with `status`, taking `latency`, arriving at `at`.
-    pub(super) fn answer(&mut self, at: Instant, node: &str, status: u16, latency: Duration) {
+    /// An answer through URL `site` from `node` with `status`, taking `latency`, arriving at
+    /// `at`.
+    pub(super) fn answer(
+        &mut self,
+        at: Instant,
+        site: usize,
+        node: &str,
+        status: u16,
+        latency: Duration,
+    ) {
+        if let Some(count) = self.sites.get_mut(site) {
+            count.answer(status);
+        }
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.histogram.saturating_record(us.clamp(1, HIST_MAX_US));
         bump(&mut self.nodes, node);
         *self.statuses.entry(status).or_default() += 1;
+        let sites = self.sites.len();
         let second = self.second(at);
         second.responses += 1;
         bump(&mut second.nodes, node);
+        if sites > 1 {
+            second.balancers.resize(sites, 0);
+            second.balancers[site.min(sites - 1)] += 1;
+        }
         if status >= 500 {
-            self.error(at, ErrorKind::Status);
+            self.errors.add(ErrorKind::Status);
+            self.second(at).errors.add(ErrorKind::Status);
         }
     }
 
-    pub(super) fn error(&mut self, at: Instant, kind: ErrorKind) {
+    /// A request through URL `site` that failed at `at`.
+    pub(super) fn error(&mut self, at: Instant, site: usize, kind: ErrorKind) {
+        if let Some(count) = self.sites.get_mut(site) {
+            count.error(kind);
+        }
         self.errors.add(kind);
         self.second(at).errors.add(kind);
+    }
+
+    /// A user left URL `site` for the next.
+    pub(super) fn moved(&mut self, site: usize) {
+        if let Some(count) = self.sites.get_mut(site) {
+            count.moves_away += 1;
+        }
     }
 
     pub(super) fn unfinished(&mut self) {
@@ -253,6 +303,10 @@ impl Recorder {
             latency_ms: latency(&self.histogram),
             sessions: run.sessions,
             timeline: self.timeline,
+            failover: (self.sites.len() > 1).then_some(Failover {
+                balancers: self.sites,
+                ..run.failover
+            }),
         }
     }
 }
@@ -295,6 +349,69 @@ fn latency(histogram: &Histogram<u64>) -> Latency {
     }
 }
 
+/// Per balancer counts and user moves; present in a report only with several `--url`s.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Failover {
+    /// One entry per `--url`, in the order given.
+    pub balancers: Vec<BalancerCount>,
+    /// Times a user moved to the next URL because its balancer was gone.
+    pub moves: u64,
+    /// Users that moved at least once.
+    pub users_moved: usize,
+    /// Moves after which the user's next answer came from the node it had before the move.
+    pub kept_node: u64,
+    /// Moves after which the user's next answer came from another node (or none).
+    pub changed_node: u64,
+    /// `kept_node / (kept_node + changed_node)`, to four decimals; `null` when no moved user
+    /// was answered on both sides of its move.
+    pub sticky_kept: Option<f64>,
+}
+
+/// What one `--url` saw.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BalancerCount {
+    /// The `--url`.
+    pub url: String,
+    /// Users that started on this URL.
+    pub users_started: usize,
+    /// Requests that finished here: answered (any status) or failed.
+    pub requests: u64,
+    /// Answers (any status).
+    pub responses: u64,
+    /// Failed requests by kind; 5xx answers included.
+    pub errors: ErrorCounts,
+    /// Users that moved away from this URL.
+    pub moves_away: u64,
+}
+
+impl BalancerCount {
+    pub(super) fn answer(&mut self, status: u16) {
+        self.responses += 1;
+        self.requests += 1;
+        if status >= 500 {
+            self.errors.add(ErrorKind::Status);
+        }
+    }
+
+    pub(super) fn error(&mut self, kind: ErrorKind) {
+        self.requests += 1;
+        self.errors.add(kind);
+    }
+}
+
+impl Failover {
+    /// Adds one user's moves.
+    pub(super) fn add_user(&mut self, moves: &Moves) {
+        let (kept, changed) = moves.judged();
+        self.moves += moves.moves();
+        self.users_moved += usize::from(moves.moves() > 0);
+        self.kept_node += kept;
+        self.changed_node += changed;
+        let judged = self.kept_node + self.changed_node;
+        self.sticky_kept = (judged > 0).then(|| round(self.kept_node as f64 / judged as f64, 4));
+    }
+}
+
 /// What the recorder cannot know by itself.
 pub(super) struct RunInfo {
     pub(super) url: String,
@@ -305,6 +422,8 @@ pub(super) struct RunInfo {
     pub(super) started_at: SystemTime,
     pub(super) ended: Instant,
     pub(super) sessions: Sessions,
+    /// Users' moves between URLs (`balancers` is the recorder's).
+    pub(super) failover: Failover,
 }
 
 fn bump(counts: &mut BTreeMap<String, u64>, key: &str) {
@@ -330,19 +449,20 @@ mod tests {
             started_at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
             ended,
             sessions: Sessions::default(),
+            failover: Failover::default(),
         }
     }
 
     #[test]
     fn answers_errors_and_seconds_add_up() {
         let start = Instant::now();
-        let mut r = Recorder::new(start);
+        let mut r = Recorder::new(start, &["http://127.0.0.1:1/".to_owned()], 2);
         let ms = Duration::from_millis;
-        r.answer(start + ms(10), "web-1", 200, ms(2));
-        r.answer(start + ms(20), "web-2", 200, ms(4));
-        r.answer(start + ms(1500), "web-1", 503, ms(6));
-        r.answer(start + ms(1600), NO_NODE, 404, ms(1));
-        r.error(start + ms(3100), ErrorKind::Connect);
+        r.answer(start + ms(10), 0, "web-1", 200, ms(2));
+        r.answer(start + ms(20), 0, "web-2", 200, ms(4));
+        r.answer(start + ms(1500), 0, "web-1", 503, ms(6));
+        r.answer(start + ms(1600), 0, NO_NODE, 404, ms(1));
+        r.error(start + ms(3100), 0, ErrorKind::Connect);
         r.unfinished();
         let report = r.finish(info(start + ms(4000)));
 
@@ -393,9 +513,31 @@ mod tests {
     }
 
     #[test]
+    fn moves_add_up_over_users() {
+        let mut m = Moves::default();
+        m.answered("web-1");
+        m.moved(Some("web-1"));
+        m.answered("web-1");
+        let mut other = Moves::default();
+        other.answered("web-1");
+        other.moved(Some("web-1"));
+        other.answered("web-2");
+        let mut f = Failover::default();
+        f.add_user(&m);
+        f.add_user(&other);
+        f.add_user(&Moves::default());
+        assert_eq!(
+            (f.moves, f.users_moved, f.kept_node, f.changed_node),
+            (2, 2, 1, 1)
+        );
+        assert_eq!(f.sticky_kept, Some(0.5));
+    }
+
+    #[test]
     fn an_empty_run_reports_zeros() {
         let start = Instant::now();
-        let report = Recorder::new(start).finish(info(start));
+        let report =
+            Recorder::new(start, &["http://127.0.0.1:1/".to_owned()], 2).finish(info(start));
         assert_eq!(report.requests, 0);
         assert_eq!(report.distribution, Distribution::default());
         assert_eq!(report.latency_ms, Latency::default());

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use super::continuity::Sessions;
 use super::distribution::Distribution;
-use super::report::{Mode, NodeCount, Report, Second};
+use super::report::{Failover, Mode, NodeCount, Report, Second};
 
 impl Report {
     /// The report as a person reads it in a terminal.
@@ -25,6 +25,9 @@ impl Display for Report {
         outcomes(f, self)?;
         evenness(f, &self.distribution)?;
         sessions(f, &self.sessions, self.users, self.mode)?;
+        if let Some(failover) = &self.failover {
+            balancers(f, failover)?;
+        }
         timeline(f, &self.nodes, &self.timeline)
     }
 }
@@ -156,6 +159,50 @@ fn sessions(f: &mut Formatter<'_>, s: &Sessions, users: usize, mode: Mode) -> fm
         )?;
     }
     writeln!(f)
+}
+
+/// With several `--url`s: what each answered, and how the users that moved fared.
+fn balancers(f: &mut Formatter<'_>, failover: &Failover) -> fmt::Result {
+    let width = failover
+        .balancers
+        .iter()
+        .map(|b| b.url.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("balancer".len());
+    writeln!(
+        f,
+        "\n  {:<width$}  {:>6}  {:>9}  {:>10}  {:>7}  {:>7}  {:>10}",
+        "balancer", "users", "requests", "responses", "errors", "reset", "moves away"
+    )?;
+    for b in &failover.balancers {
+        writeln!(
+            f,
+            "  {:<width$}  {:>6}  {:>9}  {:>10}  {:>7}  {:>7}  {:>10}",
+            b.url,
+            b.users_started,
+            b.requests,
+            b.responses,
+            b.errors.total,
+            b.errors.reset,
+            b.moves_away
+        )?;
+    }
+    write!(
+        f,
+        "  moves     {} ({} users moved to the next --url)",
+        failover.moves, failover.users_moved
+    )?;
+    match failover.sticky_kept {
+        Some(kept) => writeln!(
+            f,
+            "; {:.1}% kept their node ({} kept, {} changed)",
+            kept * 100.0,
+            failover.kept_node,
+            failover.changed_node
+        ),
+        None => writeln!(f),
+    }
 }
 
 /// Answers per node and errors, a row per second, a column per node.

@@ -1,10 +1,11 @@
 //! A virtual user: its own keep-alive connection pool (bound to its source address, if any) and
-//! cookie jar, the GET it sends, how that request ended, and what its answers said about the
-//! node it reached and the session it kept.
+//! cookie jar, the `--url` it is on, the GET it sends, how that request ended, and what its
+//! answers said about the node it reached and the session it kept.
 
 use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -18,7 +19,9 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use super::continuity::{Continuity, Sessions};
+use super::failover::Moves;
 use super::jar::Jar;
+use super::report::Failover;
 use super::report::{ErrorKind, NO_NODE};
 
 const USER_AGENT_VALUE: &str = concat!("fulcrum-load/", env!("CARGO_PKG_VERSION"));
@@ -29,6 +32,9 @@ const X_SESSION_VISITS: &str = "x-session-visits";
 /// A virtual user: its own connection pool, cookie jar, node switches and session count.
 pub(super) struct User {
     client: Client<HttpConnector, Empty<Bytes>>,
+    /// The index of the `--url` this user sends to; an atomic so that of several of its
+    /// requests failing at once on a gone balancer, only one moves it on.
+    site: AtomicUsize,
     state: Mutex<UserState>,
 }
 
@@ -38,16 +44,19 @@ struct UserState {
     last_node: Option<String>,
     switches: u64,
     continuity: Continuity,
+    moves: Moves,
 }
 
 impl User {
-    /// A user whose connections leave from `source` (the system's choice without one).
-    pub(super) fn new(source: Option<IpAddr>) -> Self {
+    /// A user on `--url` number `site` whose connections leave from `source` (the system's
+    /// choice without one).
+    pub(super) fn new(source: Option<IpAddr>, site: usize) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_local_address(source);
         User {
             client: Client::builder(TokioExecutor::new()).build(connector),
+            site: AtomicUsize::new(site),
             state: Mutex::new(UserState::default()),
         }
     }
@@ -56,6 +65,27 @@ impl User {
     /// ignored here.
     fn state(&self) -> MutexGuard<'_, UserState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The index of the `--url` this user sends to.
+    pub(super) fn site(&self) -> usize {
+        self.site.load(Ordering::Acquire)
+    }
+
+    /// Moves this user from URL `from` to the next of `sites`, unless another of its requests
+    /// already moved it; returns whether this call did.
+    pub(super) fn move_on(&self, from: usize, sites: usize) -> bool {
+        let next = (from + 1) % sites.max(1);
+        let moved = self
+            .site
+            .compare_exchange(from, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if moved {
+            let mut state = self.state();
+            let last = state.last_node.clone();
+            state.moves.moved(last.as_deref());
+        }
+        moved
     }
 
     /// A GET of `uri` carrying this user's cookies.
@@ -104,6 +134,7 @@ impl User {
     pub(super) fn answered(&self, headers: &HeaderMap, node: &str, now: std::time::Instant) {
         let mut state = self.state();
         state.jar.store(headers, now);
+        state.moves.answered(node);
         if state.last_node.as_deref() != Some(node) {
             // A user's first answer is no switch: there was no node to switch from.
             state.switches += u64::from(state.last_node.is_some());
@@ -124,6 +155,11 @@ impl User {
     pub(super) fn add_to(&self, sessions: &mut Sessions) {
         let state = self.state();
         sessions.add_user(state.switches, &state.continuity);
+    }
+
+    /// Adds this user's moves between URLs to the run's.
+    pub(super) fn add_moves_to(&self, failover: &mut Failover) {
+        failover.add_user(&self.state().moves);
     }
 }
 
