@@ -14,6 +14,10 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// One balancer process at a time: each takes a port from `free_port` for its config, and two
+/// picked at once may be the same port, which `SO_REUSEPORT` would let both bind.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Listening TCP sockets on `port` (IPv4), from `/proc/net/tcp`: state `0A` is LISTEN.
 fn listening_sockets(port: u16) -> usize {
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
@@ -100,6 +104,7 @@ fn cores() -> usize {
 
 #[tokio::test]
 async fn plain_run_has_one_worker_and_one_listening_socket_per_core() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let nodes = webnodes(1).await;
     let (process, listen, _file) = run(&[], &[], nodes[0].local_addr()).await;
     assert_eq!(worker_threads(process.0.id()), cores() - 1);
@@ -112,6 +117,7 @@ async fn plain_run_has_one_worker_and_one_listening_socket_per_core() {
 
 #[tokio::test]
 async fn pinned_to_one_core_it_runs_one_worker() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let installed = Command::new("taskset")
         .arg("--version")
         .stdout(Stdio::null())
@@ -126,6 +132,7 @@ async fn pinned_to_one_core_it_runs_one_worker() {
 
 #[tokio::test]
 async fn threads_sets_the_worker_count_and_every_worker_serves() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let nodes = webnodes(1).await;
     let (process, listen, _file) = run(&[], &["--threads", "3"], nodes[0].local_addr()).await;
     assert_eq!(worker_threads(process.0.id()), 2);
