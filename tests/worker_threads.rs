@@ -141,3 +141,34 @@ async fn threads_sets_the_worker_count_and_every_worker_serves() {
         assert_eq!(get_status(listen).await, Some(200));
     }
 }
+
+#[tokio::test]
+async fn a_second_balancer_on_a_port_in_use_refuses_to_start_rather_than_share_it() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nodes = webnodes(1).await;
+    let (first, listen, _file) = run(&[], &["--threads", "2"], nodes[0].local_addr()).await;
+    let toml = format!(
+        "[[listeners]]\nname = \"http\"\nbind = \"{listen}\"\n[pools.web]\nstrategy = \"round_robin\"\nbackends = [{{ address = \"{}\" }}]\n",
+        nodes[0].local_addr()
+    );
+    let file = ConfigFile::new("workers-second", &toml);
+    let second = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["run", "--threads", "2", "-c"])
+        .arg(file.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(
+        !second.status.success(),
+        "the second balancer must not start"
+    );
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("cannot bind listener `http`"), "{stderr}");
+    assert_eq!(
+        listening_sockets(listen.port()),
+        2,
+        "only the first balancer's sockets"
+    );
+    drop(first);
+}

@@ -1015,6 +1015,18 @@ pub(crate) fn listen(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Re
     };
     socket.set_reuseaddr(true)?;
     if reuse_port {
+        if addr.port() != 0 {
+            // A group is open to any socket of the same user that asks to join: a second
+            // fulcrum started on this port by mistake would silently take a share of the
+            // connections. A plain bind first fails if anything listens there already.
+            let probe = if addr.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            probe.set_reuseaddr(true)?;
+            probe.bind(addr)?;
+        }
         socket.set_reuseport(true)?;
     }
     socket.bind(addr)?;
