@@ -107,6 +107,36 @@ pub struct Lifecycle {
     pub tracker: TaskTracker,
 }
 
+/// What serves a client connection's requests: a fresh copy for each hyper connection of a
+/// hibernating HTTP/1.1 client, and `Unpin` as hyper's `poll_without_shutdown` wants.
+pub(crate) trait ClientService:
+    Service<
+        Request<Incoming>,
+        Response = Response<Self::ResponseBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Unpin
+    + Send
+    + 'static
+{
+    /// The response body.
+    type ResponseBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, B> ClientService for S
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Unpin
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static,
+{
+    type ResponseBody = B;
+}
+
 /// A listening socket of one listener, and the worker thread that accepts on it.
 #[derive(Debug)]
 pub(crate) enum AcceptSocket {
@@ -122,7 +152,7 @@ pub(crate) enum AcceptSocket {
 /// worker. Each connection's task first reads its PROXY header (on a `proxy_protocol`
 /// listener) and runs the TLS handshake (with `tls`), each bounded by its timeout, so a slow
 /// or silent client never holds up the loop.
-pub(crate) fn spawn_accept_loop<M, S, B>(
+pub(crate) fn spawn_accept_loop<M, S>(
     sockets: Vec<AcceptSocket>,
     name: Arc<str>,
     limits: ConnLimits,
@@ -132,15 +162,7 @@ pub(crate) fn spawn_accept_loop<M, S, B>(
     lifecycle: Lifecycle,
 ) where
     M: Fn(SocketAddr, ConnHandle) -> S + Send + Sync + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Unpin
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ClientService,
 {
     let shared = Arc::new(AcceptShared {
         builders: Builders::new(&limits),
@@ -193,18 +215,10 @@ struct AcceptShared<M> {
     name: Arc<str>,
 }
 
-async fn accept_loop<M, S, B>(listener: TcpListener, shared: Arc<AcceptShared<M>>)
+async fn accept_loop<M, S>(listener: TcpListener, shared: Arc<AcceptShared<M>>)
 where
     M: Fn(SocketAddr, ConnHandle) -> S + Send + Sync + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Unpin
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ClientService,
 {
     let lifecycle = &shared.lifecycle;
     loop {
@@ -315,7 +329,7 @@ impl Accepted {
 
 /// A TLS connection's task: the handshake (bounded by its timeout), then hyper with the
 /// protocol ALPN settled.
-async fn serve_tls<S, B>(
+async fn serve_tls<S>(
     tls: Arc<TlsTerminator>,
     io: ClientIo,
     peer: SocketAddr,
@@ -323,15 +337,7 @@ async fn serve_tls<S, B>(
     service: S,
     conn: ConnHandle,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Unpin
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ClientService,
 {
     // A connection that arrives as shutdown starts is not worth a handshake.
     let stream = tokio::select! {
@@ -367,18 +373,10 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Serves a connection whose protocol its first bytes tell: HTTP/2 with prior knowledge, or
 /// HTTP/1.1. Reads only as far as they differ from the HTTP/2 preface, within the first
 /// head's deadline.
-async fn serve_sniffed<I, S, B>(mut io: I, builders: &Builders, service: S, conn: &ConnHandle)
+async fn serve_sniffed<I, S>(mut io: I, builders: &Builders, service: S, conn: &ConnHandle)
 where
     I: Wakeable,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Unpin
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ClientService,
 {
     let shared = &conn.inner;
     let reads_before = reads(&shared.activity);

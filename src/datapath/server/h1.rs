@@ -36,8 +36,9 @@ use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
-use super::{ConnHandle, ConnShared, Quiet, ended_with_error, first_head_missed, idle, reads};
-use crate::base::error::BoxError;
+use super::{
+    ClientService, ConnHandle, ConnShared, Quiet, ended_with_error, first_head_missed, idle, reads,
+};
 use crate::datapath::proxy_protocol::Rewind;
 
 /// A client socket fulcrum can wait on without reading from it.
@@ -71,7 +72,7 @@ enum Spell<I> {
 
 /// Serves HTTP/1.1 on `io` (whose first bytes are `prefix`) until the client leaves, hibernating
 /// between requests.
-pub(crate) async fn serve<I, S, B>(
+pub(crate) async fn serve<I, S>(
     mut io: I,
     mut prefix: Bytes,
     reads_at_start: u64,
@@ -80,15 +81,7 @@ pub(crate) async fn serve<I, S, B>(
     conn: &ConnHandle,
 ) where
     I: Wakeable,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = std::convert::Infallible>
-        + Clone
-        + Unpin
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ClientService,
 {
     let shared = &conn.inner;
     let mut first = Some(reads_at_start);
@@ -107,7 +100,7 @@ pub(crate) async fn serve<I, S, B>(
 }
 
 /// One hyper connection, boxed so that a hibernating task does not carry its state.
-async fn awake<I, S, B>(
+async fn awake<I, S>(
     io: I,
     prefix: Bytes,
     builder: &http1::Builder,
@@ -117,14 +110,7 @@ async fn awake<I, S, B>(
 ) -> Spell<I>
 where
     I: Wakeable,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = std::convert::Infallible>
-        + Unpin
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ClientService,
 {
     let tracked = Tracked {
         inner: service,
