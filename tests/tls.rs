@@ -142,6 +142,16 @@ async fn alpn_h2_carries_10_mib_each_way_to_an_http1_backend_with_headers_intact
         .unwrap();
     let json = echo(&reply(h1.send_request(request).await.unwrap()).await);
     assert_eq!(echoed_header(&json, "x-forwarded-proto"), ["https"]);
+
+    // Quiet long enough to sleep in the idle set, TLS state and all, then served again on the
+    // same connection.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let request = Request::get("/echo?again=1")
+        .header("host", "shop.test")
+        .body(empty())
+        .unwrap();
+    let json = echo(&reply(h1.send_request(request).await.unwrap()).await);
+    assert_eq!(json["path"], "/echo?again=1");
 }
 
 fn trailers(name: &'static str, value: &'static str) -> HeaderMap {

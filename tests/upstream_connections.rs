@@ -1,4 +1,5 @@
-//! fulcrum's own HTTP/1.1 connections to backends (src/upstream.rs): kept per node and reused,
+//! fulcrum's own HTTP/1.1 connections to backends (src/upstream/mod.rs): kept per node and
+//! reused, cooled to a bare socket when idle and warmed again on the same TCP connection,
 //! replaced without a failed request when the backend closed one while it sat idle, and closed
 //! once idle for `idle_pool_timeout`.
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test's unwrap is its assertion; its helpers are its own
@@ -167,4 +168,59 @@ async fn idle_connections_close_after_idle_pool_timeout() {
     // And the next request simply opens a new one.
     assert_eq!(get(&client, &url(&running, "/")).await.status, 200);
     assert_eq!(backend.open.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_idle_connection_goes_cold_and_the_next_request_reuses_its_socket() {
+    let backend = conn_counting_backend().await;
+    let config = single_pool(
+        "cold",
+        "round_robin",
+        &[("only", backend.addr, 1)],
+        "[pools.cold.health]\ninterval = \"1h\"",
+    );
+    let running = balancer(&config).await;
+    let node = running.router().pools()[0].snapshot().backends[0]
+        .node
+        .clone();
+    let client = client();
+    for round in 0..3 {
+        assert_eq!(get(&client, &url(&running, "/")).await.status, 200);
+        // Warm right after the response, then only its socket once it has idled.
+        wait_until("the idle connection goes cold", || async {
+            node.idle.cold_len() == 1 && node.idle.len() == 1
+        })
+        .await;
+        assert_eq!(
+            backend.opened.load(Ordering::SeqCst),
+            1,
+            "round {round}: one TCP connection, warmed again for each request"
+        );
+    }
+    assert_eq!(backend.open.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_cold_connection_the_backend_closed_costs_no_request() {
+    let (addr, accepted) = closing_backend().await;
+    let config = single_pool(
+        "cold_closing",
+        "round_robin",
+        &[("only", addr, 1)],
+        "retries = 0\n[pools.cold_closing.health]\ninterval = \"1h\"",
+    );
+    let running = balancer(&config).await;
+    let node = running.router().pools()[0].snapshot().backends[0]
+        .node
+        .clone();
+    let client = client();
+    for i in 0..5 {
+        let reply = get(&client, &url(&running, "/")).await;
+        assert_eq!(reply.status, 200, "request {i}: {}", reply.text());
+        // Long enough to go cold (or be seen closed on the way): the next request must not
+        // be sent over the dead socket.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(node.idle.len() <= 1);
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 5);
 }

@@ -7,6 +7,7 @@ pub(crate) mod clock;
 pub mod config;
 pub(crate) mod error;
 pub(crate) mod health_report;
+pub(crate) mod heap;
 pub(crate) mod metrics;
 pub mod proto;
 pub(crate) mod workers;

@@ -203,6 +203,7 @@ impl Control {
         let shutdown = lifecycle.shutdown.clone();
         let history = Arc::new(history::History::default());
         history::spawn_sampler(history.clone(), router.clone(), shutdown.child_token());
+        tokio::spawn(crate::base::heap::trim_after_bursts(shutdown.child_token()));
         let mut checkers = HashMap::new();
         for pool in router.load().pools() {
             let stop = shutdown.child_token();

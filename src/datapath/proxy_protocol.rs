@@ -293,16 +293,18 @@ impl<IO> Rewind<IO> {
     pub(crate) fn into_parts(self) -> (IO, Bytes) {
         (self.inner, self.prefix)
     }
-}
 
-impl Rewind<tokio::net::TcpStream> {
-    /// Ready when the prefix has bytes or the socket is readable.
-    pub(crate) fn poll_wake(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.prefix.is_empty() {
-            self.inner.poll_read_ready(cx)
-        } else {
-            Poll::Ready(Ok(()))
-        }
+    /// Whether bytes of the prefix are still to be read.
+    pub(crate) fn has_prefix(&self) -> bool {
+        !self.prefix.is_empty()
+    }
+
+    pub(crate) fn get_ref(&self) -> &IO {
+        &self.inner
+    }
+
+    pub(crate) fn get_mut(&mut self) -> &mut IO {
+        &mut self.inner
     }
 }
 

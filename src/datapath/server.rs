@@ -38,8 +38,10 @@ use crate::datapath::proxy_protocol::{ProxyProtocol, Rewind};
 use crate::datapath::tls::{TlsInfo, TlsTerminator};
 
 mod h1;
+mod idle_set;
 
 use h1::{TunnelIo, Wakeable};
+use idle_set::{ClientSocket, IdleSetHandle, Sleeper};
 
 /// Limits applied to every connection of one listener.
 #[derive(Debug, Clone)]
@@ -165,7 +167,7 @@ pub(crate) fn spawn_accept_loop<M, S>(
     S: ClientService,
 {
     let shared = Arc::new(AcceptShared {
-        builders: Builders::new(&limits),
+        builders: Arc::new(Builders::new(&limits)),
         connections: metrics::gauge!(DOWNSTREAM_CONNECTIONS, "listener" => name.to_string()),
         client_errors: Arc::new(ClientErrors::new(&name)),
         slots: Arc::new(Semaphore::new(limits.max_connections)),
@@ -203,7 +205,7 @@ pub(crate) fn spawn_accept_loop<M, S>(
 
 /// What the accept loops of one listener share.
 struct AcceptShared<M> {
-    builders: Builders,
+    builders: Arc<Builders>,
     connections: Gauge,
     client_errors: Arc<ClientErrors>,
     slots: Arc<Semaphore>,
@@ -221,6 +223,18 @@ where
     S: ClientService,
 {
     let lifecycle = &shared.lifecycle;
+    // This loop's own: its connections sleep on the same worker thread.
+    let rest = Rest {
+        builders: shared.builders.clone(),
+        idle_set: idle_set::spawn(
+            &lifecycle.tracker,
+            shared
+                .limits
+                .header_read_timeout
+                .min(shared.limits.idle_timeout),
+            lifecycle.shutdown.clone(),
+        ),
+    };
     loop {
         let Some((slot, stream, peer)) =
             next_connection(&listener, &shared.slots, &lifecycle.shutdown, &shared.name).await
@@ -229,6 +243,7 @@ where
         };
         // Small responses must not wait on Nagle's algorithm.
         let _ = stream.set_nodelay(true);
+        crate::base::heap::woken();
         let conn = ConnHandle::new(
             slot,
             shared.connections.clone(),
@@ -243,6 +258,7 @@ where
             proxy_protocol: shared.limits.proxy_protocol.clone(),
         };
         let shared = shared.clone();
+        let rest = rest.clone();
         // Two kinds of task rather than one that can be either: a task's size is that of
         // its largest state, and a cleartext connection should not carry room for a TLS one
         // for as long as it stays open.
@@ -252,7 +268,8 @@ where
                     return;
                 };
                 let service = (shared.make_service)(client, conn.clone());
-                serve_sniffed(io, &shared.builders, service, &conn).await;
+                drop(shared);
+                serve_sniffed(io, rest, service, conn).await;
             });
             continue;
         };
@@ -261,7 +278,8 @@ where
                 return;
             };
             let service = (shared.make_service)(client, conn.clone());
-            serve_tls(tls, io, client, &shared.builders, service, conn).await;
+            drop(shared);
+            serve_tls(tls, io, client, rest, service, conn).await;
         });
     }
     debug!(listener = %shared.name, "stopped accepting");
@@ -300,7 +318,7 @@ struct Accepted {
 }
 
 /// A client's stream: bytes read past a PROXY header come first.
-type ClientIo = CountingIo<Rewind<TcpStream>>;
+type ClientIo = CountingIo<Rewind<ClientSocket>>;
 
 impl Accepted {
     /// The connection's client and its stream: the peer, or on a `proxy_protocol` listener the
@@ -309,10 +327,10 @@ impl Accepted {
     async fn client(self, conn: &ConnHandle) -> Option<(ClientIo, SocketAddr)> {
         let shared = &conn.inner;
         let (stream, client) = match self.proxy_protocol {
-            None => (Rewind::new(self.stream), self.peer),
+            None => (Rewind::new(ClientSocket::Awake(self.stream)), self.peer),
             // Boxed: the header's buffer and reads are no part of the connection's task after.
             Some(rule) => tokio::select! {
-                read = Box::pin(rule.accept(self.stream, self.peer, shared.header_read_timeout)) => read?,
+                read = Box::pin(rule.accept(ClientSocket::Awake(self.stream), self.peer, shared.header_read_timeout)) => read?,
                 () = shared.lifecycle.shutdown.cancelled() => return None,
             },
         };
@@ -333,7 +351,7 @@ async fn serve_tls<S>(
     tls: Arc<TlsTerminator>,
     io: ClientIo,
     peer: SocketAddr,
-    builders: &Builders,
+    rest: Rest,
     service: S,
     conn: ConnHandle,
 ) where
@@ -348,21 +366,21 @@ async fn serve_tls<S>(
     // Before hyper sees the connection, so its first request reads it.
     let _ = conn.inner.tls.set(crate::datapath::tls::info(&stream));
     match crate::datapath::tls::alpn(&stream) {
-        Some(b"h2") => Box::pin(serve_connection(stream, &builders.h2, service, &conn)).await,
+        Some(b"h2") => Box::pin(serve_connection(stream, &rest.builders.h2, service, &conn)).await,
         Some(b"http/1.1") => {
             let reads_before = reads(&conn.inner.activity);
-            h1::serve(
+            serve_h1(
                 stream,
                 Bytes::new(),
-                reads_before,
-                &builders.http1,
+                Some(reads_before),
+                rest,
                 service,
-                &conn,
+                conn,
             )
             .await;
         }
         // No ALPN: HTTP/1.1, or HTTP/2 with prior knowledge.
-        _ => serve_sniffed(stream, builders, service, &conn).await,
+        _ => serve_sniffed(stream, rest, service, conn).await,
     }
 }
 
@@ -373,23 +391,118 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Serves a connection whose protocol its first bytes tell: HTTP/2 with prior knowledge, or
 /// HTTP/1.1. Reads only as far as they differ from the HTTP/2 preface, within the first
 /// head's deadline.
-async fn serve_sniffed<I, S>(mut io: I, builders: &Builders, service: S, conn: &ConnHandle)
+async fn serve_sniffed<I, S>(mut io: I, rest: Rest, service: S, conn: ConnHandle)
 where
     I: Wakeable,
     S: ClientService,
 {
     let shared = &conn.inner;
     let reads_before = reads(&shared.activity);
-    // Boxed, like each protocol's serving below: a task is as large as its largest state, and
-    // a hibernating HTTP/1.1 connection should carry none of these.
+    // Boxed, like each protocol's serving below: a task is as large as its largest state.
     let Some(prefix) = Box::pin(sniff(&mut io, shared, reads_before)).await else {
         return;
     };
     if prefix == H2_PREFACE {
         let io = Rewind::with_prefix(io, prefix);
-        Box::pin(serve_connection(io, &builders.h2, service, conn)).await;
+        Box::pin(serve_connection(io, &rest.builders.h2, service, &conn)).await;
     } else {
-        h1::serve(io, prefix, reads_before, &builders.http1, service, conn).await;
+        serve_h1(io, prefix, Some(reads_before), rest, service, conn).await;
+    }
+}
+
+/// What an HTTP/1.1 connection needs to be served again after it slept: hyper's builders,
+/// and the idle set of its accept loop (`None`: each connection waits in its own task).
+#[derive(Clone)]
+struct Rest {
+    builders: Arc<Builders>,
+    idle_set: Option<IdleSetHandle>,
+}
+
+/// Serves HTTP/1.1 until the client leaves; whenever the connection rests with nothing
+/// unread, it goes to sleep in the idle set and this task ends.
+async fn serve_h1<I, S>(
+    mut io: I,
+    mut prefix: Bytes,
+    mut reads_at_start: Option<u64>,
+    rest: Rest,
+    mut service: S,
+    conn: ConnHandle,
+) where
+    I: Wakeable,
+    S: ClientService,
+{
+    loop {
+        let Some((rested, kept)) = h1::serve(
+            io,
+            prefix,
+            reads_at_start,
+            &rest.builders.http1,
+            service,
+            &conn,
+        )
+        .await
+        else {
+            return;
+        };
+        (io, service) = (rested, kept);
+        if let Some(idle_set) = rest.idle_set.clone()
+            && io.park().is_some()
+        {
+            // Refused only once the set is gone: shutdown has begun, and an idle connection
+            // closes.
+            if idle_set
+                .lay_down(Box::new(Asleep {
+                    io,
+                    service,
+                    conn,
+                    rest,
+                }))
+                .is_ok()
+            {
+                crate::base::heap::released();
+            }
+            return;
+        }
+        // No idle set to hold it: wait here.
+        if !h1::hibernate(&mut io, &conn.inner).await {
+            return;
+        }
+        (prefix, reads_at_start) = (Bytes::new(), None);
+    }
+}
+
+/// An HTTP/1.1 connection asleep in an idle set, with what serves it again.
+struct Asleep<I, S> {
+    io: I,
+    service: S,
+    conn: ConnHandle,
+    rest: Rest,
+}
+
+impl<I: Wakeable, S: ClientService> Sleeper for Asleep<I, S> {
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.io.fd()
+    }
+
+    fn resume(self: Box<Self>, readable: bool) {
+        let Asleep {
+            mut io,
+            service,
+            conn,
+            rest,
+        } = *self;
+        let tracker = conn.inner.lifecycle.tracker.clone();
+        tracker.spawn(async move {
+            if let Err(e) = io.unpark() {
+                debug!(error = %e, "an idle connection cannot rejoin the runtime");
+                return;
+            }
+            if !readable && !h1::hibernate(&mut io, &conn.inner).await {
+                return;
+            }
+            crate::base::heap::woken();
+            serve_h1(io, Bytes::new(), None, rest, service, conn).await;
+        });
     }
 }
 
@@ -960,7 +1073,25 @@ impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
 
 impl Wakeable for ClientIo {
     fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.inner.poll_wake(cx)
+        if self.inner.has_prefix() {
+            return Poll::Ready(Ok(()));
+        }
+        self.inner.get_ref().poll_read_ready(cx)
+    }
+
+    fn park(&mut self) -> Option<std::os::fd::RawFd> {
+        if self.inner.has_prefix() {
+            return None;
+        }
+        self.inner.get_mut().park().ok()
+    }
+
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.inner.get_ref().fd()
+    }
+
+    fn unpark(&mut self) -> io::Result<()> {
+        self.inner.get_mut().unpark()
     }
 }
 
@@ -969,14 +1100,36 @@ impl Wakeable for tokio_rustls::server::TlsStream<ClientIo> {
     /// more to say about them.
     fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let (io, tls) = self.get_mut();
-        match tls.process_new_packets() {
-            Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {
-                io.inner.poll_wake(cx)
-            }
+        if tls_has_news(tls) {
             // Plaintext waiting, a close_notify or a TLS error: the next read says which.
-            _ => Poll::Ready(Ok(())),
+            return Poll::Ready(Ok(()));
         }
+        io.poll_wake(cx)
     }
+
+    /// Only with nothing decrypted and nothing to send: the socket would not wake for them.
+    fn park(&mut self) -> Option<std::os::fd::RawFd> {
+        let (io, tls) = self.get_mut();
+        if tls_has_news(tls) || tls.wants_write() {
+            return None;
+        }
+        io.park()
+    }
+
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.get_ref().0.fd()
+    }
+
+    fn unpark(&mut self) -> io::Result<()> {
+        self.get_mut().0.unpark()
+    }
+}
+
+/// Whether rustls holds something for the reader that the socket will not announce again:
+/// decrypted bytes, the peer's close_notify, or a TLS error.
+fn tls_has_news(tls: &mut rustls::ServerConnection) -> bool {
+    !matches!(tls.process_new_packets(),
+        Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed())
 }
 
 /// Waits for the connection and tunnel tasks for at most `grace`, then cuts off the rest;

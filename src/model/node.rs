@@ -72,7 +72,7 @@ pub struct Node {
     /// Its per-backend Prometheus series.
     pub metrics: BackendMetrics,
     /// HTTP/1.1 connections waiting for the next request to this node.
-    pub idle: IdleConns,
+    pub idle: Arc<IdleConns>,
     /// The pool's queue: a release hands its place to the first request waiting for it.
     pub(in crate::model) queue: Arc<dyn Waiters>,
 }
@@ -99,7 +99,7 @@ impl Node {
             draining: AtomicBool::new(false),
             failures: AtomicU64::new(0),
             reported_connections: AtomicU64::new(0),
-            idle: IdleConns::default(),
+            idle: Arc::default(),
             queue,
         }
     }

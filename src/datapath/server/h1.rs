@@ -8,10 +8,10 @@
 //! and the client has been quiet for [`REST_AFTER`], the hyper connection is ended at that
 //! request boundary
 //! ([`graceful_shutdown`](hyper::server::conn::http1::Connection::graceful_shutdown) on an
-//! idle connection writes nothing), `into_parts` hands back the socket and any bytes hyper
-//! read ahead, and the connection *hibernates*: its task holds the socket and a keep-alive
-//! timer, nothing else, until the client sends again. Then a fresh hyper connection serves
-//! the next request, reading the handed-back bytes first.
+//! idle connection writes nothing) and `into_parts` hands back the socket and any bytes hyper
+//! read ahead. With nothing unread, the connection then sleeps in its accept loop's idle set
+//! (see `idle_set`) until the client sends again, and a fresh hyper connection serves the
+//! next request.
 //!
 //! Upgrades (WebSocket) end hyper's part the same way: the socket and its read-ahead bytes go
 //! to the tunnel task through the connection's tunnel slot, since hyper's own
@@ -19,6 +19,7 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -45,6 +46,17 @@ use crate::datapath::proxy_protocol::Rewind;
 pub(crate) trait Wakeable: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Ready once the client may have sent something (or closed).
     fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Takes the socket off the runtime, for an idle set to wait on its descriptor. `None`
+    /// when there is nothing to wait for (bytes already read from it wait above it, or it is
+    /// gone) or it cannot leave: the connection then waits in its own task.
+    fn park(&mut self) -> Option<RawFd>;
+
+    /// The descriptor of a parked socket.
+    fn fd(&self) -> RawFd;
+
+    /// Registers a parked socket with the current worker's runtime again.
+    fn unpark(&mut self) -> io::Result<()>;
 }
 
 /// A client connection handed to an upgrade's tunnel: the socket, and first the bytes the
@@ -70,31 +82,34 @@ enum Spell<I> {
     Over,
 }
 
-/// Serves HTTP/1.1 on `io` (whose first bytes are `prefix`) until the client leaves, hibernating
-/// between requests.
+/// Serves HTTP/1.1 on `io` (whose first bytes are `prefix`) until the client leaves or the
+/// connection rests with nothing unread: then the socket (and the service) are handed back,
+/// to sleep until the client sends again. `reads_at_start` is given for a connection's first
+/// request.
 pub(crate) async fn serve<I, S>(
     mut io: I,
     mut prefix: Bytes,
-    reads_at_start: u64,
+    reads_at_start: Option<u64>,
     builder: &http1::Builder,
     service: S,
     conn: &ConnHandle,
-) where
+) -> Option<(I, S)>
+where
     I: Wakeable,
     S: ClientService,
 {
     let shared = &conn.inner;
-    let mut first = Some(reads_at_start);
+    let mut first = reads_at_start;
     loop {
         // Boxed: the hibernating task holds none of a spell's state.
         match Box::pin(awake(io, prefix, builder, service.clone(), shared, first)).await {
             Spell::Rested(rested, read_ahead) => (io, prefix) = (rested, read_ahead),
-            Spell::Over => return,
+            Spell::Over => return None,
         }
         first = None;
         // A pipelined request, or part of the next head: serve it at once.
-        if prefix.is_empty() && !hibernate(&mut io, shared).await {
-            return;
+        if prefix.is_empty() {
+            return Some((io, service));
         }
     }
 }
@@ -212,10 +227,11 @@ async fn rested(shared: &ConnShared, dispatched_before: u64) {
     .await;
 }
 
-/// Waits, holding only the socket, until the client sends again. `false`: the connection is to
-/// close (quiet past `header_read_timeout`, the bound between keep-alive requests, or past
-/// `idle_timeout`; shutdown; a socket error).
-async fn hibernate<I: Wakeable>(io: &mut I, shared: &ConnShared) -> bool {
+/// Waits in the connection's task, holding only the socket, until the client sends again (when
+/// no idle set holds it). `false`: the connection is to close (quiet past
+/// `header_read_timeout`, the bound between keep-alive requests, or past `idle_timeout`;
+/// shutdown; a socket error).
+pub(crate) async fn hibernate<I: Wakeable>(io: &mut I, shared: &ConnShared) -> bool {
     tokio::select! {
         woke = poll_fn(|cx| io.poll_wake(cx)) => woke.is_ok(),
         () = tokio::time::sleep(shared.header_read_timeout.min(shared.idle_timeout)) => false,
