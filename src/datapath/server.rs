@@ -175,7 +175,7 @@ pub(crate) fn spawn_accept_loop<M, S>(
         tls,
         make_service,
         open_connections,
-        lifecycle,
+        lifecycle: Arc::new(lifecycle),
         name,
     });
     for socket in sockets {
@@ -213,7 +213,7 @@ struct AcceptShared<M> {
     tls: Option<Arc<TlsTerminator>>,
     make_service: M,
     open_connections: Arc<AtomicU64>,
-    lifecycle: Lifecycle,
+    lifecycle: Arc<Lifecycle>,
     name: Arc<str>,
 }
 
@@ -334,11 +334,10 @@ impl Accepted {
                 () = shared.lifecycle.shutdown.cancelled() => return None,
             },
         };
-        let activity = shared.activity.clone();
         Some((
             CountingIo {
                 inner: stream,
-                activity,
+                conn: shared.clone(),
             },
             client,
         ))
@@ -364,7 +363,10 @@ async fn serve_tls<S>(
     };
     let Some(stream) = stream else { return };
     // Before hyper sees the connection, so its first request reads it.
-    let _ = conn.inner.tls.set(crate::datapath::tls::info(&stream));
+    let _ = conn
+        .inner
+        .tls
+        .set(Box::new(crate::datapath::tls::info(&stream)));
     match crate::datapath::tls::alpn(&stream) {
         Some(b"h2") => Box::pin(serve_connection(stream, &rest.builders.h2, service, &conn)).await,
         Some(b"http/1.1") => {
@@ -610,7 +612,7 @@ struct ConnShared {
     gauge: Gauge,
     open_connections: Arc<AtomicU64>,
     /// Bumped by every read and write on the client socket (see [`CountingIo`]).
-    activity: Arc<AtomicU64>,
+    activity: AtomicU64,
     idle_timeout: Duration,
     header_read_timeout: Duration,
     /// Set when hyper hands over the connection's first request.
@@ -629,9 +631,11 @@ struct ConnShared {
     /// Requests uploading a body under their own stall timer (see [`ConnHandle::hold_open`]).
     uploads: AtomicUsize,
     client_errors: Arc<ClientErrors>,
-    lifecycle: Lifecycle,
-    /// Set once the TLS handshake is done (TLS listeners), for the access log.
-    tls: std::sync::OnceLock<TlsInfo>,
+    /// The listener's, shared: a connection's own copy would be three pointers more.
+    lifecycle: Arc<Lifecycle>,
+    /// Set once the TLS handshake is done (TLS listeners), for the access log. Boxed: a
+    /// cleartext connection carries one pointer for it, not the whole record.
+    tls: std::sync::OnceLock<Box<TlsInfo>>,
 }
 
 impl ConnHandle {
@@ -641,7 +645,7 @@ impl ConnHandle {
         open_connections: Arc<AtomicU64>,
         limits: &ConnLimits,
         client_errors: Arc<ClientErrors>,
-        lifecycle: Lifecycle,
+        lifecycle: Arc<Lifecycle>,
     ) -> Self {
         gauge.increment(1.0);
         open_connections.fetch_add(1, Ordering::Relaxed);
@@ -650,7 +654,7 @@ impl ConnHandle {
                 _slot: slot,
                 gauge,
                 open_connections,
-                activity: Arc::new(AtomicU64::new(0)),
+                activity: AtomicU64::new(0),
                 idle_timeout: limits.idle_timeout,
                 header_read_timeout: limits.header_read_timeout,
                 dispatched: AtomicBool::new(false),
@@ -681,7 +685,7 @@ impl ConnHandle {
 
     /// The connection's TLS version and SNI name; `None` on cleartext.
     pub(crate) fn tls(&self) -> Option<&TlsInfo> {
-        self.inner.tls.get()
+        self.inner.tls.get().map(|info| &**info)
     }
 
     /// Whether `shutdown_grace` ran out and the connection is being cut off (not the client's
@@ -968,7 +972,7 @@ impl<F: Future> Future for Quiet<F> {
 /// holds it open. Checking four times per timeout closes an idle connection within 1.25 × the
 /// limit without reading a clock on every read and write.
 async fn idle(shared: &ConnShared) {
-    let (activity, idle_timeout) = (&*shared.activity, shared.idle_timeout);
+    let (activity, idle_timeout) = (&shared.activity, shared.idle_timeout);
     let period = idle_timeout / 4;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -995,7 +999,8 @@ pin_project! {
     struct CountingIo<T> {
         #[pin]
         inner: T,
-        activity: Arc<AtomicU64>,
+        // Its `activity` is bumped.
+        conn: Arc<ConnShared>,
     }
 }
 
@@ -1025,7 +1030,7 @@ impl<T: AsyncRead> AsyncRead for CountingIo<T> {
         let before = buf.filled().len();
         let result = this.inner.poll_read(cx, buf);
         if buf.filled().len() != before {
-            Self::touch(this.activity, READ);
+            Self::touch(&this.conn.activity, READ);
         }
         result
     }
@@ -1040,7 +1045,7 @@ impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
         let this = self.project();
         let result = this.inner.poll_write(cx, buf);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            Self::touch(this.activity, WRITE);
+            Self::touch(&this.conn.activity, WRITE);
         }
         result
     }
@@ -1053,7 +1058,7 @@ impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
         let this = self.project();
         let result = this.inner.poll_write_vectored(cx, bufs);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            Self::touch(this.activity, WRITE);
+            Self::touch(&this.conn.activity, WRITE);
         }
         result
     }
