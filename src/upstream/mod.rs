@@ -83,6 +83,11 @@ struct ColdConn {
 }
 
 impl ColdConn {
+    /// Idle for less than `idle_timeout_ms` as of `now_ms`.
+    fn fresh(&self, now_ms: u64, idle_timeout_ms: u64) -> bool {
+        now_ms.saturating_sub(self.idle_since_ms) < idle_timeout_ms
+    }
+
     /// Whether the backend has neither closed the connection nor sent anything unasked (which
     /// would be read as the next response's start).
     fn is_quiet(&self) -> bool {
@@ -340,8 +345,7 @@ impl IdleConns {
         let idle_timeout = idle_timeout.as_millis() as u64;
         let queue = self.mine()?.cold.get()?;
         while let Some(cold) = queue.pop() {
-            let fresh = now.saturating_sub(cold.idle_since_ms) < idle_timeout;
-            if cold.address == address && fresh && cold.is_quiet() {
+            if cold.address == address && cold.fresh(now, idle_timeout) && cold.is_quiet() {
                 return Some(cold);
             }
         }
@@ -359,11 +363,15 @@ impl IdleConns {
         };
         // A full queue hands the connection back: dropping it closes it.
         drop(queues.warm.push(conn));
-        // Outside a runtime (never on the request path) the connection just stays warm.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current()
+        // A plain load on the request path; the runtime is looked up only to start a cooler.
+        if !queues.cooler_running.load(Ordering::Acquire)
             && !queues.cooler_running.swap(true, Ordering::AcqRel)
         {
-            runtime.spawn(cooler(Arc::downgrade(self)));
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(cooler(Arc::downgrade(self)))),
+                // Outside a runtime (never on the request path) the connection stays warm.
+                Err(_) => queues.cooler_running.store(false, Ordering::Release),
+            }
         }
     }
 
@@ -436,8 +444,7 @@ impl IdleConns {
                 Queue::Cold(queue) => {
                     for _ in 0..queue.len() {
                         let Some(cold) = queue.pop() else { break };
-                        let fresh = now.saturating_sub(cold.idle_since_ms) < idle_timeout;
-                        if fresh && cold.is_quiet() {
+                        if cold.fresh(now, idle_timeout) && cold.is_quiet() {
                             drop(queue.push(cold));
                         }
                     }

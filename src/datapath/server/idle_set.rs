@@ -230,11 +230,7 @@ impl IdleSet {
         entry.insert(Asleep { sleeper, laid });
         if self.deadlines.len() >= 2 * self.sleepers.len() + 64 {
             let sleepers = &self.sleepers;
-            self.deadlines.retain(|d| {
-                sleepers
-                    .get(d.key as usize)
-                    .is_some_and(|s| s.laid == d.laid)
-            });
+            self.deadlines.retain(|d| d.holds(sleepers));
         }
         self.deadlines.push_back(Deadline {
             at: Instant::now() + self.timeout,
@@ -246,7 +242,7 @@ impl IdleSet {
     /// The first deadline of a sleeper still here; drops the entries of those gone before it.
     fn next_deadline(&mut self) -> Option<Instant> {
         while let Some(first) = self.deadlines.front() {
-            if self.holds(first) {
+            if first.holds(&self.sleepers) {
                 return Some(first.at);
             }
             self.deadlines.pop_front();
@@ -261,18 +257,21 @@ impl IdleSet {
             if first.at > now {
                 break;
             }
-            if self.holds(first) {
+            if first.holds(&self.sleepers) {
                 // Closing the socket takes it off the epoll instance too.
                 drop(self.sleepers.remove(first.key as usize));
             }
             self.deadlines.pop_front();
         }
     }
+}
 
-    fn holds(&self, deadline: &Deadline) -> bool {
-        self.sleepers
-            .get(deadline.key as usize)
-            .is_some_and(|s| s.laid == deadline.laid)
+impl Deadline {
+    /// Whether its sleeper is still in the set.
+    fn holds(&self, sleepers: &Slab<Asleep>) -> bool {
+        sleepers
+            .get(self.key as usize)
+            .is_some_and(|s| s.laid == self.laid)
     }
 }
 
