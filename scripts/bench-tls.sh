@@ -110,17 +110,21 @@ EOF
   for port in "$@"; do tls_wait_port "$port"; done
 }
 
-# tls_start_fulcrum DIR BIN PORT ORIGIN_PORT...: fulcrum on one worker thread on core 0.
+# tls_start_fulcrum DIR BIN PORT ORIGIN_PORT...: fulcrum on one worker thread on core 0. With
+# TLS_KEEP_IDLE set, each of the three proxies keeps idle keep-alive connections for 600 s (the
+# idle-memory figure holds them while thousands more are opened).
 tls_start_fulcrum() {
   local dir=$1 bin=$2 port=$3; shift 3
-  local backends="" origin
+  local backends="" origin keep=""
   for origin in "$@"; do backends+="{ address = \"127.0.0.1:$origin\" }, "; done
+  [ -z "${TLS_KEEP_IDLE:-}" ] || keep=$'idle_timeout = "600s"\nheader_read_timeout = "600s"'
   cat > "$dir/fulcrum.toml" <<EOF
 shutdown_grace = "1s"
 [[listeners]]
 name = "bench"
 bind = "127.0.0.1:$port"
 max_connections = 20000
+$keep
 [listeners.tls]
 cert = "$dir/cert.pem"
 key = "$dir/key.pem"
@@ -138,7 +142,8 @@ EOF
 # tls_start_haproxy DIR PORT ORIGIN_PORT...: one HAProxy thread on core 0.
 tls_start_haproxy() {
   local dir=$1 port=$2; shift 2
-  local servers="" origin i=0
+  local servers="" origin i=0 client_timeout=30s
+  [ -z "${TLS_KEEP_IDLE:-}" ] || client_timeout=600s
   for origin in "$@"; do i=$((i + 1)); servers+="  server o$i 127.0.0.1:$origin"$'\n'; done
   cat > "$dir/haproxy.cfg" <<EOF
 global
@@ -149,7 +154,7 @@ global
 defaults
   mode http
   timeout connect 2s
-  timeout client 30s
+  timeout client $client_timeout
   timeout server 30s
   option http-keep-alive
 frontend bench
@@ -168,7 +173,8 @@ EOF
 # tls_start_nginx DIR PORT ORIGIN_PORT...: one nginx worker on core 0.
 tls_start_nginx() {
   local dir=$1 port=$2; shift 2
-  local servers="" origin
+  local servers="" origin keepalive_timeout=75s
+  [ -z "${TLS_KEEP_IDLE:-}" ] || keepalive_timeout=600s
   for origin in "$@"; do servers+="    server 127.0.0.1:$origin;"$'\n'; done
   mkdir -p "$dir/nginx"
   cat > "$dir/nginx/nginx.conf" <<EOF
@@ -179,6 +185,7 @@ events { worker_connections 20000; }
 http {
   access_log off;
   keepalive_requests 1000000;
+  keepalive_timeout $keepalive_timeout;
   upstream origins {
 $servers
     keepalive 64;

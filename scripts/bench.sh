@@ -12,7 +12,8 @@
 #   - memory per idle client connection, first, on fresh processes: a new proxy, one warm-up
 #     request, its tree's RSS (VmRSS), then 10,000 connections that each make one request and
 #     stay open and idle (a python3 asyncio client), `ss` confirms all are established at the
-#     proxy, RSS again; (after - before) / connections;
+#     proxy, RSS again; (after - before) / connections; and the same over TLS (HTTP/1.1 by
+#     ALPN, RSA-2048, 5,000 connections), reported without a goal;
 #   - new connections/s without keep-alive: wrk with `Connection: close` (a new TCP connection
 #     per request), and the proxy's CPU per connection;
 #   - TLS (the functions of scripts/bench-tls.sh, RSA-2048): full handshakes/s (h2load, every
@@ -33,18 +34,22 @@
 # answering "ok\n" on three loopback ports) and every load generator run on core 1.
 #
 # Usage: scripts/bench.sh [--rounds 3] [--duration 5] [--quick] [--bin PATH] [--rate N]
-#                         [--idle-conns 10000] [--handshakes 1500] [--no-tls] [--no-install]
+#                         [--idle-conns 10000] [--idle-tls-conns 5000] [--handshakes 1500]
+#                         [--no-tls] [--no-install]
 #                         [--port-base 17500] [--json FILE] [--markdown FILE]
 #   --rounds N       interleaved rounds (default 3; medians of fewer are not comparisons)
 #   --duration S     seconds per timed run (default 5)
-#   --quick          --duration 2 --idle-conns 2000 --handshakes 500: a smoke run, ~2 minutes
+#   --quick          --duration 2 --idle-conns 2000 --idle-tls-conns 1000 --handshakes 500: a
+#                    smoke run, ~2 minutes
 #   --bin PATH       a fulcrum binary to use instead of `cargo build --release`
 #   --rate N         the fixed rate (req/s) for the latency figures instead of the calibration
 #   --idle-conns N   idle connections for the memory figure (default 10000; under `ulimit -n`)
+#   --idle-tls-conns N  idle TLS connections for its memory figure (default 5000)
 #   --no-tls         leave out the TLS figures
 #   --no-install     do not apt-get install missing tools, fail instead
 #   --port-base P    origins on P+1..P+3, proxies on P+11..P+13 (cleartext), P+21..P+23 (TLS),
-#                    P+31..P+33 (the fresh proxies of the idle-memory figure); default 17500
+#                    P+31..P+33 and P+41..P+43 (the fresh proxies of the idle-memory figures,
+#                    cleartext and TLS); default 17500
 #   --json FILE      also write every figure (medians, ratios, goals, each round's values)
 #   --markdown FILE  also write the table (it is printed as Markdown) with a caption line
 # Installs what it needs from Debian's packages when missing (apt-get update once, then
@@ -190,6 +195,16 @@ bench_start() {
   esac
 }
 
+# tls_start NAME DIR BIN PORT ORIGIN_PORT...: one of the three TLS proxies (scripts/bench-tls.sh).
+tls_start() {
+  local name=$1 dir=$2 bin=$3; shift 3
+  case "$name" in
+    fulcrum) tls_start_fulcrum "$dir" "$bin" "$@" ;;
+    haproxy) tls_start_haproxy "$dir" "$@" ;;
+    nginx) tls_start_nginx "$dir" "$@" ;;
+  esac
+}
+
 # bench_stop PID: stops one process this script started (SIGTERM, SIGKILL after 5 s).
 bench_stop() {
   local pid=$1 i keep=() p
@@ -231,18 +246,33 @@ bench_get() {
   [[ "$answer" == "HTTP/1.1 200"* ]] || { echo "no 200 from 127.0.0.1:$1: ${answer%%$'\r'*}" >&2; return 1; }
 }
 
+# bench_get_tls PORT: bench_get over TLS (HTTP/1.1 by ALPN).
+bench_get_tls() {
+  local answer
+  answer=$(printf 'GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n' |
+    timeout 5 openssl s_client -quiet -alpn http/1.1 -connect "127.0.0.1:$1" 2>/dev/null || true)
+  [[ "$answer" == "HTTP/1.1 200"* ]] || { echo "no 200 over TLS from 127.0.0.1:$1: ${answer%%$'\r'*}" >&2; return 1; }
+}
+
 # bench_write_idle_client FILE: the python3 client that holds idle keep-alive connections.
-#   python3 FILE PORT COUNT READY RELEASE HOLD_SECONDS
+#   python3 FILE PORT COUNT READY RELEASE HOLD_SECONDS [tls]
+# (with `tls`: over TLS, ALPN http/1.1, the certificate not checked)
 # opens COUNT connections (200 connecting at a time, from 127.0.0.1-8 so ephemeral ports do
 # not run short), sends one GET on each and reads the whole answer, then writes "opened failed
 # seconds first-error" to READY and keeps every connection idle until the file RELEASE
 # appears (or HOLD_SECONDS pass); it closes with RST (SO_LINGER 0), leaving no TIME_WAIT.
 bench_write_idle_client() {
   cat > "$1" <<'EOF'
-import asyncio, os, resource, socket, struct, sys, time
+import asyncio, os, resource, socket, ssl, struct, sys, time
 
 port, count, ready, release = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 hold = float(sys.argv[5])
+tls = None
+if len(sys.argv) > 6 and sys.argv[6] == "tls":
+    tls = ssl.create_default_context()
+    tls.check_hostname = False
+    tls.verify_mode = ssl.CERT_NONE
+    tls.set_alpn_protocols(["http/1.1"])
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 if soft < count + 64:
     want = count + 64 if hard == resource.RLIM_INFINITY else min(hard, max(count + 64, 65536))
@@ -254,7 +284,34 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
 IP_BIND_ADDRESS_NO_PORT = 24
 
 
+async def one_tls(i, sem, socks):
+    async with sem:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                "127.0.0.1", port, ssl=tls, server_hostname="bench",
+                local_addr=(f"127.0.0.{1 + i % 8}", 0)), 20)
+            writer.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.write(REQUEST)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await asyncio.wait_for(reader.readexactly(length), 10)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise ConnectionError(head.split(b"\r\n")[0].decode(errors="replace"))
+            # The writer too: a collected StreamWriter closes its connection.
+            socks.append((reader, writer))
+            return None
+        except Exception as e:  # counted and reported, one example shown
+            return repr(e).replace(" ", "_")
+
+
 async def one(i, sem, socks):
+    if tls:
+        return await one_tls(i, sem, socks)
     async with sem:
         loop = asyncio.get_running_loop()
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -303,26 +360,34 @@ async def main():
     while not os.path.exists(release) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     for s in socks:
-        s.close()
+        s[1].transport.abort() if tls else s.close()
 
 
 asyncio.run(main())
 EOF
 }
 
-# bench_idle NAME DIR BIN PORT ORIGIN_PORT...: starts a fresh proxy, measures the memory its
-# idle client connections take, stops it. Sets B_IDLE_KIB (per connection), B_IDLE_LINE.
+# bench_idle MODE COUNT NAME DIR BIN PORT ORIGIN_PORT...: starts a fresh proxy (MODE plain or
+# tls; a tls one's certificate is already in DIR), measures the memory COUNT idle client
+# connections take, stops it. Sets B_IDLE_KIB (per connection), B_IDLE_LINE.
 bench_idle() {
-  local name=$1 dir=$2 bin=$3 port=$4; shift 4
+  local mode=$1 count=$2 name=$3 dir=$4 bin=$5 port=$6; shift 6
   local pid client ready="$dir/idle.ready" release="$dir/idle.release" i
   rm -f "$ready" "$release"
-  bench_start "$name" "$dir" "$bin" "$port" "$@"
+  if [ "$mode" = tls ]; then
+    TLS_KEEP_IDLE=1 tls_start "$name" "$dir" "$bin" "$port" "$@"
+  else
+    bench_start "$name" "$dir" "$bin" "$port" "$@"
+  fi
   pid=${TLS_PIDS[-1]}
-  bench_get "$port"
+  if [ "$mode" = tls ]; then bench_get_tls "$port"; else bench_get "$port"; fi
   sleep 0.5
   local before after opened failed took first established
   before=$(bench_tree_rss "$pid")
-  taskset -c 1 python3 "$dir/idle_client.py" "$port" "$B_IDLE_CONNS" "$ready" "$release" 120 &
+  local tls_arg=()
+  [ "$mode" = plain ] || tls_arg=(tls)
+  taskset -c 1 python3 "$dir/idle_client.py" "$port" "$count" "$ready" "$release" 120 \
+    "${tls_arg[@]}" &
   client=$!
   TLS_PIDS+=("$client")
   for i in $(seq 1200); do [ -e "$ready" ] && break; sleep 0.1; done
@@ -340,13 +405,13 @@ bench_idle() {
   wait "$client" 2>/dev/null || true
   bench_stop "$client"
   bench_stop "$pid"
-  if [ "$failed" != 0 ] || [ "$established" -lt "$B_IDLE_CONNS" ]; then
-    echo "  warning: $name: $failed of $B_IDLE_CONNS connections failed (first: $first);" \
+  if [ "$failed" != 0 ] || [ "$established" -lt "$count" ]; then
+    echo "  warning: $name: $failed of $count connections failed (first: $first);" \
       "$established established at the proxy" >&2
   fi
   B_IDLE_KIB=$(awk -v a="$after" -v b="$before" -v n="$opened" \
     'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print 0 }')
-  B_IDLE_LINE="RSS $before -> $after KiB, $established of $B_IDLE_CONNS established (opened in ${took}s)"
+  B_IDLE_LINE="RSS $before -> $after KiB, $established of $count established (opened in ${took}s)"
 }
 
 # bench_percentiles LOG: "p50 p99 p99.9" in ms of the 200 answers in h2load's --log-file
@@ -423,6 +488,7 @@ close.cpu|proxy CPU us per new connection|%.1f|
 EOF
   if [ "$B_TLS" = 1 ]; then
     cat <<EOF
+idle_tls.kib|KiB per idle TLS conn ($B_IDLE_TLS_CONNS open, h1)|%.2f|
 hs.rate|TLS full handshakes/s (RSA-2048)|%.0f|>=1.00
 hs.cpu|proxy CPU us per full handshake|%.0f|
 h2.rate|HTTP/2 over TLS req/s (8 conns x 8 str)|%.0f|>=1.00
@@ -508,15 +574,16 @@ bench_json_row() {
 
 bench_main() {
   local rounds=3 base=17500 bin="" install=1 json="" markdown="" fixed_rate=""
-  B_DURATION=5 B_IDLE_CONNS=10000 B_TLS=1 TLS_HANDSHAKES=1500 TLS_BATCH=250
+  B_DURATION=5 B_IDLE_CONNS=10000 B_IDLE_TLS_CONNS=5000 B_TLS=1 TLS_HANDSHAKES=1500 TLS_BATCH=250
   while [ $# -gt 0 ]; do
     case "$1" in
       --rounds) rounds=$2; shift 2 ;;
       --duration) B_DURATION=$2; shift 2 ;;
-      --quick) B_DURATION=2 B_IDLE_CONNS=2000 TLS_HANDSHAKES=500; shift ;;
+      --quick) B_DURATION=2 B_IDLE_CONNS=2000 B_IDLE_TLS_CONNS=1000 TLS_HANDSHAKES=500; shift ;;
       --bin) bin=$2; shift 2 ;;
       --rate) fixed_rate=$2; shift 2 ;;
       --idle-conns) B_IDLE_CONNS=$2; shift 2 ;;
+      --idle-tls-conns) B_IDLE_TLS_CONNS=$2; shift 2 ;;
       --handshakes) TLS_HANDSHAKES=$2; shift 2 ;;
       --no-tls) B_TLS=0; shift ;;
       --no-install) install=0; shift ;;
@@ -549,7 +616,9 @@ bench_main() {
   local -A plain_port=([fulcrum]=$((base + 11)) [haproxy]=$((base + 12)) [nginx]=$((base + 13)))
   local -A tls_port=([fulcrum]=$((base + 21)) [haproxy]=$((base + 22)) [nginx]=$((base + 23)))
   local -A idle_port=([fulcrum]=$((base + 31)) [haproxy]=$((base + 32)) [nginx]=$((base + 33)))
-  for port in $o1 $o2 $o3 "${plain_port[@]}" "${tls_port[@]}" "${idle_port[@]}"; do
+  local -A idle_tls_port=([fulcrum]=$((base + 41)) [haproxy]=$((base + 42)) [nginx]=$((base + 43)))
+  for port in $o1 $o2 $o3 "${plain_port[@]}" "${tls_port[@]}" "${idle_port[@]}" \
+    "${idle_tls_port[@]}"; do
     tls_port_free "$port" || { echo "port $port is busy; pass --port-base" >&2; return 1; }
   done
   bench_write_idle_client "$TLS_DIR/idle_client.py"
@@ -576,13 +645,31 @@ bench_main() {
   for round in $(seq "$rounds"); do
     for i in 0 1 2; do
       name=${names[$(((round - 1 + i) % 3))]}
-      bench_idle "$name" "$TLS_DIR" "$bin" "${idle_port[$name]}" $o1 $o2 $o3
+      bench_idle plain "$B_IDLE_CONNS" "$name" "$TLS_DIR" "$bin" "${idle_port[$name]}" \
+        $o1 $o2 $o3
       B_RESULTS[idle.kib.$name]+="$B_IDLE_KIB "
       printf 'round %d %-8s %-6s %8s KiB per connection   (%s)\n' "$round" "$name" idle \
         "$B_IDLE_KIB" "$B_IDLE_LINE"
     done
   done
   echo
+  if [ "$B_TLS" = 1 ]; then
+    echo "memory per idle TLS client connection: the same, $B_IDLE_TLS_CONNS connections over TLS"
+    mkdir -p "$TLS_DIR/idle-tls"
+    tls_make_cert "$TLS_DIR/idle-tls" rsa
+    bench_write_idle_client "$TLS_DIR/idle-tls/idle_client.py"
+    for round in $(seq "$rounds"); do
+      for i in 0 1 2; do
+        name=${names[$(((round - 1 + i) % 3))]}
+        bench_idle tls "$B_IDLE_TLS_CONNS" "$name" "$TLS_DIR/idle-tls" "$bin" \
+          "${idle_tls_port[$name]}" $o1 $o2 $o3
+        B_RESULTS[idle_tls.kib.$name]+="$B_IDLE_KIB "
+        printf 'round %d %-8s %-6s %8s KiB per connection   (%s)\n' "$round" "$name" idle-tls \
+          "$B_IDLE_KIB" "$B_IDLE_LINE"
+      done
+    done
+    echo
+  fi
 
   local -A pid_of=() url_of=() tls_pid_of=() tls_url_of=()
   for name in "${names[@]}"; do
