@@ -13,7 +13,9 @@
 #     request, its tree's RSS (VmRSS), then 10,000 connections that each make one request and
 #     stay open and idle (a python3 asyncio client), `ss` confirms all are established at the
 #     proxy, RSS again; (after - before) / connections; and the same over TLS (HTTP/1.1 by
-#     ALPN, RSA-2048, 5,000 connections), reported without a goal;
+#     ALPN, RSA-2048, 5,000 connections), reported without a goal; and the peak memory (VmHWM
+#     of its tree, above its RSS before) of a fresh TLS proxy when 2,000 new TLS clients
+#     connect at once (h2load, one request each);
 #   - new connections/s without keep-alive: wrk with `Connection: close` (a new TCP connection
 #     per request), and the proxy's CPU per connection;
 #   - TLS (the functions of scripts/bench-tls.sh, RSA-2048): full handshakes/s (h2load, every
@@ -23,9 +25,10 @@
 #     the physical ceiling and floor on this machine.
 # It prints one table of medians with each figure's ratio to HAProxy, nginx as a column too,
 # and a goal column for the goals the proxy is judged by (req/s >= 1.10x HAProxy, CPU per
-# request <= 0.85x, p99 at the fixed rate <= HAProxy, KiB per idle connection <= HAProxy, TLS
-# full handshakes/s and h2-over-TLS req/s >= HAProxy); then the CPU other processes took
-# meanwhile (each run line flags above 10 % of both cores) and the total runtime.
+# request <= 0.85x, p99 at the fixed rate <= HAProxy, KiB per idle connection and peak memory
+# under the TLS storm <= HAProxy, TLS full handshakes/s and h2-over-TLS req/s >= HAProxy);
+# then the CPU other processes took meanwhile (each run line flags above 10 % of both cores)
+# and the total runtime.
 # The access log's cost (fulcrum with and without a JSON log) is scripts/bench-access-log.sh.
 #
 # Every proxy runs ONE worker thread pinned to core 0 with taskset (fulcrum: plain `run`, which picks one worker on one core,
@@ -216,8 +219,10 @@ bench_stop() {
   TLS_PIDS=("${keep[@]}")
 }
 
-# bench_tree_rss PID: resident memory (KiB, VmRSS) of PID and all its descendants.
+# bench_tree_rss PID [FIELD]: resident memory (KiB, VmRSS, or FIELD of /proc/PID/status such
+# as VmHWM, the peak) of PID and all its descendants.
 bench_tree_rss() {
+  local field=${2:-VmRSS}
   local pids
   pids=$({ cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v root="$1" '
     { pid = $1; line = $0; sub(/^[0-9]+ \(.*\) /, "", line); split(line, f, " "); parent[pid] = f[2] }
@@ -230,7 +235,7 @@ bench_tree_rss() {
     }')
   local pid total=0 kib
   for pid in $pids; do
-    kib=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)
+    kib=$(awk -v f="$field:" '$1 == f { print $2 }' "/proc/$pid/status" 2>/dev/null || true)
     total=$((total + ${kib:-0}))
   done
   echo "$total"
@@ -414,6 +419,26 @@ bench_idle() {
   B_IDLE_LINE="RSS $before -> $after KiB, $established of $count established (opened in ${took}s)"
 }
 
+# bench_storm NAME DIR BIN PORT ORIGIN_PORT...: a fresh TLS proxy (certificate in DIR), one
+# warm-up request, then $B_STORM_CLIENTS new TLS clients at once (h2load, one request each);
+# sets B_STORM_MIB, the peak RSS of its tree (VmHWM) above its RSS before, and B_STORM_LINE.
+bench_storm() {
+  local name=$1 dir=$2 bin=$3 port=$4; shift 4
+  local pid before peak out got
+  tls_start "$name" "$dir" "$bin" "$port" "$@"
+  pid=${TLS_PIDS[-1]}
+  bench_get_tls "$port"
+  sleep 0.5
+  before=$(bench_tree_rss "$pid")
+  out=$(timeout -k 5 60 taskset -c 1 h2load -n "$B_STORM_CLIENTS" -c "$B_STORM_CLIENTS" -m 1 \
+    "https://127.0.0.1:$port/" 2>&1) || true
+  got=$(awk '/^requests:/ { print $8 }' <<<"$out")
+  peak=$(bench_tree_rss "$pid" VmHWM)
+  bench_stop "$pid"
+  B_STORM_MIB=$(awk -v p="$peak" -v b="$before" 'BEGIN { printf "%.1f", (p - b) / 1024 }')
+  B_STORM_LINE="RSS $before KiB before, peak $peak KiB; ${got:-0} of $B_STORM_CLIENTS answered"
+}
+
 # bench_percentiles LOG: "p50 p99 p99.9" in ms of the 200 answers in h2load's --log-file
 # (nearest rank), then the count of answers that were not 200.
 bench_percentiles() {
@@ -489,6 +514,7 @@ EOF
   if [ "$B_TLS" = 1 ]; then
     cat <<EOF
 idle_tls.kib|KiB per idle TLS conn ($B_IDLE_TLS_CONNS open, h1)|%.2f|
+storm.mib|peak MiB, $B_STORM_CLIENTS new TLS clients at once|%.1f|<=1.00
 hs.rate|TLS full handshakes/s (RSA-2048)|%.0f|>=1.00
 hs.cpu|proxy CPU us per full handshake|%.0f|
 h2.rate|HTTP/2 over TLS req/s (8 conns x 8 str)|%.0f|>=1.00
@@ -574,7 +600,7 @@ bench_json_row() {
 
 bench_main() {
   local rounds=3 base=17500 bin="" install=1 json="" markdown="" fixed_rate=""
-  B_DURATION=5 B_IDLE_CONNS=10000 B_IDLE_TLS_CONNS=5000 B_TLS=1 TLS_HANDSHAKES=1500 TLS_BATCH=250
+  B_DURATION=5 B_IDLE_CONNS=10000 B_IDLE_TLS_CONNS=5000 B_STORM_CLIENTS=2000 B_TLS=1 TLS_HANDSHAKES=1500 TLS_BATCH=250
   while [ $# -gt 0 ]; do
     case "$1" in
       --rounds) rounds=$2; shift 2 ;;
@@ -654,7 +680,8 @@ bench_main() {
   done
   echo
   if [ "$B_TLS" = 1 ]; then
-    echo "memory per idle TLS client connection: the same, $B_IDLE_TLS_CONNS connections over TLS"
+    echo "memory per idle TLS client connection: the same, $B_IDLE_TLS_CONNS connections over TLS;"
+    echo "and the peak memory a fresh TLS proxy reaches under $B_STORM_CLIENTS new clients at once"
     mkdir -p "$TLS_DIR/idle-tls"
     tls_make_cert "$TLS_DIR/idle-tls" rsa
     bench_write_idle_client "$TLS_DIR/idle-tls/idle_client.py"
@@ -666,6 +693,10 @@ bench_main() {
         B_RESULTS[idle_tls.kib.$name]+="$B_IDLE_KIB "
         printf 'round %d %-8s %-6s %8s KiB per connection   (%s)\n' "$round" "$name" idle-tls \
           "$B_IDLE_KIB" "$B_IDLE_LINE"
+        bench_storm "$name" "$TLS_DIR/idle-tls" "$bin" "${idle_tls_port[$name]}" $o1 $o2 $o3
+        B_RESULTS[storm.mib.$name]+="$B_STORM_MIB "
+        printf 'round %d %-8s %-6s %8s MiB peak above base   (%s)\n' "$round" "$name" storm \
+          "$B_STORM_MIB" "$B_STORM_LINE"
       done
     done
     echo
