@@ -168,21 +168,25 @@ pub(crate) fn spawn_accept_loop<M, S>(
 {
     let shared = Arc::new(AcceptShared {
         builders: Arc::new(Builders::new(&limits)),
-        connections: metrics::gauge!(DOWNSTREAM_CONNECTIONS, "listener" => name.to_string()),
-        client_errors: Arc::new(ClientErrors::new(&name)),
+        listener: Arc::new(ListenerConns {
+            gauge: metrics::gauge!(DOWNSTREAM_CONNECTIONS, "listener" => name.to_string()),
+            open_connections,
+            idle_timeout: limits.idle_timeout,
+            header_read_timeout: limits.header_read_timeout,
+            client_errors: Arc::new(ClientErrors::new(&name)),
+            lifecycle,
+        }),
         slots: Arc::new(Semaphore::new(limits.max_connections)),
         limits,
         tls,
         make_service,
-        open_connections,
-        lifecycle: Arc::new(lifecycle),
         name,
     });
     for socket in sockets {
         let shared = shared.clone();
         match socket {
             AcceptSocket::Here(listener) => {
-                let tracker = shared.lifecycle.tracker.clone();
+                let tracker = shared.listener.lifecycle.tracker.clone();
                 tracker.spawn(accept_loop(listener, shared));
             }
             AcceptSocket::On(listener, worker) => {
@@ -196,7 +200,7 @@ pub(crate) fn spawn_accept_loop<M, S>(
                         continue;
                     }
                 };
-                let tracker = shared.lifecycle.tracker.clone();
+                let tracker = shared.listener.lifecycle.tracker.clone();
                 tracker.spawn(accept_loop(listener, shared));
             }
         }
@@ -206,15 +210,25 @@ pub(crate) fn spawn_accept_loop<M, S>(
 /// What the accept loops of one listener share.
 struct AcceptShared<M> {
     builders: Arc<Builders>,
-    connections: Gauge,
-    client_errors: Arc<ClientErrors>,
+    listener: Arc<ListenerConns>,
     slots: Arc<Semaphore>,
     limits: ConnLimits,
     tls: Option<Arc<TlsTerminator>>,
     make_service: M,
-    open_connections: Arc<AtomicU64>,
-    lifecycle: Arc<Lifecycle>,
     name: Arc<str>,
+}
+
+/// What every connection of one listener shares, held by each through one pointer rather
+/// than copied into it: a sleeping connection's whole cost is a few hundred bytes.
+struct ListenerConns {
+    /// `fulcrum_downstream_connections{listener}`.
+    gauge: Gauge,
+    /// Client connections open on all traffic listeners.
+    open_connections: Arc<AtomicU64>,
+    idle_timeout: Duration,
+    header_read_timeout: Duration,
+    client_errors: Arc<ClientErrors>,
+    lifecycle: Lifecycle,
 }
 
 async fn accept_loop<M, S>(listener: TcpListener, shared: Arc<AcceptShared<M>>)
@@ -222,7 +236,7 @@ where
     M: Fn(SocketAddr, ConnHandle) -> S + Send + Sync + 'static,
     S: ClientService,
 {
-    let lifecycle = &shared.lifecycle;
+    let lifecycle = &shared.listener.lifecycle;
     // This loop's own: its connections sleep on the same worker thread.
     let rest = Rest {
         builders: shared.builders.clone(),
@@ -244,14 +258,7 @@ where
         // Small responses must not wait on Nagle's algorithm.
         let _ = stream.set_nodelay(true);
         crate::base::heap::woken();
-        let conn = ConnHandle::new(
-            slot,
-            shared.connections.clone(),
-            shared.open_connections.clone(),
-            &shared.limits,
-            shared.client_errors.clone(),
-            lifecycle.clone(),
-        );
+        let conn = ConnHandle::new(slot, shared.listener.clone());
         let accepted = Accepted {
             stream,
             peer,
@@ -330,8 +337,8 @@ impl Accepted {
             None => (Rewind::new(ClientSocket::Awake(self.stream)), self.peer),
             // Boxed: the header's buffer and reads are no part of the connection's task after.
             Some(rule) => tokio::select! {
-                read = Box::pin(rule.accept(ClientSocket::Awake(self.stream), self.peer, shared.header_read_timeout)) => read?,
-                () = shared.lifecycle.shutdown.cancelled() => return None,
+                read = Box::pin(rule.accept(ClientSocket::Awake(self.stream), self.peer, shared.listener.header_read_timeout)) => read?,
+                () = shared.listener.lifecycle.shutdown.cancelled() => return None,
             },
         };
         Some((
@@ -359,7 +366,7 @@ async fn serve_tls<S>(
     // A connection that arrives as shutdown starts is not worth a handshake.
     let stream = tokio::select! {
         stream = tls.handshake(io, peer) => stream,
-        () = conn.inner.lifecycle.shutdown.cancelled() => None,
+        () = conn.inner.listener.lifecycle.shutdown.cancelled() => None,
     };
     let Some(stream) = stream else { return };
     // Before hyper sees the connection, so its first request reads it.
@@ -493,7 +500,7 @@ impl<I: Wakeable, S: ClientService> Sleeper for Asleep<I, S> {
             conn,
             rest,
         } = *self;
-        let tracker = conn.inner.lifecycle.tracker.clone();
+        let tracker = conn.inner.listener.lifecycle.tracker.clone();
         tracker.spawn(async move {
             if let Err(e) = io.unpark() {
                 debug!(error = %e, "an idle connection cannot rejoin the runtime");
@@ -529,11 +536,11 @@ async fn sniff<I: AsyncRead + Unpin>(
     };
     let sniffed = tokio::select! {
         sniffed = read => sniffed,
-        () = tokio::time::sleep(shared.header_read_timeout) => {
+        () = tokio::time::sleep(shared.listener.header_read_timeout) => {
             first_head_missed(shared, reads_before);
             false
         }
-        () = shared.lifecycle.shutdown.cancelled() => false,
+        () = shared.listener.lifecycle.shutdown.cancelled() => false,
     };
     sniffed.then(|| Bytes::copy_from_slice(&seen[..len]))
 }
@@ -609,12 +616,9 @@ pub(crate) struct ConnHandle {
 
 struct ConnShared {
     _slot: OwnedSemaphorePermit,
-    gauge: Gauge,
-    open_connections: Arc<AtomicU64>,
+    listener: Arc<ListenerConns>,
     /// Bumped by every read and write on the client socket (see [`CountingIo`]).
     activity: AtomicU64,
-    idle_timeout: Duration,
-    header_read_timeout: Duration,
     /// Set when hyper hands over the connection's first request.
     dispatched: AtomicBool,
     /// HTTP/1.1: requests handed over so far, and those whose response is not yet written.
@@ -630,33 +634,20 @@ struct ConnShared {
     tunnel: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<TunnelIo>>>,
     /// Requests uploading a body under their own stall timer (see [`ConnHandle::hold_open`]).
     uploads: AtomicUsize,
-    client_errors: Arc<ClientErrors>,
-    /// The listener's, shared: a connection's own copy would be three pointers more.
-    lifecycle: Arc<Lifecycle>,
     /// Set once the TLS handshake is done (TLS listeners), for the access log. Boxed: a
     /// cleartext connection carries one pointer for it, not the whole record.
     tls: std::sync::OnceLock<Box<TlsInfo>>,
 }
 
 impl ConnHandle {
-    fn new(
-        slot: OwnedSemaphorePermit,
-        gauge: Gauge,
-        open_connections: Arc<AtomicU64>,
-        limits: &ConnLimits,
-        client_errors: Arc<ClientErrors>,
-        lifecycle: Arc<Lifecycle>,
-    ) -> Self {
-        gauge.increment(1.0);
-        open_connections.fetch_add(1, Ordering::Relaxed);
+    fn new(slot: OwnedSemaphorePermit, listener: Arc<ListenerConns>) -> Self {
+        listener.gauge.increment(1.0);
+        listener.open_connections.fetch_add(1, Ordering::Relaxed);
         Self {
             inner: Arc::new(ConnShared {
                 _slot: slot,
-                gauge,
-                open_connections,
+                listener,
                 activity: AtomicU64::new(0),
-                idle_timeout: limits.idle_timeout,
-                header_read_timeout: limits.header_read_timeout,
                 dispatched: AtomicBool::new(false),
                 requests: AtomicU64::new(0),
                 in_flight: AtomicUsize::new(0),
@@ -665,8 +656,6 @@ impl ConnHandle {
                 switching: AtomicBool::new(false),
                 tunnel: std::sync::Mutex::new(None),
                 uploads: AtomicUsize::new(0),
-                client_errors,
-                lifecycle,
                 tls: std::sync::OnceLock::new(),
             }),
         }
@@ -675,12 +664,12 @@ impl ConnHandle {
     /// The listener's `idle_timeout`: how long a client may leave its connection (or its
     /// upload) without a byte.
     pub(crate) fn idle_timeout(&self) -> Duration {
-        self.inner.idle_timeout
+        self.inner.listener.idle_timeout
     }
 
     /// The listener's `fulcrum_client_errors_total` handles.
     pub(crate) fn client_errors(&self) -> &Arc<ClientErrors> {
-        &self.inner.client_errors
+        &self.inner.listener.client_errors
     }
 
     /// The connection's TLS version and SNI name; `None` on cleartext.
@@ -691,7 +680,7 @@ impl ConnHandle {
     /// Whether `shutdown_grace` ran out and the connection is being cut off (not the client's
     /// doing).
     pub(crate) fn is_cut_off(&self) -> bool {
-        self.inner.lifecycle.cut_off.is_cancelled()
+        self.inner.listener.lifecycle.cut_off.is_cancelled()
     }
 
     /// Keeps the connection's idle timer from closing the connection while the returned guard
@@ -712,7 +701,7 @@ impl ConnHandle {
         }
         self.inner.switching.store(true, Ordering::Release);
         let conn = self.clone();
-        self.inner.lifecycle.tracker.spawn(async move {
+        self.inner.listener.lifecycle.tracker.spawn(async move {
             let _guard = guard;
             let (mut client, backend) = match tokio::join!(client, backend) {
                 (Ok(client), Ok(backend)) => (client, backend),
@@ -733,7 +722,7 @@ impl ConnHandle {
                     Err(e) => debug!(error = %e, "tunnel ended with an error"),
                 },
                 () = idle(shared) => debug!("closing idle tunnel"),
-                () = shared.lifecycle.cut_off.cancelled() => debug!("tunnel cut off by shutdown_grace"),
+                () = shared.listener.lifecycle.cut_off.cancelled() => debug!("tunnel cut off by shutdown_grace"),
             }
         });
     }
@@ -757,7 +746,7 @@ impl std::fmt::Debug for HoldOpen<'_> {
 impl std::fmt::Debug for ConnHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnHandle")
-            .field("idle_timeout", &self.inner.idle_timeout)
+            .field("idle_timeout", &self.inner.listener.idle_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -774,8 +763,10 @@ impl ConnShared {
 
 impl Drop for ConnShared {
     fn drop(&mut self) {
-        self.open_connections.fetch_sub(1, Ordering::Relaxed);
-        self.gauge.decrement(1.0);
+        self.listener
+            .open_connections
+            .fetch_sub(1, Ordering::Relaxed);
+        self.listener.gauge.decrement(1.0);
     }
 }
 
@@ -806,14 +797,14 @@ async fn serve_connection<I, S, B>(
     // header timer starts only once it has decided: the first request gets a deadline of its
     // own, from accept (or the end of the TLS handshake).
     let reads_before = reads(&shared.activity);
-    let first_head = tokio::time::sleep(shared.header_read_timeout);
+    let first_head = tokio::time::sleep(shared.listener.header_read_timeout);
     tokio::pin!(first_head);
     let mut awaiting_first_head = true;
     let idle = idle(shared);
     tokio::pin!(idle);
-    let shutdown = Quiet::new(shared.lifecycle.shutdown.cancelled());
+    let shutdown = Quiet::new(shared.listener.lifecycle.shutdown.cancelled());
     tokio::pin!(shutdown);
-    let cut_off = Quiet::new(shared.lifecycle.cut_off.cancelled());
+    let cut_off = Quiet::new(shared.listener.lifecycle.cut_off.cancelled());
     tokio::pin!(cut_off);
     let mut draining = false;
     loop {
@@ -853,7 +844,7 @@ fn ended_with_error(
     let first_head_pending = !shared.dispatched.load(Ordering::Relaxed);
     let sent_bytes = reads(&shared.activity) != reads_before;
     if let Some(kind) = refused(error, first_head_pending, sent_bytes) {
-        shared.client_errors.count(kind);
+        shared.listener.client_errors.count(kind);
     }
     debug!(error = %error, "client connection ended with an error");
 }
@@ -867,7 +858,10 @@ fn first_head_missed(shared: &ConnShared, reads_before: u64) -> bool {
         return false;
     }
     if reads(&shared.activity) != reads_before {
-        shared.client_errors.count(ClientErrorKind::Timeout);
+        shared
+            .listener
+            .client_errors
+            .count(ClientErrorKind::Timeout);
     }
     debug!("no request head within header_read_timeout; closing");
     true
@@ -972,7 +966,7 @@ impl<F: Future> Future for Quiet<F> {
 /// holds it open. Checking four times per timeout closes an idle connection within 1.25 × the
 /// limit without reading a clock on every read and write.
 async fn idle(shared: &ConnShared) {
-    let (activity, idle_timeout) = (&shared.activity, shared.idle_timeout);
+    let (activity, idle_timeout) = (&shared.activity, shared.listener.idle_timeout);
     let period = idle_timeout / 4;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);

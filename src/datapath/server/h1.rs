@@ -137,14 +137,14 @@ where
     // hyper reads the first head without a timer of its own until it has begun: the first
     // request gets a deadline from accept (or the end of the TLS handshake).
     let reads_before = first.unwrap_or_else(|| reads(&shared.activity));
-    let first_head = tokio::time::sleep(shared.header_read_timeout);
+    let first_head = tokio::time::sleep(shared.listener.header_read_timeout);
     tokio::pin!(first_head);
     let mut awaiting_first_head = first.is_some();
     let idle = idle(shared);
     tokio::pin!(idle);
-    let shutdown = Quiet::new(shared.lifecycle.shutdown.cancelled());
+    let shutdown = Quiet::new(shared.listener.lifecycle.shutdown.cancelled());
     tokio::pin!(shutdown);
-    let cut_off = Quiet::new(shared.lifecycle.cut_off.cancelled());
+    let cut_off = Quiet::new(shared.listener.lifecycle.cut_off.cancelled());
     tokio::pin!(cut_off);
     // Armed once the connection rests, with the request count then; when it fires with the
     // count unchanged the connection hibernates. One timer per quiet spell, not per request.
@@ -234,9 +234,9 @@ async fn rested(shared: &ConnShared, dispatched_before: u64) {
 pub(crate) async fn hibernate<I: Wakeable>(io: &mut I, shared: &ConnShared) -> bool {
     tokio::select! {
         woke = poll_fn(|cx| io.poll_wake(cx)) => woke.is_ok(),
-        () = tokio::time::sleep(shared.header_read_timeout.min(shared.idle_timeout)) => false,
-        () = shared.lifecycle.shutdown.cancelled() => false,
-        () = shared.lifecycle.cut_off.cancelled() => false,
+        () = tokio::time::sleep(shared.listener.header_read_timeout.min(shared.listener.idle_timeout)) => false,
+        () = shared.listener.lifecycle.shutdown.cancelled() => false,
+        () = shared.listener.lifecycle.cut_off.cancelled() => false,
     }
 }
 
