@@ -374,22 +374,24 @@ async fn serve_tls<S>(
         .inner
         .tls
         .set(Box::new(crate::datapath::tls::info(&stream)));
+    // Each protocol's serving boxed: until the handshake is done the task holds only its
+    // state (a handshake storm's connections are a third of the size).
     match crate::datapath::tls::alpn(&stream) {
         Some(b"h2") => Box::pin(serve_connection(stream, &rest.builders.h2, service, &conn)).await,
         Some(b"http/1.1") => {
             let reads_before = reads(&conn.inner.activity);
-            serve_h1(
+            let serve = serve_h1(
                 stream,
                 Bytes::new(),
                 Some(reads_before),
                 rest,
                 service,
                 conn,
-            )
-            .await;
+            );
+            Box::pin(serve).await;
         }
         // No ALPN: HTTP/1.1, or HTTP/2 with prior knowledge.
-        _ => serve_sniffed(stream, rest, service, conn).await,
+        _ => Box::pin(serve_sniffed(stream, rest, service, conn)).await,
     }
 }
 
