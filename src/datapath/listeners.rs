@@ -190,10 +190,7 @@ pub(crate) fn serve(
                 listener: info.clone(),
                 conn,
             });
-            hyper::service::service_fn(move |req| {
-                let conn = conn.clone();
-                async move { Ok::<_, std::convert::Infallible>(proxy::handle(req, &conn).await) }
-            })
+            hyper::service::service_fn(move |req| proxy::handle(req, conn.clone()))
         },
         client_connections.clone(),
         lifecycle,

@@ -4,12 +4,16 @@
 //! [`ProxyError`], and [`ProxyError::into_response`] is the one place that turns errors into
 //! statuses, metrics and log lines, and decides who is to blame: a backend, or the client.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use futures_util::FutureExt as _;
+use futures_util::future::Either;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -141,7 +145,14 @@ impl Router {
 }
 
 /// Serves one request: the whole request path after the connection layer.
-pub(crate) async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+///
+/// What needs no waiting (the request id, routing, the checks, the rewritten head) is done
+/// before the future is made, so the future (which hyper boxes, and keeps for as long as the
+/// request lasts) holds the rewritten request once, not the client's request as well.
+pub(crate) fn handle(
+    mut req: Request<Incoming>,
+    conn: Arc<ConnInfo>,
+) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static {
     let started = Instant::now();
     let listener = &conn.listener;
     let request_id = listener
@@ -163,28 +174,59 @@ pub(crate) async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Respo
             Trace::start(log, &req, request_id.as_ref(), origin)
         }
     };
-    let mut response = route_and_forward(req, conn, started, &mut trace).await;
-    if trace.is_on() {
-        let tail = trace.respond(response.status().as_u16(), response.body().is_end_stream());
-        response.body_mut().set_tail(tail);
+    let routed = route(req, &conn, &mut trace);
+    async move {
+        let mut response = match routed {
+            Routed::Answered(response) => response,
+            Routed::Forward {
+                mut outgoing,
+                state,
+                pool,
+                version,
+            } => match send_with_retries(&mut outgoing, &state, &pool, &conn, started, &mut trace)
+                .await
+            {
+                Ok(response) => response,
+                Err(e) => {
+                    trace.failed(e.status().as_u16(), e.termination());
+                    e.into_response(&pool.metrics.responses, version)
+                }
+            },
+        };
+        if trace.is_on() {
+            let tail = trace.respond(response.status().as_u16(), response.body().is_end_stream());
+            response.body_mut().set_tail(tail);
+        }
+        Ok(response)
     }
-    response
 }
 
-/// Routes and forwards a request; a failure becomes its answer through the funnel, and its
-/// access-log termination through `trace`.
-async fn route_and_forward(
-    req: Request<Incoming>,
-    conn: &ConnInfo,
-    started: Instant,
-    trace: &mut Trace,
-) -> Response<ProxyBody> {
+/// Where a request goes before any backend sees it.
+enum Routed {
+    /// To a pool: the request rewritten for its backends, and the pool's state it was
+    /// checked against.
+    Forward {
+        outgoing: Outgoing,
+        state: Arc<PoolState>,
+        pool: Arc<Pool>,
+        /// The client's HTTP version, which an error answer is given in.
+        version: Version,
+    },
+    /// Nowhere: the answer fulcrum gives itself, already in `trace`.
+    Answered(Response<ProxyBody>),
+}
+
+/// Routes a request and checks what it declares: a failure becomes its answer through the
+/// funnel, and its access-log termination through `trace`.
+fn route(req: Request<Incoming>, conn: &ConnInfo, trace: &mut Trace) -> Routed {
     let version = req.version();
     if req.method() == Method::CONNECT {
         // A reverse proxy does not open tunnels to arbitrary hosts.
         let error = ProxyError::Method;
         trace.failed(error.status().as_u16(), error.termination());
-        return error.into_response(&conn.listener.router.load().unrouted, version);
+        return Routed::Answered(
+            error.into_response(&conn.listener.router.load().unrouted, version),
+        );
     }
     let pool = {
         let router = conn.listener.router.load();
@@ -193,40 +235,28 @@ async fn route_and_forward(
             None => {
                 let error = ProxyError::NoRoute;
                 trace.failed(error.status().as_u16(), error.termination());
-                return error.into_response(&router.unrouted, version);
+                return Routed::Answered(error.into_response(&router.unrouted, version));
             }
         }
     };
     trace.pool(&pool.name);
-    match forward(req, &pool, conn, started, trace).await {
-        Ok(response) => response,
-        Err(e) => {
-            trace.failed(e.status().as_u16(), e.termination());
-            e.into_response(&pool.metrics.responses, version)
-        }
-    }
-}
-
-/// Forwards a routed request: check what it declares, rewrite its head, then send it to a
-/// node (trying another when one refused it), and relay the answer.
-async fn forward(
-    req: Request<Incoming>,
-    pool: &Pool,
-    conn: &ConnInfo,
-    started: Instant,
-    trace: &mut Trace,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let limit = conn.listener.max_body_bytes;
-    if let Some(limit) = limit
+    if let Some(limit) = conn.listener.max_body_bytes
         && declared_length(&req).is_some_and(|len| len > limit)
     {
         conn.conn.client_errors().count(ClientErrorKind::TooLarge);
-        return Err(ProxyError::BodyTooLarge { limit });
+        let error = ProxyError::BodyTooLarge { limit };
+        trace.failed(error.status().as_u16(), error.termination());
+        return Routed::Answered(error.into_response(&pool.metrics.responses, version));
     }
     let state = pool.snapshot();
-    let mut outgoing = Outgoing::prepare(req, &state, conn);
+    let outgoing = Outgoing::prepare(req, &state, conn);
     trace.upload(outgoing.upload.as_ref());
-    send_with_retries(&mut outgoing, &state, pool, conn, started, trace).await
+    Routed::Forward {
+        outgoing,
+        state,
+        pool,
+        version,
+    }
 }
 
 /// A request on its way to a backend: its rewritten head, the body no backend has read yet,
@@ -458,26 +488,29 @@ async fn exchange(
     let (upstream, giveback) = outgoing.attempt(backend, pooled, last);
     let settings = &state.settings;
     let uploading = outgoing.upload.as_deref();
-    let send = async {
-        match pooled {
-            None => upstream::request(
+    // Pinned where it is built: moved into `exchange_in_time`, the exchange would be stored
+    // twice in this request's future, once as the argument and once as what it awaits. An
+    // `Either` rather than an `async` block, which would hold `upstream` once more.
+    let send = std::pin::pin!(match pooled {
+        None => Either::Left(
+            upstream::request(
                 &node.idle,
                 backend.address,
                 settings.connect_timeout,
                 settings.idle_pool_timeout,
                 upstream,
             )
-            .await
-            .map(|(response, conn, connect)| ((response, Some(conn)), Some(connect)))
-            .map_err(|e| ProxyError::exchange(node, e, uploading)),
-            // hyper-util's pool opens its connections unseen.
-            Some(client) => client
-                .request(upstream)
-                .await
-                .map(|response| ((response, None), None))
-                .map_err(|e| ProxyError::pooled_client(node, e, uploading)),
-        }
-    };
+            .map(|sent| {
+                sent.map(|(response, conn, connect)| ((response, Some(conn)), Some(connect)))
+                    .map_err(|e| ProxyError::exchange(node, e, uploading))
+            }),
+        ),
+        // hyper-util's pool opens its connections unseen.
+        Some(client) => Either::Right(client.request(upstream).map(|sent| {
+            sent.map(|response| ((response, None), None))
+                .map_err(|e| ProxyError::pooled_client(node, e, uploading))
+        })),
+    });
     let timeout = settings.response_timeout;
     let error = match exchange_in_time(send, uploading, &conn.conn, timeout).await {
         Ok(Ok((answer, connect))) => {
@@ -550,18 +583,12 @@ enum Late {
 /// else); while the body is uploading, a client that stalls for `idle_timeout` is the
 /// client's fault and a backend that stops reading for `response_timeout` is the backend's.
 async fn exchange_in_time<F: Future>(
-    exchange: F,
+    mut exchange: Pin<&mut F>,
     upload: Option<&Upload>,
     conn: &ConnHandle,
     response_timeout: Duration,
 ) -> Result<F::Output, Late> {
-    let Some(upload) = upload else {
-        return tokio::time::timeout(response_timeout, exchange)
-            .await
-            .map_err(|_| Late::Backend);
-    };
-    tokio::pin!(exchange);
-    {
+    if let Some(upload) = upload {
         let mut watch = UploadWatch {
             upload,
             conn,

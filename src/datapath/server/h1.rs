@@ -277,9 +277,9 @@ where
 {
     type Response = Response<TrackedBody<B>>;
     type Error = std::convert::Infallible;
-    // Boxed: hyper's `poll_without_shutdown` wants an `Unpin` future (hyper boxes it anyway).
-    type Future =
-        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+    // Boxed: hyper's `poll_without_shutdown` wants an `Unpin` future. A struct rather than an
+    // `async` block, which would hold the inner future twice (captured, then awaited).
+    type Future = Pin<Box<TrackedCall<S::Future>>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.shared.dispatched.store(true, Ordering::Relaxed);
@@ -293,18 +293,42 @@ where
         self.shared
             .body_pending
             .store(!req.body().is_end_stream(), Ordering::Relaxed);
-        let guard = InFlightGuard(self.shared.clone());
-        let response = self.inner.call(req);
-        Box::pin(async move {
-            let response = response.await?;
-            if has_close(response.headers()) {
-                guard.0.close_after.store(true, Ordering::Relaxed);
-            }
-            Ok(response.map(|body| TrackedBody {
-                body,
-                _guard: guard,
-            }))
+        Box::pin(TrackedCall {
+            response: self.inner.call(req),
+            guard: Some(InFlightGuard(self.shared.clone())),
         })
+    }
+}
+
+pin_project! {
+    /// A call in flight: once its response comes, the guard moves into the response's body.
+    pub(crate) struct TrackedCall<F> {
+        #[pin]
+        response: F,
+        guard: Option<InFlightGuard>,
+    }
+}
+
+impl<F, B> Future for TrackedCall<F>
+where
+    F: Future<Output = Result<Response<B>, std::convert::Infallible>>,
+{
+    type Output = Result<Response<TrackedBody<B>>, std::convert::Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(response) = std::task::ready!(this.response.poll(cx));
+        // An `Option` only so the guard can move out of the pinned call.
+        let guard = this.guard.take();
+        if let Some(guard) = &guard
+            && has_close(response.headers())
+        {
+            guard.0.close_after.store(true, Ordering::Relaxed);
+        }
+        Poll::Ready(Ok(response.map(|body| TrackedBody {
+            body,
+            _guard: guard,
+        })))
     }
 }
 
@@ -340,7 +364,7 @@ pin_project! {
     pub(crate) struct TrackedBody<B> {
         #[pin]
         body: B,
-        _guard: InFlightGuard,
+        _guard: Option<InFlightGuard>,
     }
 }
 
