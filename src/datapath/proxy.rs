@@ -926,6 +926,20 @@ mod tests {
         Router::new(&Config::parse(Path::new("t.toml"), text).unwrap())
     }
 
+    /// The size of what `f` returns, without calling it.
+    fn returned_size<A, B, R>(_: fn(A, B) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    #[test]
+    fn a_requests_future_stays_small() {
+        // hyper boxes this future for every request and keeps it while the request lasts, so
+        // its size is copied once per request and held per request in flight. It was 8.2 KiB
+        // when every async layer stored the request again; 2.9 KiB since.
+        let size = returned_size(handle);
+        assert!(size <= 4 * 1024, "proxy::handle's future is {size} bytes");
+    }
+
     #[test]
     fn routes_match_in_file_order_by_host_and_prefix() {
         let r = router(
