@@ -322,6 +322,59 @@ async fn plaintext_and_silent_clients_are_dropped_without_stalling_a_tls_client(
 }
 
 #[tokio::test]
+async fn clients_that_stall_after_their_client_hello_hold_up_no_other_handshake() {
+    let dir = CertDir::new("stall");
+    // RSA, so each answer to a ClientHello costs a real signature.
+    let cert = dir.rsa_cert("site", &["stall.test"]);
+    let nodes = webnodes(1).await;
+    let mut toml = single_pool("tls_stall", "round_robin", &nodes_as_backends(&nodes), "");
+    toml += &tls::tls_listener(
+        "tls-stall",
+        &cert.cert,
+        &cert.key,
+        "tls_handshake_timeout = \"60s\"",
+    );
+    let running = balancer(&toml).await;
+    let addr = running.addr("tls-stall").unwrap();
+
+    // Twenty clients send a real ClientHello and then never answer the server's flight.
+    // Handshakes take turns at their signature; a turn held until the client answers would
+    // leave all but the first of these without an answer for the handshake timeout.
+    let hello = tls::client_hello("stall.test");
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&hello).await.unwrap();
+        stalled.push(stream);
+    }
+    for stream in &mut stalled {
+        let mut first = [0u8; 1];
+        let read = tokio::time::timeout(DEADLINE, stream.read(&mut first))
+            .await
+            .expect("every stalled client gets the server's answer");
+        assert_eq!(read.unwrap(), 1);
+        assert_eq!(first[0], 0x16, "a TLS handshake record");
+    }
+
+    // A client that does finish its handshake is served at once.
+    let started = Instant::now();
+    let stream = tls::connect(addr, Some("stall.test"), &[H2]).await;
+    let mut h2 = tls::h2(stream).await;
+    let request = Request::get("https://stall.test/")
+        .version(Version::HTTP_2)
+        .body(empty())
+        .unwrap();
+    let got = reply(h2.send_request(request).await.unwrap()).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(2),
+        "the TLS client waited {waited:?} behind stalled handshakes"
+    );
+    drop(stalled);
+}
+
+#[tokio::test]
 async fn a_reload_swaps_certificates_and_open_connections_carry_on() {
     let dir = CertDir::new("reload");
     let old = dir.cert("old", &["reload.test"]);

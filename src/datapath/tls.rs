@@ -10,18 +10,21 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use metrics::{Counter, counter};
 use rustls::server::danger::ClientCertVerifier;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{Acceptor, ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, version};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_rustls::TlsAcceptor;
+use tokio::sync::Semaphore;
 use tokio_rustls::server::TlsStream;
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 use tracing::debug;
 
 use crate::base::certs::{CertError, Expiry, client_verifier, load_cert, provider};
@@ -241,9 +244,7 @@ impl TlsTerminator {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let (result, stream) = match tokio::time::timeout(self.timeout, self.acceptor.accept(io))
-            .await
-        {
+        let (result, stream) = match tokio::time::timeout(self.timeout, self.take_turns(io)).await {
             Ok(Ok(stream)) => (HandshakeResult::Ok, Some(stream)),
             Ok(Err(e)) => {
                 // Scanners and plaintext clients do this all day: not worth more than debug.
@@ -262,6 +263,47 @@ impl TlsTerminator {
         }
         stream
     }
+}
+
+impl TlsTerminator {
+    /// The handshake, with the expensive step (answering a `ClientHello`: the certificate's
+    /// signature, ~0.5 ms for RSA-2048) taken in turns on each worker.
+    ///
+    /// When many clients connect at once, every `ClientHello` is ready together, and the
+    /// runtime's queue would sign them all before it read any client's `Finished`: 2,000 new
+    /// clients all got their first byte after ~1 s, each holding its TLS, HTTP/2 and backend
+    /// state at the same moment. A turn is held from the signature until the task has
+    /// yielded once, so everything ready meanwhile (finishing handshakes, requests, answers)
+    /// runs before the next signature, and connections finish in the order they came.
+    /// Nothing waits on a client while holding a turn, so a client that stalls holds up no one.
+    async fn take_turns<IO>(&self, io: IO) -> std::io::Result<TlsStream<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let start = LazyConfigAcceptor::new(Acceptor::default(), io).await?;
+        let turns = HANDSHAKE_TURNS.with(Arc::clone);
+        // Never closed, so the error arm is unreachable; without a turn the handshake still runs.
+        let turn = turns.acquire_owned().await.ok();
+        let mut accept = start.into_stream(self.acceptor.config().clone());
+        // The server's flight goes out before the turn passes on.
+        let sent = std::future::poll_fn(|cx| match Pin::new(&mut accept).poll(cx) {
+            Poll::Ready(done) => Poll::Ready(Some(done)),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await;
+        if let Some(done) = sent {
+            return done;
+        }
+        tokio::task::yield_now().await;
+        drop(turn);
+        accept.await
+    }
+}
+
+thread_local! {
+    /// One handshake turn per worker thread (see [`TlsTerminator::take_turns`]); tokio's
+    /// semaphore is fair, so turns go in the order they were asked for.
+    static HANDSHAKE_TURNS: Arc<Semaphore> = Arc::new(Semaphore::new(1));
 }
 
 /// The negotiated ALPN protocol of an established TLS connection.

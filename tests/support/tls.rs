@@ -180,6 +180,17 @@ pub async fn connect_over(
     name: ServerName<'static>,
     alpn: &[&[u8]],
 ) -> TlsStream<TcpStream> {
+    tokio::time::timeout(
+        super::DEADLINE,
+        TlsConnector::from(client_config(alpn)).connect(name, tcp),
+    )
+    .await
+    .expect("handshake within the deadline")
+    .expect("handshake succeeds")
+}
+
+/// A client that accepts any server certificate, offering `alpn`.
+fn client_config(alpn: &[&[u8]]) -> Arc<ClientConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -188,13 +199,17 @@ pub async fn connect_over(
         .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    tokio::time::timeout(
-        super::DEADLINE,
-        TlsConnector::from(Arc::new(config)).connect(name, tcp),
-    )
-    .await
-    .expect("handshake within the deadline")
-    .expect("handshake succeeds")
+    Arc::new(config)
+}
+
+/// The bytes of a real `ClientHello` for `sni`, for a client that sends it by hand and
+/// then does what a test wants (nothing, say).
+pub fn client_hello(sni: &str) -> Vec<u8> {
+    let name = ServerName::try_from(sni.to_owned()).unwrap();
+    let mut client = rustls::ClientConnection::new(client_config(&[b"h2"]), name).unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    hello
 }
 
 /// The DER of the certificate the server presented.
