@@ -286,6 +286,64 @@ async fn a_client_that_never_finishes_its_head_is_cut_off() {
 }
 
 #[tokio::test]
+async fn a_keep_alive_client_that_never_finishes_its_next_head_is_cut_off() {
+    let backend = counting_backend().await;
+    let toml = single_pool(
+        "err_slowloris_ka",
+        "round_robin",
+        &[("b", backend.addr, 1)],
+        "",
+    )
+    .replace(
+        "bind = \"127.0.0.1:0\"\n[admin]",
+        "bind = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\nidle_timeout = \"30s\"\n[admin]",
+    );
+    let running = balancer(&toml).await;
+    let mut stream = TcpStream::connect(running.addr("http").unwrap())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    stream.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    // The next head starts at once, then trickles a byte every 50 ms: the connection is never
+    // quiet for long, so only the head's own deadline can end it.
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (mut reader, mut writer) = stream.into_split();
+    let trickle = tokio::spawn(async move {
+        while started.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if writer.write_all(b"a").await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, reader.read_to_end(&mut rest))
+        .await
+        .expect("the balancer closes the connection")
+        .ok();
+    let closed = started.elapsed();
+    trickle.abort();
+    assert!(
+        closed < Duration::from_secs(3),
+        "closed after {closed:?}, header_read_timeout is 300 ms"
+    );
+    assert!(
+        closed >= Duration::from_millis(150),
+        "closed after {closed:?}, before header_read_timeout"
+    );
+    assert_eq!(backend.requests(), 1);
+}
+
+#[tokio::test]
 async fn connect_is_refused_with_405() {
     let backend = counting_backend().await;
     let running = balancer(&single_pool(
