@@ -287,14 +287,23 @@ async fn a_client_that_never_finishes_its_head_is_cut_off() {
 
 #[tokio::test]
 async fn a_keep_alive_client_that_never_finishes_its_next_head_is_cut_off() {
-    let backend = counting_backend().await;
-    let toml = single_pool(
-        "err_slowloris_ka",
-        "round_robin",
-        &[("b", backend.addr, 1)],
-        "",
+    next_head_is_cut_off("err_slowloris_ka", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+}
+
+#[tokio::test]
+async fn after_a_request_with_a_body_a_next_head_that_never_finishes_is_cut_off() {
+    next_head_is_cut_off(
+        "err_slowloris_body",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
     )
-    .replace(
+    .await;
+}
+
+/// Sends `first` (answered 200), then starts the next head and trickles it a byte every
+/// 50 ms: the connection is never quiet for long, so only the head's own deadline can end it.
+async fn next_head_is_cut_off(name: &str, first: &[u8]) {
+    let backend = counting_backend().await;
+    let toml = single_pool(name, "round_robin", &[("b", backend.addr, 1)], "").replace(
         "bind = \"127.0.0.1:0\"\n[admin]",
         "bind = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\nidle_timeout = \"30s\"\n[admin]",
     );
@@ -302,15 +311,10 @@ async fn a_keep_alive_client_that_never_finishes_its_next_head_is_cut_off() {
     let mut stream = TcpStream::connect(running.addr("http").unwrap())
         .await
         .unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut first = [0u8; 12];
-    stream.read_exact(&mut first).await.unwrap();
-    assert_eq!(&first, b"HTTP/1.1 200");
-    // The next head starts at once, then trickles a byte every 50 ms: the connection is never
-    // quiet for long, so only the head's own deadline can end it.
+    stream.write_all(first).await.unwrap();
+    let mut status = [0u8; 12];
+    stream.read_exact(&mut status).await.unwrap();
+    assert_eq!(&status, b"HTTP/1.1 200");
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         .await
@@ -324,6 +328,8 @@ async fn a_keep_alive_client_that_never_finishes_its_next_head_is_cut_off() {
                 break;
             }
         }
+        // Held open past the trickle: closing it would end the connection from this side.
+        tokio::time::sleep(DEADLINE).await;
     });
     let mut rest = Vec::new();
     tokio::time::timeout(DEADLINE, reader.read_to_end(&mut rest))

@@ -594,9 +594,11 @@ impl Builders {
             .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
             .max_local_error_reset_streams(H2_MAX_ERROR_RESETS);
         let mut http1 = hyper::server::conn::http1::Builder::new();
+        // `header_read_timeout` is kept by `h1::awake` with one timer per spell; hyper's would
+        // box and arm a new one for every request.
         http1
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            .header_read_timeout(None)
             .max_buf_size(limits.max_header_bytes.max(8192));
         Self {
             http1,

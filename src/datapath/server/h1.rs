@@ -121,7 +121,7 @@ async fn awake<I, S>(
     builder: &http1::Builder,
     service: S,
     shared: &Arc<ConnShared>,
-    first: Option<u64>,
+    mut first: Option<u64>,
 ) -> Spell<I>
 where
     I: Wakeable,
@@ -134,12 +134,17 @@ where
     let mut conn =
         Box::new(builder.serve_connection(TokioIo::new(Rewind::with_prefix(io, prefix)), tracked));
     let dispatched_before = shared.requests.load(Ordering::Relaxed);
-    // hyper reads the first head without a timer of its own until it has begun: the first
-    // request gets a deadline from accept (or the end of the TLS handshake).
+    // The head deadline (`header_read_timeout`) is fulcrum's, not hyper's: hyper's boxes a new
+    // timer for every request. It runs from this spell's start, which is the accept (or the
+    // end of the TLS handshake) for a connection's first request, else the moment the client
+    // woke a sleeping connection or left part of a head unread when the last spell ended
+    // (a spell ends 10 ms after a response with no new request). After a request with a body
+    // the spell goes on, so the deadline is armed again from that response's end.
     let reads_before = first.unwrap_or_else(|| reads(&shared.activity));
-    let first_head = tokio::time::sleep(shared.listener.header_read_timeout);
-    tokio::pin!(first_head);
-    let mut awaiting_first_head = first.is_some();
+    let head_deadline = tokio::time::sleep(shared.listener.header_read_timeout);
+    tokio::pin!(head_deadline);
+    let mut awaiting_head = true;
+    let mut head_since = dispatched_before;
     let idle = idle(shared);
     tokio::pin!(idle);
     let shutdown = Quiet::new(shared.listener.lifecycle.shutdown.cancelled());
@@ -194,11 +199,29 @@ where
                 ending = true;
                 Pin::new(&mut *conn).graceful_shutdown();
             }
-            () = first_head.as_mut(), if awaiting_first_head => {
-                awaiting_first_head = false;
-                if first_head_missed(shared, reads_before) {
+            () = head_deadline.as_mut(), if awaiting_head => {
+                awaiting_head = false;
+                let missed = match first {
+                    Some(_) => first_head_missed(shared, reads_before),
+                    // Like hyper's timer on a reused connection, not counted as a client error:
+                    // a keep-alive client may simply have gone quiet.
+                    None => {
+                        shared.requests.load(Ordering::Relaxed) == head_since
+                            && shared.in_flight.load(Ordering::Relaxed) == 0
+                    }
+                };
+                if missed {
+                    debug!("no request head within header_read_timeout; closing");
                     return Spell::Over;
                 }
+            }
+            () = after_body(shared, head_since), if !ending => {
+                head_since = shared.requests.load(Ordering::Relaxed);
+                awaiting_head = true;
+                first = None;
+                head_deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + shared.listener.header_read_timeout);
             }
             () = &mut idle => {
                 debug!("closing idle client connection");
@@ -207,6 +230,24 @@ where
             () = cut_off.as_mut() => return Spell::Over,
         }
     }
+}
+
+/// Ready once a request with a body has been answered since `head_since` and nothing is in
+/// flight: the next head's deadline starts then, since such a spell does not end at rest.
+async fn after_body(shared: &ConnShared, head_since: u64) {
+    poll_fn(|_| {
+        let answered = shared.requests.load(Ordering::Relaxed) != head_since
+            && shared.in_flight.load(Ordering::Relaxed) == 0;
+        if answered
+            && shared.body_pending.load(Ordering::Relaxed)
+            && !shared.close_after.load(Ordering::Relaxed)
+        {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
 }
 
 /// Ready while this spell has served a request without a body and nothing is in flight: after
