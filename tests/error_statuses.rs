@@ -7,6 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use fulcrum::Running;
 use http::Request;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -252,18 +253,7 @@ async fn no_matching_route_is_404() {
 
 #[tokio::test]
 async fn a_client_that_never_finishes_its_head_is_cut_off() {
-    let backend = counting_backend().await;
-    let toml = single_pool(
-        "err_slowloris",
-        "round_robin",
-        &[("b", backend.addr, 1)],
-        "",
-    )
-    .replace(
-        "bind = \"127.0.0.1:0\"\n[admin]",
-        "bind = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\n[admin]",
-    );
-    let running = balancer(&toml).await;
+    let (backend, running) = short_head_timeout("err_slowloris", "").await;
     let mut stream = TcpStream::connect(running.addr("http").unwrap())
         .await
         .unwrap();
@@ -285,6 +275,20 @@ async fn a_client_that_never_finishes_its_head_is_cut_off() {
     assert_eq!(backend.requests(), 0);
 }
 
+/// A balancer whose listener has `header_read_timeout = "300ms"` (and `listener_extra`, whole
+/// lines), in front of one counting backend.
+async fn short_head_timeout(name: &str, listener_extra: &str) -> (Backend, Running) {
+    let backend = counting_backend().await;
+    let toml = single_pool(name, "round_robin", &[("b", backend.addr, 1)], "").replace(
+        "bind = \"127.0.0.1:0\"\n[admin]",
+        &format!(
+            "bind = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\n{listener_extra}[admin]"
+        ),
+    );
+    let running = balancer(&toml).await;
+    (backend, running)
+}
+
 #[tokio::test]
 async fn a_keep_alive_client_that_never_finishes_its_next_head_is_cut_off() {
     next_head_is_cut_off("err_slowloris_ka", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -302,12 +306,7 @@ async fn after_a_request_with_a_body_a_next_head_that_never_finishes_is_cut_off(
 /// Sends `first` (answered 200), then starts the next head and trickles it a byte every
 /// 50 ms: the connection is never quiet for long, so only the head's own deadline can end it.
 async fn next_head_is_cut_off(name: &str, first: &[u8]) {
-    let backend = counting_backend().await;
-    let toml = single_pool(name, "round_robin", &[("b", backend.addr, 1)], "").replace(
-        "bind = \"127.0.0.1:0\"\n[admin]",
-        "bind = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\nidle_timeout = \"30s\"\n[admin]",
-    );
-    let running = balancer(&toml).await;
+    let (backend, running) = short_head_timeout(name, "idle_timeout = \"30s\"\n").await;
     let mut stream = TcpStream::connect(running.addr("http").unwrap())
         .await
         .unwrap();

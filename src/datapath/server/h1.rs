@@ -206,12 +206,15 @@ where
                     // Like hyper's timer on a reused connection, not counted as a client error:
                     // a keep-alive client may simply have gone quiet.
                     None => {
-                        shared.requests.load(Ordering::Relaxed) == head_since
-                            && shared.in_flight.load(Ordering::Relaxed) == 0
+                        let missed = shared.requests.load(Ordering::Relaxed) == head_since
+                            && shared.in_flight.load(Ordering::Relaxed) == 0;
+                        if missed {
+                            debug!("no request head within header_read_timeout; closing");
+                        }
+                        missed
                     }
                 };
                 if missed {
-                    debug!("no request head within header_read_timeout; closing");
                     return Spell::Over;
                 }
             }
